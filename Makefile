@@ -1,0 +1,30 @@
+# memdsl — the index of developer commands.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+
+.PHONY: setup test demo lint golden fuzz bench gpu clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+setup: $(BIN)/python  ## create .venv, install torch (CPU build) when absent, then memdsl with its test extra
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+
+test: setup  ## the full test suite (what CI runs)
+	$(BIN)/python -m pytest -q -n 2 tests
+
+demo: setup  ## inspect a shipped rule: AST, IR, gradients
+	$(BIN)/python examples/01_inspect.py
+
+lint: setup
+	$(BIN)/ruff check .
+
+golden: setup  ## regenerate golden files (review the diff before committing)
+	MEMDSL_REGEN_GOLDEN=1 $(BIN)/python -m pytest -q tests/test_golden.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

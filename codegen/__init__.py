@@ -1,0 +1,1 @@
+"""Backends: one lowering per target (torch reference loop, torch chunkwise, Triton)."""

@@ -1,0 +1,1 @@
+"""The .mem grammar (memdsl.lark), loaded by memdsl.parse."""

@@ -1,0 +1,106 @@
+"""Which chunk algorithm a rule gets, and why (MATH.md §1.3, §9.3).
+
+* `linear`   — no gradient reads the memory (dot-product / Hebbian losses) and every state update
+               is linear: the anchored chunk form is exact for any chunk size.
+* `wy`       — one matrix memory read as `W @ x`, a loss whose output gradient is `c·(W x − u)`, plain
+               GD and at most a keep factor applied before the gradient: the delta-rule family, whose
+               exact chunk form is the WY/UT triangular solve.
+* `anchored` — everything else: gradients at the chunk-start state (mini-batch GD). The chunk size
+               is part of the model.
+* `loop`     — the token-by-token recurrence, when a schedule asks for exact semantics of a rule
+               that has no exact chunk form.
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+from .ir import Graph
+from .program import Program
+
+
+def _nonlinear_parts(p: Program) -> list[str]:
+    found = []
+    if p.optim.kind == "muon":
+        found.append("Newton–Schulz (muon) is nonlinear in the momentum")
+    found += [f"`{r.kind}` retention is nonlinear in the state" for r in p.retain
+              if r.kind in ("lq", "softmax", "elastic")]
+    return found
+
+
+def _grads_read_state(p: Program) -> bool:
+    g, params = p.graph, [t.name for t in p.params]
+    return any(g.depends_on(g.outputs[f"grad.{w}"], params) for w in params if f"grad.{w}" in g.outputs)
+
+
+def _is_matvec_of(g: Graph, nid: int, w: str, x_role: tuple[str, ...]) -> int | None:
+    """If `nid` is `W @ x` for param `w` with x not reading the memory, return x's node id."""
+    n = g.node(nid)
+    if n.op != "matvec":
+        return None
+    wid, xid = g.operands(nid)
+    if g.input_name(wid) != w:
+        return None
+    params = [name for name, i in g.inputs.items() if g.node(i).attr("role") == "param"]
+    return None if g.depends_on(xid, params) else xid
+
+
+def _delta_form(p: Program) -> str | None:
+    """None if the rule is a (gated) delta rule; otherwise the reason it is not."""
+    g = p.graph
+    params = p.params
+    if len(params) != 1 or len(params[0].shape) != 2:
+        return "the memory is not a single matrix"
+    w = params[0].name
+    if _is_matvec_of(g, g.outputs["model"], w, ()) is None:
+        return f"the model is not linear in {w} (`{w} @ x`)"
+    if _is_matvec_of(g, g.outputs["read"], w, ()) is None:
+        return "the read is not `W @ x`"
+    grad = g.outputs[f"grad.{w}"]
+    if g.node(grad).op != "outer":
+        return "the loss gradient is not an outer product"
+    gy, _ = g.operands(grad)
+    if g.node(gy).op != "ewise":
+        return "the loss gradient's output factor is not elementwise"
+    expr, ops = g.node(gy).attr("expr"), g.operands(gy)
+    ys = [sp.Symbol(f"x{i}", real=True) for i, o in enumerate(ops)
+          if g.node(o).op == "matvec" and g.input_name(g.operands(o)[0]) == w]
+    if len(ys) != 1:
+        return "the loss does not read the memory exactly once"
+    slope = sp.diff(expr, ys[0])
+    if ys[0] in slope.free_symbols or sp.diff(slope, ys[0]) != 0:
+        return "the loss is not quadratic in the memory's output"
+    vector_ops = {sp.Symbol(f"x{i}", real=True) for i, o in enumerate(ops) if g.node(o).shape != ()}
+    if slope.free_symbols & vector_ops:
+        return "the loss curvature is not a per-token scalar"
+    if p.optim.kind != "gd" or p.optim.scale is not None:
+        return f"`{p.optim.kind}` with a position scale" if p.optim.scale else f"the optimizer is `{p.optim.kind}`"
+    if any(r.kind != "decay" for r in p.retain):
+        return "a retention other than `decay`"
+    if any(r.grad_at != "decayed" for r in p.retain):
+        return "the gradient is taken before the decay (grad_at = anchor)"
+    if p.window != 1:
+        return "an Omega window"
+    if p.read_order != "after":
+        return "the read comes before the write"
+    if any(len(g.node(g.outputs[r.value("keep")]).shape) for r in p.retain):
+        return "a per-channel keep factor"
+    return None
+
+
+def classify(p: Program) -> tuple[str, str]:
+    nonlinear = _nonlinear_parts(p)
+    wanted = p.schedule.semantics
+    if not nonlinear and not _grads_read_state(p):
+        if wanted == "anchored":
+            return "anchored", "asked for by the schedule (it equals the exact rule here)"
+        return "linear", ("no gradient reads the memory and every update is linear, "
+                          "so the chunk form is exact for any chunk size")
+    reason = nonlinear[0] if nonlinear else _delta_form(p)
+    if reason is None:
+        if wanted == "anchored":
+            return "anchored", "asked for by the schedule: mini-batch GD instead of the exact delta rule"
+        return "wy", "a (gated) delta rule: linear in its state, exact chunks by the WY/UT transform"
+    if wanted == "exact":
+        return "loop", f"exact semantics were asked for and {reason}: token-by-token recurrence"
+    return "anchored", f"{reason}: gradients at the chunk-start state (mini-batch GD, chunk is semantic)"

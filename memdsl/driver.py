@@ -1,0 +1,37 @@
+"""From a path or source text to a Program: parse, build, run the pipeline."""
+
+from __future__ import annotations
+
+import os
+
+from . import ast as A
+from .build import build
+from .errors import MemDSLError
+from .parse import parse
+from .passes import run_pipeline
+from .program import Program
+
+
+def read_source(path_or_source: str) -> tuple[str, str]:
+    """Accept a rule file path or rule text; return (source, display path)."""
+    if "\n" not in path_or_source and "{" not in path_or_source:
+        if not os.path.exists(path_or_source):
+            raise FileNotFoundError(f"no such rule file: {path_or_source}")
+        with open(path_or_source, encoding="utf-8", errors="replace") as f:
+            return f.read(), path_or_source
+    return path_or_source, "<rule>"
+
+
+def load_ast(path_or_source: str) -> tuple[A.RuleFile, str, str]:
+    source, path = read_source(path_or_source)
+    return parse(source, path), source, path
+
+
+def load(path_or_source: str, stop_after: str | None = None, check: bool = False) -> Program:
+    """Parse, check and run the pipeline (optionally stopping after a named pass)."""
+    tree, source, path = load_ast(path_or_source)
+    program = build(tree, source, path)
+    try:
+        return run_pipeline(program, stop_after=stop_after, check=check)
+    except MemDSLError as err:
+        raise err.attach(source, path) from None
