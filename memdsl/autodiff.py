@@ -16,20 +16,19 @@ import sympy as sp
 from .ir import Graph
 from .ops import OPS, Kind, sympy_form
 
-_SIMPLIFY_OPS = 60  # sympy.simplify is worth it on small expressions only
-
 
 def _symbols(n: int) -> list[sp.Symbol]:
     return [sp.Symbol(f"x{i}", real=True) for i in range(n)]
 
 
 def _clean(expr: sp.Expr) -> sp.Expr:
-    """Drop distributional terms (d sign/dx), and simplify small expressions."""
+    """Drop distributional terms (d sign/dx) and tidy up.
+
+    Deliberately not `sympy.simplify`: it may rewrite into functions (cosh, erfc, ...) that the
+    code printers have no spelling for; these rewrites only regroup what is already there.
+    """
     expr = expr.replace(sp.DiracDelta, lambda *a: sp.Integer(0))
-    expr = sp.piecewise_fold(expr)
-    if sp.count_ops(expr) <= _SIMPLIFY_OPS:
-        expr = sp.simplify(expr)
-    return expr
+    return sp.factor_terms(sp.piecewise_fold(expr))
 
 
 def ewise(g: Graph, expr: sp.Expr, operands: list[int]) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
-from fractions import Fraction
 
 import sympy as sp
 
@@ -166,7 +165,7 @@ class Builder:
                                      "the memory state is its params, e.g. `param W : [d, d]`")
         for name, t in self.tensors.items():
             self.g.add_input(name, t.shape, t.role)
-        for name, value in self.dims.items():
+        for name, _value in self.dims.items():
             if self.dim_decl.get(name) is None:
                 self.g.add_input(name, (), "size")
         self.g.add_input("pos", (), "position")
@@ -221,7 +220,8 @@ class Builder:
                 return _Value(g.const(self.dims[e.id]), e.span)
             if e.id in self.fns or e.id in BUILTINS:
                 raise ArityError(f"`{e.id}` is a function; call it", e.span, f"write `{e.id}(...)`")
-            hint = _suggest(e.id, list(scope.values) + list(scope.dims))
+            visible = [n for n in scope.values if n != "pos"] + list(scope.dims)
+            hint = _suggest(e.id, visible) or "names visible here: " + ", ".join(visible)
             if e.id in self.tensors or e.id in self.dims or e.id == "pos":
                 hint = f"`{e.id}` cannot be used in {scope.where}"
             raise UnknownNameError(f"unknown name `{e.id}` in {scope.where}", e.span, hint)

@@ -45,9 +45,39 @@ def _is_matvec_of(g: Graph, nid: int, w: str, x_role: tuple[str, ...]) -> int | 
     return None if g.depends_on(xid, params) else xid
 
 
+def _expanded(g: Graph, nid: int) -> tuple[sp.Expr, list[int]]:
+    """The sympy expression of an `ewise` node with its `ewise` operands inlined, over non-ewise leaves."""
+    leaves: list[int] = []
+
+    def go(n: int) -> sp.Expr:
+        node = g.node(n)
+        if node.op != "ewise":
+            if n not in leaves:
+                leaves.append(n)
+            return sp.Symbol(f"L{leaves.index(n)}", real=True)
+        args = {sp.Symbol(f"x{i}", real=True): go(o) for i, o in enumerate(g.operands(n))}
+        return node.attr("expr").subs(args, simultaneous=True)
+
+    return go(nid), leaves
+
+
 def _delta_form(p: Program) -> str | None:
     """None if the rule is a (gated) delta rule; otherwise the reason it is not."""
+    if p.optim.kind != "gd":
+        return f"the optimizer is `{p.optim.kind}`"
+    if p.optim.scale is not None:
+        return "the step has a position scale"
+    if any(r.kind != "decay" for r in p.retain):
+        return "a retention other than `decay`"
+    if any(r.grad_at != "decayed" for r in p.retain):
+        return "the gradient is taken before the decay (grad_at = anchor)"
+    if p.window != 1:
+        return "an Omega window"
+    if p.read_order != "after":
+        return "the read comes before the write"
     g = p.graph
+    if any(len(g.node(g.outputs[r.value("keep")]).shape) for r in p.retain):
+        return "a per-channel keep factor"
     params = p.params
     if len(params) != 1 or len(params[0].shape) != 2:
         return "the memory is not a single matrix"
@@ -62,29 +92,17 @@ def _delta_form(p: Program) -> str | None:
     gy, _ = g.operands(grad)
     if g.node(gy).op != "ewise":
         return "the loss gradient's output factor is not elementwise"
-    expr, ops = g.node(gy).attr("expr"), g.operands(gy)
-    ys = [sp.Symbol(f"x{i}", real=True) for i, o in enumerate(ops)
+    expr, leaves = _expanded(g, gy)
+    ys = [sp.Symbol(f"L{i}", real=True) for i, o in enumerate(leaves)
           if g.node(o).op == "matvec" and g.input_name(g.operands(o)[0]) == w]
     if len(ys) != 1:
         return "the loss does not read the memory exactly once"
     slope = sp.diff(expr, ys[0])
-    if ys[0] in slope.free_symbols or sp.diff(slope, ys[0]) != 0:
+    if ys[0] in slope.free_symbols:
         return "the loss is not quadratic in the memory's output"
-    vector_ops = {sp.Symbol(f"x{i}", real=True) for i, o in enumerate(ops) if g.node(o).shape != ()}
-    if slope.free_symbols & vector_ops:
+    vector_leaves = {sp.Symbol(f"L{i}", real=True) for i, o in enumerate(leaves) if g.node(o).shape != ()}
+    if slope.free_symbols & vector_leaves:
         return "the loss curvature is not a per-token scalar"
-    if p.optim.kind != "gd" or p.optim.scale is not None:
-        return f"`{p.optim.kind}` with a position scale" if p.optim.scale else f"the optimizer is `{p.optim.kind}`"
-    if any(r.kind != "decay" for r in p.retain):
-        return "a retention other than `decay`"
-    if any(r.grad_at != "decayed" for r in p.retain):
-        return "the gradient is taken before the decay (grad_at = anchor)"
-    if p.window != 1:
-        return "an Omega window"
-    if p.read_order != "after":
-        return "the read comes before the write"
-    if any(len(g.node(g.outputs[r.value("keep")]).shape) for r in p.retain):
-        return "a per-channel keep factor"
     return None
 
 

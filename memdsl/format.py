@@ -10,16 +10,21 @@ _PREC = {"<=": 1, ">=": 1, "<": 1, ">": 1, "==": 1, "!=": 1, "+": 2, "-": 2, "*"
 
 
 def format_num(value) -> str:
+    """Print a parsed number exactly: an integer, or a decimal (what the grammar accepts)."""
     if value.denominator == 1:
         return str(value.numerator)
-    as_float = float(value)
-    text = repr(as_float)
-    if "inf" in text or "nan" in text:
-        raise ValueError(f"cannot print {value} as a literal")
-    from fractions import Fraction
-    if Fraction(text) == value:
-        return text
-    return f"({value.numerator} / {value.denominator})"
+    den, twos, fives = value.denominator, 0, 0
+    while den % 2 == 0:
+        den, twos = den // 2, twos + 1
+    while den % 5 == 0:
+        den, fives = den // 5, fives + 1
+    if den != 1:  # not a decimal: only compiler-made values get here
+        return f"({value.numerator} / {value.denominator})"
+    places = max(twos, fives)
+    scaled = abs(value.numerator) * 10**places // value.denominator
+    digits = str(scaled).rjust(places + 1, "0")
+    text = f"{digits[:-places]}.{digits[-places:]}".rstrip("0")
+    return ("-" if value < 0 else "") + text
 
 
 def format_expr(e: A.Expr, parent: int = 0, right: bool = False) -> str:

@@ -203,8 +203,9 @@ op("sum", 1, Kind.REDUCE, _reduce, "{0}.sum(-1)", "tl.sum({0}, axis=0)")
 op("norm", 1, Kind.REDUCE, _reduce, "torch.linalg.vector_norm({0}, dim=-1)", "tl.sqrt(tl.sum({0} * {0}, axis=0))")
 
 # linear algebra
-op("matvec", 2, Kind.LINALG, _matvec, "torch.einsum('...mn,...n->...m', {0}, {1})", "tl.sum({0} * {1}[None, :], axis=1)")
-op("matvec_t", 2, Kind.LINALG, _matvec_t, "torch.einsum('...mn,...m->...n', {0}, {1})", "tl.sum({0} * {1}[:, None], axis=0)")
+L = Kind.LINALG
+op("matvec", 2, L, _matvec, "torch.einsum('...mn,...n->...m', {0}, {1})", "tl.sum({0} * {1}[None, :], axis=1)")
+op("matvec_t", 2, L, _matvec_t, "torch.einsum('...mn,...m->...n', {0}, {1})", "tl.sum({0} * {1}[:, None], axis=0)")
 op("outer", 2, Kind.LINALG, _outer, "({0}.unsqueeze(-1) * {1}.unsqueeze(-2))", "({0}[:, None] * {1}[None, :])")
 
 # structure

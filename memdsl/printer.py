@@ -74,7 +74,8 @@ def summary(p: Program) -> str:
     s = p.schedule
     if s.is_tnt:
         locs = ", ".join(f"chunk {loc.chunk} reset {loc.reset}" for loc in s.locals)
-        sched = f"tnt global chunk {s.global_chunk}; locals [{locs}]; qk_projection {'on' if s.qk_projection else 'off'}"
+        qk = "on" if s.qk_projection else "off"
+        sched = f"tnt global chunk {s.global_chunk}; locals [{locs}]; qk_projection {qk}"
     else:
         sched = f"chunk {s.chunk}"
     lines.append(f"  schedule   {sched}")

@@ -33,7 +33,9 @@ class TensorSpec:
 
     def describe(self) -> str:
         extra = f" {self.activation}" if self.activation else ""
-        extra += f" init {self.init.kind}" if self.init else ""
+        if self.init:
+            args = ",".join(f"{k}={float(v):g}" for k, v in self.init.args)
+            extra += f" init {self.init.kind}" + (f"({args})" if args else "")
         return f"{self.role} {self.name}:f32{fmt_shape(self.shape) if self.shape else '[]'}{extra}"
 
 

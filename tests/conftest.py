@@ -1,0 +1,18 @@
+import os
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RULES = sorted((ROOT / "rules").glob("*.mem"))
+RULE_IDS = [p.stem for p in RULES]
+
+
+@pytest.fixture(autouse=True)
+def _repo_root_cwd(monkeypatch):
+    """Paths in messages and golden files are relative to the repository root."""
+    monkeypatch.chdir(ROOT)
+
+
+def rel(path: pathlib.Path) -> str:
+    return os.path.relpath(path, ROOT)
