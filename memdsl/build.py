@@ -77,6 +77,8 @@ class Builder:
         self.fns: dict[str, A.Fn | A.Model] = {}
         self.declared: dict[str, Span | None] = {n: None for n in ("d", *TOKEN_INPUTS, "pos")}
         self._calls: list[str] = []
+        self._channel: sp.Expr | None = None
+        self._model_arg_shape: tuple[sp.Expr, ...] | None = None
 
     # ---- helpers -------------------------------------------------------------------------------
     def _declare(self, name: str, span: Span | None) -> None:
@@ -388,6 +390,8 @@ class Builder:
         if e.func in self._calls:
             raise UnsupportedError(f"`{e.func}` calls itself", e.span, "functions cannot be recursive")
         args = {p: self.expr(a, scope).nid for p, a in zip(params, e.args, strict=True)}
+        if isinstance(fn, A.Model) and self._model_arg_shape is None:
+            self._model_arg_shape = self.g.node(args[fn.arg]).shape
         visible = self.fn_scope(fn)
         inner = _Scope({**visible, **args}, scope.fns, scope.dims, f"`{e.func}`")
         self._calls.append(e.func)
@@ -417,7 +421,6 @@ class Builder:
         optim = self._one(A.Optim, "optim")
         retain = self._one(A.Retain, "retain", required=False)
         window = self._one(A.Window, "window", required=False)
-        self.check_model(model)
         params = tuple(t.name for t in self.tensors.values() if t.role == "param")
 
         loss_scope = self.scope(("k", "v"), "the loss")
@@ -446,7 +449,7 @@ class Builder:
 
         optim_spec = self.optim(optim)
         retain_spec = self.retain(retain, optim_spec)
-        size, weight = self.window(window)
+        size, weight = self.window(window, retain_spec)
         return Program(
             name=self.mem.name, path=self.path, source=self.source,
             dims={n: self.dim_decl.get(n) for n in self.dims}, tensors=self.tensors, graph=self.g,
@@ -455,28 +458,22 @@ class Builder:
         )
 
     def model_input_shape(self, model: A.Model) -> tuple[sp.Expr, ...]:
-        # the model's argument has the shape of what the loss and the read feed it; the key's by default
-        return self._model_arg_shape if hasattr(self, "_model_arg_shape") else self.tensors["k"].shape
-
-    def check_model(self, model: A.Model) -> None:
-        if sum(isinstance(s, A.Model) for s in self.mem.stmts) != 1:
-            raise DuplicateNameError("more than one `model`", model.span)
-        # Find the argument shape from the first call site M(...) in the loss, by trial: build the
-        # loss once here; any error is reported at its own position.
-        calls = [c for c in _walk(self._one(A.Loss, "loss").expr) if isinstance(c, A.Call) and c.func == model.name]
-        if not calls:
-            return
-        probe = self.expr(calls[0].args[0], self.scope(("k", "v"), "the loss")) if len(calls[0].args) == 1 else None
-        if probe is not None:
-            self._model_arg_shape = self.g.node(probe.nid).shape
+        """The model's argument has the shape of what the loss first feeds it (recorded at inlining)."""
+        return self._model_arg_shape if self._model_arg_shape is not None else self.tensors["k"].shape
 
     def hyper(self, name: str, e: A.Expr, span: Span | None, pos: bool = False) -> str:
         """A per-token hyper-parameter (lr, decay, keep ...): built from gates, outers and numbers."""
-        v = self.expr(e, self.scope((), f"`{name}`", pos=pos))
+        scope = self.scope((), f"`{name}`", pos=pos)
+        scope.fns = {n: f for n, f in self.fns.items() if isinstance(f, A.Fn)}
+        v = self.expr(e, scope)
         shape = self.g.node(v.nid).shape
         if len(shape) > 1:
             raise ShapeError(f"`{name}` must be a scalar or a per-channel vector, got {fmt_shape(shape)}", e.span)
         if shape:
+            if self._channel is not None and self._channel != shape[0]:
+                raise ShapeError(f"per-channel `{name}` has {shape[0]} channels, another has {self._channel}",
+                                 e.span, "all per-channel gates of a rule must have the same size")
+            self._channel = shape[0]
             for p in (t for t in self.tensors.values() if t.role == "param"):
                 if not any(d == shape[0] for d in (p.shape[0], p.shape[-1])):
                     raise ShapeError(f"per-channel `{name}` of size {shape[0]} fits no axis of param "
@@ -586,11 +583,24 @@ class Builder:
             raise UnsupportedError("elastic net carries its own keep factor", r.span, "drop `decay`")
         if any(s.grad_at == "decayed" for s in out) and optim.kind != "gd":
             raise UnsupportedError("`grad_at = decayed` is defined for plain `gd`", r.span)
+        if optim.scale is not None:
+            raise UnsupportedError("a position `scale` and a retention cannot be combined", r.span,
+                                   "TTT's 1/pos scaling is defined for plain accumulation: drop one of them")
+        if any(s.grad_at == "decayed" for s in out) and any(k != "decay" for k in kinds):
+            raise UnsupportedError("`grad_at = decayed` needs `decay` as the only retention", r.span)
+        for s in out:
+            thr = s.value("threshold")
+            if thr is not None and self.g.depends_on(self.g.outputs[thr], [t.name for t in self.gates_list()]):
+                raise UnsupportedError("the elastic-net threshold must not depend on gates", r.span,
+                                       "use a number or an `outer` constant")
         return tuple(out)
 
-    def window(self, w: A.Window | None) -> tuple[int, str | None]:
+    def window(self, w: A.Window | None, retain: tuple[RetainSpec, ...] = ()) -> tuple[int, str | None]:
         if w is None:
             return 1, None
+        if any(r.grad_at == "decayed" for r in retain):
+            raise UnsupportedError("an Omega window with `grad_at = decayed`", w.span,
+                                   "window gradients are taken at the chunk anchor: drop `grad_at = decayed`")
         if not (isinstance(w.size, A.Num) and w.size.value.denominator == 1 and 1 <= w.size.value <= MAX_WINDOW):
             raise ValueRangeError(f"the window size must be an integer from 1 to {MAX_WINDOW}",
                                   getattr(w.size, "span", w.span))
@@ -644,20 +654,6 @@ def _chunk(n: int, span: Span | None) -> int:
     if not 1 <= n <= MAX_CHUNK:
         raise ValueRangeError(f"chunk size {n} is outside 1..{MAX_CHUNK}", span)
     return n
-
-
-def _walk(e: A.Expr):
-    yield e
-    if isinstance(e, A.Call):
-        for a in e.args:
-            yield from _walk(a)
-        for _, v in e.kwargs:
-            yield from _walk(v)
-    elif isinstance(e, A.BinOp):
-        yield from _walk(e.left)
-        yield from _walk(e.right)
-    elif isinstance(e, A.Neg):
-        yield from _walk(e.operand)
 
 
 _EXAMPLES = {

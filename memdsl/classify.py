@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sympy as sp
 
+from .autodiff import ewise
 from .ir import Graph
 from .program import Program
 
@@ -97,18 +98,41 @@ def _delta_form(p: Program) -> str | None:
           if g.node(o).op == "matvec" and g.input_name(g.operands(o)[0]) == w]
     if len(ys) != 1:
         return "the loss does not read the memory exactly once"
-    slope = sp.diff(expr, ys[0])
-    if ys[0] in slope.free_symbols:
+    y = ys[0]
+    others = [o for i, o in enumerate(leaves) if sp.Symbol(f"L{i}", real=True) != y]
+    if any(g.depends_on(o, [w]) for o in others):
+        return "the loss reads the memory's output through a reduction (a norm or a sum)"
+    slope = sp.diff(expr, y)
+    if y in slope.free_symbols:
         return "the loss is not quadratic in the memory's output"
     vector_leaves = {sp.Symbol(f"L{i}", real=True) for i, o in enumerate(leaves) if g.node(o).shape != ()}
     if slope.free_symbols & vector_leaves:
         return "the loss curvature is not a per-token scalar"
+    if len(g.node(g.outputs[p.optim.lr]).shape):
+        return "a per-channel learning rate"
+    if p.window_weight is not None:
+        return "a window weight"
+    _add_delta_outputs(p, expr, leaves, y, slope)
     return None
+
+
+def _add_delta_outputs(p: Program, expr: sp.Expr, leaves: list[int], y: sp.Symbol, slope: sp.Expr) -> None:
+    """Outputs the WY backend reads: with e = dloss/dy = slope*y + offset, the rule is
+    W_t = a W_{t-1} - lr (slope (a W_{t-1} key) + offset) key^T, read W @ query."""
+    g = p.graph
+    w = p.params[0].name
+    to_x = {sp.Symbol(f"L{i}", real=True): sp.Symbol(f"x{i}", real=True) for i in range(len(leaves))}
+    g.outputs["wy.slope"] = ewise(g, slope.subs(to_x, simultaneous=True), leaves)
+    g.outputs["wy.offset"] = ewise(g, expr.subs(y, 0).subs(to_x, simultaneous=True), leaves)
+    g.outputs["wy.key"] = g.operands(g.outputs[f"grad.{w}"])[1]
+    g.outputs["wy.query"] = g.operands(g.outputs["read"])[1]
 
 
 def classify(p: Program) -> tuple[str, str]:
     nonlinear = _nonlinear_parts(p)
     wanted = p.schedule.semantics
+    if p.optim.scale is not None:
+        nonlinear.append("the step has a position scale (it depends on the place in the chunk)")
     if not nonlinear and not _grads_read_state(p):
         if wanted == "anchored":
             return "anchored", "asked for by the schedule (it equals the exact rule here)"

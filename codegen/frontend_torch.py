@@ -1,0 +1,241 @@
+# memdsl frontend (torch): the public call shape of a compiled rule, with input validation.
+#
+# Pure torch, copied verbatim into standalone modules together with runtime_torch.py.
+# Tensors use flash-linear-attention's layout: q, k, v [B, T, H, D]; gates [B, T, H] or
+# [B, T, H, n]; outers and initial memory in `params` as [*shape] or [H, *shape]; the state is a
+# dict of [B, H, ...] tensors. Compute runs in float32 (inputs may be bf16/fp16); outputs come back
+# in the dtype of q.
+import math
+
+import torch
+
+
+class CompiledRuleModule:
+    BACKENDS = ("auto", "loop", "anchored_loop", "chunk", "wy")
+
+    def __init__(self, spec, fns):
+        self.spec = spec
+        self.runtime = Runtime(spec, fns)  # noqa: F821 - defined by runtime_torch.py in the same module
+        self.fns = fns
+
+    # ---- sizes and validation ------------------------------------------------------------------
+    def sizes(self, k=None, v=None, q=None, sizes=None):
+        given = dict(sizes or {})
+        toks = {"k": k, "v": v, "q": q}
+        for name, tok in self.spec["size_from"].items():
+            if name not in given and toks[tok] is not None:
+                given[name] = toks[tok].shape[-1]
+        missing = [n for n in self.spec["free_sizes"] if n not in given]
+        if missing:
+            raise ValueError(f"rule {self.spec['name']}: pass the size(s) {missing} as sizes={{...}}")
+        return self.fns["sizes"](given)
+
+    def _check_tokens(self, q, k, v, shapes):
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"`{name}` must be a tensor, got {type(t).__name__}")
+            if t.dim() != 4:
+                raise ValueError(f"`{name}` must be [B, T, H, D], got shape {tuple(t.shape)}")
+            if not t.is_floating_point():
+                raise ValueError(f"`{name}` must be floating point, got {t.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"`{name}` is on {t.device} but q is on {q.device}")
+            if tuple(t.shape[:3]) != tuple(q.shape[:3]):
+                raise ValueError(f"`{name}` has [B, T, H] = {tuple(t.shape[:3])}, q has {tuple(q.shape[:3])}")
+            want = shapes[name][-1]
+            if t.shape[-1] != want:
+                raise ValueError(f"`{name}` must have {want} features per head, got {t.shape[-1]}")
+
+    def _gates(self, gates, B, T, H, shapes, device):
+        gates = dict(gates or {})
+        out = {}
+        for name in self.spec["gates"]:
+            if name not in gates:
+                raise ValueError(f"missing gate `{name}`: expected a [B, T, H] tensor "
+                                 f"(rule {self.spec['name']} declares gates {list(self.spec['gates'])})")
+            g = gates.pop(name)
+            want = (B, T, H, *shapes[name])
+            if not isinstance(g, torch.Tensor) or tuple(g.shape) != want:
+                got = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+                raise ValueError(f"gate `{name}` must have shape {want}, got {got}")
+            if g.device != device:
+                raise ValueError(f"gate `{name}` is on {g.device}, expected {device}")
+            out[name] = g.transpose(1, 2)
+        if gates:
+            raise ValueError(f"unknown gate(s) {sorted(gates)}; the rule declares {list(self.spec['gates'])}")
+        return out
+
+    def _outers(self, params, H, shapes, device):
+        out = {}
+        for name, info in self.spec["outers"].items():
+            if name in params:
+                o = torch.as_tensor(params[name], device=device)
+            elif info["init"] is not None:
+                o = make_init(info["init"], shapes[name], torch.float32, device, shapes, None)
+            else:
+                raise ValueError(f"missing outer constant `{name}` in params (shape {tuple(shapes[name])})")
+            if tuple(o.shape) == tuple(shapes[name]):
+                o = o.expand(H, *o.shape)
+            if tuple(o.shape) != (H, *shapes[name]):
+                raise ValueError(f"params[`{name}`] must be {tuple(shapes[name])} or {(H, *shapes[name])}, "
+                                 f"got {tuple(o.shape)}")
+            out[name] = o
+        return out
+
+    # ---- state ---------------------------------------------------------------------------------
+    def init_state(self, B, H, d=None, sizes=None, dtype=torch.float32, device=None, params=None,
+                   generator=None):
+        """A fresh state: the initial memory from params[<param>] ([*shape] or [H, *shape]) when given,
+        else the rule's declared initializer (drawn with `generator`, default seed 0)."""
+        sz = self.sizes(sizes=dict(sizes or {}, **({"d": d} if d is not None else {})))
+        shapes = self.fns["shapes"](sz)
+        params = params or {}
+        if generator is None:
+            generator = torch.Generator(device="cpu").manual_seed(0)
+        state = {}
+        for p, info in self.spec["params"].items():
+            if p in params:
+                w = torch.as_tensor(params[p], device=device).to(dtype)
+                if tuple(w.shape) == tuple(shapes[p]):
+                    w = w.expand(H, *w.shape)
+                if tuple(w.shape) != (H, *shapes[p]):
+                    raise ValueError(f"initial memory params[`{p}`] must be {tuple(shapes[p])} or "
+                                     f"{(H, *shapes[p])}, got {tuple(w.shape)}")
+            else:
+                w = make_init(info["init"], (H, *shapes[p]), dtype, device, shapes, generator)
+            state[f"A.{p}"] = w.unsqueeze(0).expand(B, *w.shape)
+            if self.spec["optim"] != "gd":
+                state[f"S.{p}"] = torch.zeros(B, H, *shapes[p], dtype=dtype, device=device)
+            if any(r.get("rate") for r in self.spec["retain"]):
+                state[f"init.{p}"] = state[f"A.{p}"]
+        return state
+
+    def _check_state(self, state, B, H, shapes):
+        for p in self.spec["params"]:
+            for prefix in ("A", "S") if self.spec["optim"] != "gd" else ("A",):
+                key = f"{prefix}.{p}"
+                if key not in state:
+                    raise ValueError(f"state is missing `{key}` (make one with init_state)")
+                if tuple(state[key].shape) != (B, H, *shapes[p]):
+                    raise ValueError(f"state[`{key}`] must be {(B, H, *shapes[p])}, got {tuple(state[key].shape)}")
+
+    # ---- calls ---------------------------------------------------------------------------------
+    def __call__(self, q, k, v, gates=None, params=None, state=None, *, chunk=None, backend="auto", sizes=None):
+        """y, state = rule(q, k, v, gates, params, state). Tensors [B, T, H, D]; y is [B, T, H, Dv]."""
+        sz = self.sizes(k=k, v=v, q=q, sizes=sizes)
+        shapes = self.fns["shapes"](sz)
+        self._check_tokens(q, k, v, shapes)
+        B, T, H = q.shape[:3]
+        params = dict(params or {})
+        gates = self._gates(gates, B, T, H, shapes, q.device)
+        outers = self._outers(params, H, shapes, q.device)
+        if state is None:
+            state = self.init_state(B, H, sizes=sz, device=q.device, params=params)
+        self._check_state(state, B, H, shapes)
+        chunk = int(chunk or self.spec["chunk"])
+        if chunk < 1:
+            raise ValueError(f"chunk must be ≥ 1, got {chunk}")
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32  # bf16/fp16 compute in fp32
+        qf, kf, vf = (t.to(work).transpose(1, 2) for t in (q, k, v))
+        gates = {n: g.to(work) for n, g in gates.items()}
+        outers = {n: o.to(work) for n, o in outers.items()}
+        state = {key: t.to(work) for key, t in state.items()}
+        backend = self._resolve(backend)
+        if backend == "wy":
+            y, new_state = self._wy(qf, kf, vf, gates, outers, state, sz, chunk)
+        elif backend == "loop":
+            y, new_state = self.runtime.token_loop(qf, kf, vf, gates, outers, state, sz, 1)
+        elif backend == "anchored_loop":
+            y, new_state = self.runtime.token_loop(qf, kf, vf, gates, outers, state, sz, chunk)
+        else:
+            y, new_state = self.runtime.chunkwise(qf, kf, vf, gates, outers, state, sz, chunk)
+        return y.transpose(1, 2).to(q.dtype), new_state
+
+    def _resolve(self, backend):
+        if backend not in self.BACKENDS:
+            raise ValueError(f"backend must be one of {self.BACKENDS}, got {backend!r}")
+        if backend == "wy" and self.spec["algorithm"] != "wy":
+            raise ValueError(f"rule {self.spec['name']} is not a delta rule: no WY backend "
+                             f"(its algorithm is {self.spec['algorithm']})")
+        if backend != "auto":
+            return backend
+        return {"wy": "wy", "loop": "loop"}.get(self.spec["algorithm"], "chunk")
+
+    def _wy(self, q, k, v, gates, outers, state, sz, chunk):
+        spec, H = self.spec, q.shape[1]
+        env = {"k": k, "v": v, "q": q, **gates}
+        env.update({n: o.reshape(1, H, 1, *o.shape[1:]) for n, o in outers.items()})
+        terms = self.fns["wy_terms"](env, sz)
+        hyp = self.runtime.hyper_values(gates, outers, sz, q.shape[2], chunk, q)
+        lr = hyp[spec["lr"]][..., 0]
+        slope = torch.as_tensor(terms["wy.slope"], dtype=q.dtype).expand_as(lr)
+        keep, _ = self.runtime.keep_rate(hyp)
+        log_keep = torch.zeros_like(lr) if keep is None else torch.log(keep[..., 0].clamp_min(1e-30))
+        key = terms["wy.key"].expand(*q.shape[:3], terms["wy.key"].shape[-1])
+        query = terms["wy.query"].expand(*q.shape[:3], terms["wy.query"].shape[-1])
+        offset = terms["wy.offset"].expand(*v.shape[:3], terms["wy.offset"].shape[-1])
+        p = next(iter(spec["params"]))
+        y, S = wy_chunks(query, key, -lr.unsqueeze(-1) * offset, lr * slope, log_keep,  # noqa: F821
+                         state[f"A.{p}"].mT, chunk)
+        return y, {f"A.{p}": S.mT}
+
+    def step(self, q, k, v, gates=None, state=None, params=None, sizes=None):
+        """One token of exact decoding: q, k, v [B, H, D]; gates [B, H] or [B, H, n]."""
+        if self.spec["window"] > 1:
+            raise ValueError("step() with an Omega window needs the window history: call the rule on "
+                             "the sequence with backend='loop' instead")
+        g1 = {n: t.unsqueeze(1) for n, t in (gates or {}).items()}
+        y, state = self(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), g1, params, state, chunk=1,
+                        backend="loop", sizes=sizes)
+        return y[:, 0], state
+
+
+def make_init(init, shape, dtype, device, shapes, generator):
+    """Draw an initial value: zeros, ones, eye, normal(std), taylor(degree) (blocks of sqrt(1/i!))."""
+    kind, args = (init or ["zeros", {}])
+    shape = tuple(int(s) for s in shape)
+    if kind == "zeros":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if kind == "ones":
+        return torch.ones(shape, dtype=dtype, device=device)
+    if kind == "eye":
+        return torch.eye(shape[-2], shape[-1], dtype=dtype, device=device).expand(shape).clone()
+    if kind == "normal":
+        x = torch.randn(shape, generator=generator, dtype=torch.float32)
+        return (x * args["std"]).to(dtype=dtype, device=device)
+    if kind == "taylor":
+        d = shapes["k"][-1]
+        blocks = [torch.full((d**i,), math.sqrt(1.0 / math.factorial(i))) for i in range(int(args["degree"]) + 1)]
+        vec = torch.cat(blocks)
+        if vec.numel() != shape[-1]:
+            raise ValueError(f"taylor({int(args['degree'])}) fills {vec.numel()} entries but the tensor has "
+                             f"{shape[-1]}")
+        return vec.expand(shape).to(dtype=dtype, device=device).clone()
+    raise ValueError(f"unknown initializer {kind}")
+
+
+class MemoryModule(torch.nn.Module):
+    """A compiled rule with its outer constants and initial memory as learnable parameters."""
+
+    def __init__(self, rule, n_heads, d, **sizes):
+        super().__init__()
+        self.rule, self.n_heads = rule, n_heads
+        self.sz = rule.sizes(sizes=dict(sizes, d=d))
+        shapes = rule.fns["shapes"](self.sz)
+        self.shapes = shapes
+        gen = torch.Generator().manual_seed(0)
+        self.outer = torch.nn.ParameterDict()
+        for name, info in rule.spec["outers"].items():
+            value = make_init(info["init"] or ["zeros", {}], (n_heads, *shapes[name]), torch.float32, None,
+                              shapes, gen)
+            self.outer[name] = torch.nn.Parameter(value)
+        self.init_memory = torch.nn.ParameterDict()
+        for name, info in rule.spec["params"].items():
+            value = make_init(info["init"], (n_heads, *shapes[name]), torch.float32, None, shapes, gen)
+            self.init_memory[name] = torch.nn.Parameter(value)
+
+    def params(self):
+        return {**dict(self.outer.items()), **dict(self.init_memory.items())}
+
+    def forward(self, q, k, v, gates=None, state=None, chunk=None, backend="auto"):
+        return self.rule(q, k, v, gates, self.params(), state, chunk=chunk, backend=backend, sizes=self.sz)

@@ -1,0 +1,323 @@
+# memdsl runtime (torch): the generic execution algorithms for compiled memory rules.
+#
+# This file is pure torch and imports nothing from memdsl: `memdsl compile -o` copies it verbatim
+# into standalone modules. A rule plugs in through SPEC (plain data) and four emitted functions:
+#   grads(env, sz)  -> {"grad.<param>": d loss / d param}, per token, batched over leading axes
+#   read(env, sz)   -> {"read": y}
+#   hyper(env, sz)  -> learning rates, decays, keeps, scales (functions of gates and outers)
+#   shapes(sz)      -> {"<param>": shape} and sizes(sz) -> every size, derived ones included
+#
+# Layout inside the runtime: tokens [B, H, T, D]; scalar gates [B, H, T]; channel gates
+# [B, H, T, n]; state tensors [B, H, *shape]; outers [H, *shape]. Semantics (MATH.md §1.2–1.4):
+#   anchor  = P(A) at the segment start (exact: the previous state)
+#   g_t     = sum over the window of gamma_l * grad loss(anchor; k_l, v_l)
+#   gd: delta = -lr g | momentum: S = mu S - lr g, delta = S | muon: S = mu S + g, delta = -lr NS(S)
+#   A_t     = keep_t * A_{t-1} + rate_t * (A_init - A_{t-1}) + delta      (scale: A_0 + s_i * sum delta)
+#   y_t     = read(P(A_t), q_t)        (P: identity, lq-normalise, row softmax, soft threshold)
+import math
+
+import torch
+
+_NS_COEFFS = (3.4445, -4.7750, 2.0315)  # the Muon quintic (Jordan et al.), as in titans-pytorch
+
+
+def newton_schulz(x, steps):
+    """Approximate the polar factor U V^T of each matrix in the batch (Muon's orthogonalisation)."""
+    a, b, c = _NS_COEFFS
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:
+        x = x.mT
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if tall else x
+
+
+def segments(T, chunk, lag):
+    """Anchor segments [start, end). Memora's lag token splits each chunk into [1, chunk - 1]."""
+    out = []
+    for s in range(0, T, chunk):
+        e = min(s + chunk, T)
+        if lag and e - s > 1:
+            out += [(s, s + 1), (s + 1, e)]
+        else:
+            out.append((s, e))
+    return out
+
+
+def _log_ratio(logx):
+    """R[..., i, j] = exp(sum_{j < l <= i} logx_l) for j <= i, else 0. logx: [B, H, n, ch]."""
+    cum = logx.cumsum(dim=2)
+    diff = cum.unsqueeze(3) - cum.unsqueeze(2)  # [B, H, i, j, ch]
+    n = logx.shape[2]
+    mask = torch.ones(n, n, dtype=torch.bool, device=logx.device).tril()
+    return torch.exp(diff.masked_fill(~mask[:, :, None], -math.inf)), torch.exp(cum)
+
+
+def _safe_log(x):
+    return torch.log(x.clamp_min(1e-30))
+
+
+class Runtime:
+    def __init__(self, spec, fns):
+        self.spec = spec
+        self.grads_fn, self.read_fn, self.hyper_fn = fns["grads"], fns["read"], fns["hyper"]
+        self.shapes_fn, self.sizes_fn = fns["shapes"], fns["sizes"]
+        self.params = list(spec["params"])
+
+    # ---- values at positions -------------------------------------------------------------------
+    def hyper_values(self, gates, outers, sz, T, chunk, like):
+        """Every hyper-parameter at every position: [B, H, T, ch] (ch = 1 for scalars)."""
+        B, H = like.shape[:2]
+        env = {n: g for n, g in gates.items()}
+        env.update({n: o.reshape(1, H, 1, *o.shape[1:]) for n, o in outers.items()})
+        pos = (torch.arange(T, device=like.device) % chunk + 1).to(like.dtype)
+        env["pos"] = pos.reshape(1, 1, T)
+        out = {}
+        for name, value in self.hyper_fn(env, sz).items():
+            value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+            if value.dim() <= 3:  # a per-token scalar (or a constant)
+                value = value.reshape(*value.shape, 1) if value.dim() == 3 else value.reshape(1, 1, 1, 1)
+            out[name] = value.expand(B, H, T, value.shape[-1])
+        return out
+
+    def align(self, coef, param, extra_lead=0):
+        """Shape a [..., ch] coefficient to broadcast against a param [..., *shape] (channel axis rule)."""
+        rank = len(self.spec["params"][param]["shape_rank"])
+        ch = coef.shape[-1]
+        if ch == 1:
+            return coef.reshape(*coef.shape[:-1], *([1] * rank))
+        axis = self.spec["params"][param]["channel_axis"]
+        if axis == "row" and rank == 2:
+            return coef.reshape(*coef.shape, 1)
+        return coef.reshape(*coef.shape[:-1], *([1] * (rank - 1)), ch)
+
+    def project(self, a, param, hyp_thr=None):
+        kind = self.spec["projection"]
+        rank = len(self.spec["params"][param]["shape_rank"])
+        dims = tuple(range(-rank, 0))
+        if kind == "lq":
+            q = self.spec["lq"]
+            norm = a.abs().pow(q).sum(dim=dims, keepdim=True).pow(1.0 / q).clamp_min(1e-12)
+            return a / norm.pow(q - 2)
+        if kind == "softmax":
+            return a.softmax(dim=-1)
+        if kind == "elastic":
+            return torch.sign(a) * torch.relu(a.abs() - hyp_thr)
+        return a
+
+    def token_env(self, k, v, q, gates, outers, sl):
+        H = k.shape[1]
+        env = {"k": k[:, :, sl], "v": v[:, :, sl], "q": q[:, :, sl]}
+        env.update({n: g[:, :, sl] for n, g in gates.items()})
+        env.update({n: o.reshape(1, H, 1, *o.shape[1:]) for n, o in outers.items()})
+        return env
+
+    def threshold(self, hyp, param):
+        name = self.spec.get("threshold")
+        if name is None:
+            return None
+        return self.align(hyp[name][:, :, :1], param)[:, :, 0]
+
+    # ---- state ---------------------------------------------------------------------------------
+    def keep_rate(self, hyp):
+        keep = rate = None
+        for r in self.spec["retain"]:
+            if r.get("keep"):
+                keep = hyp[r["keep"]] if keep is None else keep * hyp[r["keep"]]
+            if r.get("rate"):
+                rate = hyp[r["rate"]]
+        if rate is not None:
+            keep = (1 - rate) if keep is None else keep * (1 - rate)
+        return keep, rate
+
+    # ---- the token loop: exact (chunk = 1) and the anchored oracle (chunk = C) -------------------
+    def token_loop(self, q, k, v, gates, outers, state, sz, chunk):
+        spec = self.spec
+        T = q.shape[2]
+        hyp = self.hyper_values(gates, outers, sz, T, chunk, q)
+        keep, rate = self.keep_rate(hyp)
+        lr = hyp[spec["lr"]]
+        mu = hyp[spec["decay"]] if spec["decay"] else None
+        scale = hyp[spec["scale"]] if spec["scale"] else None
+        c, weight = spec["window"], spec["window_weight"]
+        A = {p: state[f"A.{p}"] for p in self.params}
+        S = {p: state[f"S.{p}"] for p in self.params} if spec["optim"] != "gd" else {}
+        init = {p: state[f"init.{p}"] for p in self.params} if rate is not None else {}
+        starts = {s for s, _ in segments(T, chunk, spec["lag"])}
+        ys = []
+        for t in range(T):
+            if t in starts:
+                anchor = {p: self.project(A[p], p, self.threshold(hyp, p)) for p in self.params}
+                base = dict(A)
+                acc = {p: torch.zeros_like(A[p]) for p in self.params}
+                cum_keep = torch.ones_like(hyp[spec["lr"]][:, :, 0])
+            if spec["grad_at_decayed"]:
+                cum_keep = cum_keep * keep[:, :, t]
+            lo = max(0, t - c + 1)
+            env = self.token_env(k, v, q, gates, outers, slice(lo, t + 1))
+            for p in self.params:
+                w = anchor[p]
+                if spec["grad_at_decayed"]:
+                    w = self.align(cum_keep, p) * w
+                env[p] = w.unsqueeze(2)
+            grads = self.grads_fn(env, sz)
+            old = A if spec["read_order"] == "before" else None
+            if old is not None:
+                ys.append(self.read_at({p: self.project(A[p], p, self.threshold(hyp, p)) for p in self.params},
+                                       q, k, v, gates, outers, sz, slice(t, t + 1)))
+            newA = {}
+            for p in self.params:
+                g = grads[f"grad.{p}"]
+                if weight is not None:
+                    g = g * self.align(gates[weight][:, :, lo:t + 1].unsqueeze(-1), p)
+                g = g.sum(dim=2)
+                lr_t = self.align(lr[:, :, t], p)
+                if spec["optim"] == "gd":
+                    delta = -lr_t * g
+                elif spec["optim"] == "momentum":
+                    S[p] = self.align(mu[:, :, t], p) * S[p] - lr_t * g
+                    delta = S[p]
+                else:
+                    S[p] = self.align(mu[:, :, t], p) * S[p] + g
+                    delta = -lr_t * newton_schulz(S[p], spec["ns_steps"])
+                if scale is not None:
+                    acc[p] = acc[p] + delta
+                    newA[p] = base[p] + self.align(scale[:, :, t], p) * acc[p]
+                else:
+                    a = A[p] if keep is None else self.align(keep[:, :, t], p) * A[p]
+                    if rate is not None:
+                        a = a + self.align(rate[:, :, t], p) * init[p]
+                    newA[p] = a + delta
+            A = newA
+            if old is None:
+                ys.append(self.read_at({p: self.project(A[p], p, self.threshold(hyp, p)) for p in self.params},
+                                       q, k, v, gates, outers, sz, slice(t, t + 1)))
+        out = {f"A.{p}": A[p] for p in self.params}
+        out.update({f"S.{p}": S[p] for p in S})
+        out.update({f"init.{p}": init[p] for p in init})
+        return torch.cat(ys, dim=2), out
+
+    def read_at(self, weights, q, k, v, gates, outers, sz, sl):
+        env = self.token_env(k, v, q, gates, outers, sl)
+        for p in self.params:
+            w = weights[p]
+            env[p] = w if w.dim() == 2 + len(self.spec["params"][p]["shape_rank"]) + 1 else w.unsqueeze(2)
+        return self.read_fn(env, sz)["read"]
+
+    # ---- the anchored chunk program -------------------------------------------------------------
+    def coef_apply(self, coef, x, p):
+        """sum_j coef[b, h, i, j, ch] * x[b, h, j, *shape] with the channel axis aligned to param p."""
+        rank = len(self.spec["params"][p]["shape_rank"])
+        if coef.shape[-1] == 1:
+            return torch.einsum("bhij,bhj...->bhi...", coef[..., 0], x)
+        axis = self.spec["params"][p]["channel_axis"]
+        if rank == 1:
+            return torch.einsum("bhijn,bhjn->bhin", coef, x)
+        if axis == "row":
+            return torch.einsum("bhijm,bhjmk->bhimk", coef, x)
+        return torch.einsum("bhijk,bhjmk->bhimk", coef, x)
+
+    def chunkwise(self, q, k, v, gates, outers, state, sz, chunk):
+        spec = self.spec
+        T = q.shape[2]
+        hyp = self.hyper_values(gates, outers, sz, T, chunk, q)
+        keep, rate = self.keep_rate(hyp)
+        lr_all = hyp[spec["lr"]]
+        c, weight = spec["window"], spec["window_weight"]
+        A = {p: state[f"A.{p}"] for p in self.params}
+        S = {p: state[f"S.{p}"] for p in self.params} if spec["optim"] != "gd" else {}
+        init = {p: state[f"init.{p}"] for p in self.params} if rate is not None else {}
+        ys = []
+        for s, e in segments(T, chunk, spec["lag"]):
+            n = e - s
+            lo = max(0, s - c + 1)
+            sl = slice(s, e)
+            lr = lr_all[:, :, sl]
+            ones = torch.ones_like(lr[..., :1])
+            log_keep = _safe_log(keep[:, :, sl]) if keep is not None else torch.zeros_like(ones)
+            D, abar = _log_ratio(log_keep)  # D[i, j] = prod_{j<l<=i} keep_l ; abar_i = prod_{l<=i} keep_l
+            env = self.token_env(k, v, q, gates, outers, slice(lo, e))
+            for p in self.params:
+                w = self.project(A[p], p, self.threshold(hyp, p)).unsqueeze(2)
+                if spec["grad_at_decayed"]:
+                    w = self.align(abar, p) * w
+                env[p] = w
+            U = self.grads_fn(env, sz)
+            if c > 1 or weight is not None:
+                cols = torch.arange(lo, e, device=q.device)
+                rows = torch.arange(s, e, device=q.device)
+                band = ((cols[None, :] <= rows[:, None]) & (cols[None, :] > rows[:, None] - c)).to(q.dtype)
+                mix = band.expand(*lr.shape[:2], n, e - lo)
+                if weight is not None:
+                    mix = mix * gates[weight][:, :, lo:e].unsqueeze(2)
+                G = {p: torch.einsum("bhjl,bhl...->bhj...", mix, U[f"grad.{p}"]) for p in self.params}
+            else:
+                G = {p: U[f"grad.{p}"] for p in self.params}
+            if spec["optim"] == "momentum" or spec["optim"] == "muon":
+                Mmu, mbar = _log_ratio(_safe_log(hyp[spec["decay"]][:, :, sl]))
+            newA = {}
+            for p in self.params:
+                if spec["optim"] == "muon":
+                    Sall = self.align(mbar, p) * S[p].unsqueeze(2) + self.coef_apply(Mmu, G[p], p)
+                    X = -self.align(lr, p) * newton_schulz(Sall, spec["ns_steps"])
+                    S[p] = Sall[:, :, -1]
+                    Aall = self.coef_apply(D, X, p)
+                elif spec["optim"] == "momentum":
+                    X = -self.align(lr, p) * G[p]
+                    Sall = self.align(mbar, p) * S[p].unsqueeze(2) + self.coef_apply(Mmu, X, p)
+                    S[p] = Sall[:, :, -1]
+                    Aall = self.coef_apply(D, Sall, p)
+                elif spec["scale"] is not None:
+                    scale = hyp[spec["scale"]][:, :, sl]
+                    tri = torch.ones(n, n, dtype=q.dtype, device=q.device).tril()
+                    K = scale.unsqueeze(3) * tri[None, None, :, :, None] * lr.unsqueeze(2)
+                    Aall = -self.coef_apply(K, G[p], p)
+                else:
+                    Aall = -self.coef_apply(D * lr.unsqueeze(2), G[p], p)
+                Aall = Aall + self.align(abar, p) * A[p].unsqueeze(2)
+                if rate is not None:
+                    e_coef = torch.einsum("bhijc,bhjc->bhic", D, rate[:, :, sl])
+                    Aall = Aall + self.align(e_coef, p) * init[p].unsqueeze(2)
+                newA[p] = Aall
+            if spec["read_order"] == "before":
+                prev = {p: torch.cat([A[p].unsqueeze(2), newA[p][:, :, :-1]], dim=2) for p in self.params}
+                read_w = prev
+            else:
+                read_w = newA
+            thr = {p: self.threshold(hyp, p) for p in self.params}
+            proj = {p: self.project(read_w[p], p, None if thr[p] is None else thr[p].unsqueeze(2))
+                    for p in self.params}
+            ys.append(self.read_at(proj, q, k, v, gates, outers, sz, sl))
+            A = {p: newA[p][:, :, -1] for p in self.params}
+        out = {f"A.{p}": A[p] for p in self.params}
+        out.update({f"S.{p}": S[p] for p in S})
+        out.update({f"init.{p}": init[p] for p in init})
+        return torch.cat(ys, dim=2), out
+
+
+# ---- the exact WY/UT chunk algorithm for (gated) delta rules (MATH.md §9.3) ---------------------
+
+def wy_chunks(q, k, v_beta, beta, log_keep, S0, chunk):
+    """Exact chunked delta rule. q, k: [B, H, T, dk]; v_beta = beta * target: [B, H, T, dv];
+    beta: [B, H, T]; log_keep: [B, H, T] (zeros: no decay); S0: [B, H, dk, dv] (S = W^T)."""
+    T = q.shape[2]
+    S = S0
+    outs = []
+    for s in range(0, T, chunk):
+        sl = slice(s, min(s + chunk, T))
+        Q, K, VB, b, lg = q[:, :, sl], k[:, :, sl], v_beta[:, :, sl], beta[:, :, sl], log_keep[:, :, sl]
+        n = Q.shape[2]
+        gam = lg.cumsum(-1)
+        tril = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        Gam = torch.exp((gam.unsqueeze(-1) - gam.unsqueeze(-2)).masked_fill(~tril, -math.inf))
+        L = ((b.unsqueeze(-1) * (K @ K.mT)) * Gam).tril(-1)
+        eye = torch.eye(n, dtype=q.dtype, device=q.device)
+        U = torch.linalg.solve_triangular(eye + L, VB, upper=False, unitriangular=True)
+        Wt = torch.linalg.solve_triangular(eye + L, b.unsqueeze(-1) * K * gam.exp().unsqueeze(-1), upper=False,
+                                           unitriangular=True)
+        Vn = U - Wt @ S
+        outs.append((Q * gam.exp().unsqueeze(-1)) @ S + ((Q @ K.mT) * Gam) @ Vn)
+        S = gam[..., -1:].exp().unsqueeze(-1) * S + (K * (gam[..., -1:] - gam).exp().unsqueeze(-1)).mT @ Vn
+    return torch.cat(outs, dim=2), S

@@ -1,0 +1,133 @@
+"""`memdsl.compile`: a rule file becomes a callable, cached, torch-backed memory layer.
+
+The compiled artefact is the generated module text (codegen/module.py) — the same file
+`memdsl compile -o` writes. It is cached on disk by content hash (atomic writes; a corrupted
+entry is detected by its checksum line and rebuilt) and in memory per process.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import os
+import tempfile
+import threading
+import types
+from pathlib import Path
+
+from . import __version__
+from .driver import load, read_source
+
+_MEMO: dict[str, CompiledRule] = {}
+_LOCK = threading.Lock()
+_HEADER = "# memdsl-cache sha256="
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MEMDSL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "memdsl")
+    return Path(root)
+
+
+def _key(source: str, schedule: dict) -> str:
+    text = f"{__version__}\n{sorted(schedule.items())!r}\n{source}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _read_cached(path: Path) -> str | None:
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    first, _, body = text.partition("\n")
+    if not first.startswith(_HEADER) or first[len(_HEADER):] != hashlib.sha256(body.encode()).hexdigest():
+        return None  # partial or corrupted: rebuild
+    return body
+
+
+def _write_atomic(path: Path, body: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = f"{_HEADER}{hashlib.sha256(body.encode()).hexdigest()}\n{body}"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".py")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def module_source(path_or_source: str, **schedule) -> tuple[str, str]:
+    """The generated module text for a rule (from the cache when possible) and its cache key."""
+    from codegen.module import generate
+    source, _ = read_source(path_or_source)
+    key = _key(source, schedule)
+    path = cache_dir() / f"{key}.py"
+    body = _read_cached(path)
+    if body is None:
+        body = generate(load(path_or_source, schedule=schedule))
+        try:
+            _write_atomic(path, body)
+        except OSError:
+            pass  # a read-only cache is not an error: compile in memory
+    return body, key
+
+
+class CompiledRule:
+    """A compiled rule: call it, `init_state`, `step`; `print` it to see what was compiled."""
+
+    def __init__(self, source_text: str, key: str):
+        self.module_source = source_text
+        self.key = key
+        mod = types.ModuleType(f"memdsl_rule_{key}")
+        exec(builtins.compile(source_text, f"<memdsl rule {key}>", "exec"), mod.__dict__)
+        self.module = mod
+        self.spec = mod.SPEC
+        self.impl = mod.RULE
+
+    @property
+    def name(self) -> str:
+        return self.spec["name"]
+
+    @property
+    def algorithm(self) -> str:
+        return self.spec["algorithm"]
+
+    @property
+    def chunk(self) -> int:
+        return self.spec["chunk"]
+
+    def __call__(self, q, k, v, gates=None, params=None, state=None, **kw):
+        return self.impl(q, k, v, gates, params, state, **kw)
+
+    def init_state(self, B: int, H: int, d: int | None = None, **kw):
+        return self.impl.init_state(B, H, d, **kw)
+
+    def step(self, q, k, v, gates=None, state=None, params=None, **kw):
+        return self.impl.step(q, k, v, gates, state, params, **kw)
+
+    def module_class(self):
+        return self.module.Memory
+
+    def __repr__(self) -> str:
+        sig = ("y, state = rule(q[B,T,H,Dk], k[B,T,H,Dk], v[B,T,H,Dv], gates={"
+               + ", ".join(f"{g}: [B,T,H{',n' if info['channels'] else ''}]" for g, info in self.spec["gates"].items())
+               + "}, params={" + ", ".join(self.spec["outers"]) + "}, state=None)")
+        return f"CompiledRule {self.name}\n  {sig}\n" + self.module.SUMMARY
+
+
+def compile(path_or_source: str, chunk: int | None = None, **schedule) -> CompiledRule:  # noqa: A001
+    """Compile a rule file (path or text). Schedule overrides: chunk, semantics."""
+    opts = {k: v for k, v in {"chunk": chunk, **schedule}.items() if v is not None}
+    source, _ = read_source(path_or_source)
+    key = _key(source, opts)
+    with _LOCK:
+        if key in _MEMO:
+            return _MEMO[key]
+    body, key = module_source(path_or_source, **opts)
+    rule = CompiledRule(body, key)
+    with _LOCK:
+        _MEMO[key] = rule
+    return rule
