@@ -121,7 +121,7 @@ def _node_symbols(graph: Graph, nid: int) -> set[sp.Symbol]:
     out = set()
     for s in node.shape:
         out |= sp.sympify(s).free_symbols
-    for k, v in node.attrs:
+    for _, v in node.attrs:
         if isinstance(v, sp.Basic):
             out |= {s for s in v.free_symbols if not re.match(r"^x[0-9]+$", s.name)}
         elif isinstance(v, tuple):

@@ -1,0 +1,53 @@
+"""Random inputs for compiled rules, and the loss whose gradients the backend tests compare."""
+
+from __future__ import annotations
+
+import torch
+
+
+def make_inputs(rule, B=2, T=13, H=2, D=3, dtype=torch.float64, seed=0, low=0.05, high=0.35):
+    """q, k, v (unit-norm q, k as MemoryLayer makes them), gates in a stable range, outers, initial memory."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    q, k, v = rnd(B, T, H, D), rnd(B, T, H, D), rnd(B, T, H, D)
+    q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+    gates = {}
+    for name, info in rule.spec["gates"].items():
+        shape = (B, T, H, D) if info["channels"] else (B, T, H)
+        gates[name] = low + (high - low) * torch.rand(*shape, generator=gen, dtype=torch.float64)
+    shapes = rule.impl.fns["shapes"](rule.impl.sizes(k=k, v=v, q=q))
+    params = {}
+    for name in rule.spec["outers"]:
+        params[name] = 1.0 + 0.1 * rnd(H, *shapes[name])
+    for name in rule.spec["params"]:
+        base = rnd(H, *shapes[name]) * 0.3
+        params[name] = base.abs() + 0.1 if rule.spec["projection"] == "softmax" else base
+    cast = {n: t.to(dtype) for n, t in {"q": q, "k": k, "v": v}.items()}
+    return cast, {n: g.to(dtype) for n, g in gates.items()}, {n: p.to(dtype) for n, p in params.items()}
+
+
+def leaves(tok, gates, params):
+    """Fresh leaf tensors that require grad, so two backends can be differentiated independently."""
+    def leaf(t):
+        return t.detach().clone().requires_grad_()
+    return ({n: leaf(t) for n, t in tok.items()}, {n: leaf(t) for n, t in gates.items()},
+            {n: leaf(t) for n, t in params.items()})
+
+
+def run_with_grads(rule, tok, gates, params, seed=1, **kw):
+    """Outputs, final state and the gradients of a random linear functional of both, w.r.t. every input."""
+    tok, gates, params = leaves(tok, gates, params)
+    y, state = rule(tok["q"], tok["k"], tok["v"], gates, params, None, **kw)
+    gen = torch.Generator().manual_seed(seed)
+    loss = (y * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)).sum()
+    for key in sorted(state):
+        t = state[key]
+        loss = loss + (t * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)).sum()
+    inputs = {**{f"tok.{n}": t for n, t in tok.items()}, **{f"gate.{n}": t for n, t in gates.items()},
+              **{f"param.{n}": t for n, t in params.items()}}
+    grads = torch.autograd.grad(loss, list(inputs.values()), allow_unused=True)
+    return y.detach(), {k: v.detach() for k, v in state.items()}, {
+        n: (g if g is not None else torch.zeros_like(inputs[n])) for n, g in zip(inputs, grads, strict=True)}

