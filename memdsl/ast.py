@@ -36,9 +36,14 @@ class Call:
     args: tuple[Expr, ...]
     kwargs: tuple[tuple[str, Expr], ...] = ()
     span: Span | None = _span()
+    key_spans: tuple[Span, ...] = field(default=(), compare=False, repr=False)  # one per keyword
 
     def kwarg(self, key: str) -> Expr | None:
         return next((v for k, v in self.kwargs if k == key), None)
+
+    def key_span(self, key: str) -> Span | None:
+        keys = [k for k, _ in self.kwargs]
+        return self.key_spans[keys.index(key)] if key in keys and len(self.key_spans) == len(keys) else None
 
 
 @dataclass(frozen=True)

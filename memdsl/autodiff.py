@@ -37,6 +37,8 @@ def ewise(g: Graph, expr: sp.Expr, operands: list[int]) -> int:
     Unused operands are dropped and scalar constants are folded into the expression, so the
     printed node shows only what it reads.
     """
+    shapes = [g.node(o).shape for o in operands]
+    full = next((sh for sh in shapes if sh != ()), ())
     operands = [_unbroadcast(g, o, operands) for o in operands]
     syms = _symbols(len(operands))
     subs = {}
@@ -49,11 +51,12 @@ def ewise(g: Graph, expr: sp.Expr, operands: list[int]) -> int:
     new_syms = _symbols(len(used))
     expr = expr.subs({syms[i]: new_syms[j] for j, i in enumerate(used)}, simultaneous=True)
     ops = [operands[i] for i in used]
-    if expr.is_Symbol and len(ops) == 1:
+    if expr.is_Symbol and len(ops) == 1 and g.node(ops[0]).shape == full:
         return ops[0]
-    if not ops:
-        return g.const(expr)
-    return g.add("ewise", ops, expr=expr)
+    out = g.add("ewise", ops, expr=expr) if ops else g.const(expr)
+    if g.node(out).shape != full:  # everything vector-shaped folded away: keep the shape
+        out = g.add("broadcast", [out], shape=full)
+    return out
 
 
 def _unbroadcast(g: Graph, o: int, operands: list[int]) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 
 import sympy as sp
 
@@ -145,7 +146,7 @@ class Builder:
                 self._declare(s.name, s.span)
                 role = "param" if isinstance(s, A.Param) else "outer"
                 shape = self.shape(s.shape, s.span)
-                self.tensors[s.name] = TensorSpec(s.name, shape, role, self.init(s.init, shape))
+                self.tensors[s.name] = TensorSpec(s.name, shape, role, self.init(s.init, shape), span=s.span)
             elif isinstance(s, A.Gate):
                 self._declare(s.name, s.span)
                 if s.activation not in ACTIVATIONS:
@@ -195,13 +196,20 @@ class Builder:
             if k not in values:
                 raise ArityError(f"`{name}` needs `{k}`", e.span, f"write `{name}({k} = ...)`")
             v = values[k]
-            if not isinstance(v, A.Num):
-                raise ValueRangeError(f"`{k}` must be a number", v.span)
-            out.append((k, v.value))
+            num = _literal(v)
+            if num is None:
+                raise ValueRangeError(f"`{k}` must be a number", v.span, f"write e.g. `{name}({k} = 0.02)`")
+            if name == "normal" and num < 0:
+                raise ValueRangeError("`std` must not be negative", v.span)
+            out.append((k, num))
         if name == "eye" and (len(shape) != 2 or shape[0] != shape[1]):
             raise ShapeError(f"`eye` needs a square matrix, not {fmt_shape(shape)}", e.span)
-        if name == "taylor" and not (1 <= out[0][1] <= MAX_POLY_DEGREE):
-            raise ValueRangeError(f"taylor degree must be 1..{MAX_POLY_DEGREE}", e.span)
+        if name == "taylor":
+            if not (out[0][1].denominator == 1 and 1 <= out[0][1] <= MAX_POLY_DEGREE):
+                raise ValueRangeError(f"taylor degree must be an integer from 1 to {MAX_POLY_DEGREE}", e.span)
+            if len(shape) != 1:
+                raise ShapeError("`taylor` initialises a feature-coefficient vector", e.span,
+                                 "use it on `[1 + d + d^2]`-style vectors")
         return Init(name, tuple(out))
 
     # ---- expressions ---------------------------------------------------------------------------
@@ -224,6 +232,8 @@ class Builder:
                 raise ArityError(f"`{e.id}` is a function; call it", e.span, f"write `{e.id}(...)`")
             visible = [n for n in scope.values if n != "pos"] + list(scope.dims)
             hint = _suggest(e.id, visible) or "names visible here: " + ", ".join(visible)
+            if scope.where.startswith("the optimizer") or scope.where.startswith("the retention"):
+                hint = _suggest(e.id, visible) or f"declare it as a gate: `gate {e.id} : scalar sigmoid`"
             if e.id in self.tensors or e.id in self.dims or e.id == "pos":
                 hint = f"`{e.id}` cannot be used in {scope.where}"
             raise UnknownNameError(f"unknown name `{e.id}` in {scope.where}", e.span, hint)
@@ -237,6 +247,7 @@ class Builder:
             if e.op == "@":
                 return _Value(self.matmul(a, b, e), e.span)
             op = {"+": "add", "-": "sub", "*": "mul", "/": "div", "^": "pow"}[e.op]
+            self._check_constants(op, a, b, e)
             try:
                 return _Value(g.add(op, [a.nid, b.nid]), e.span)
             except OpShapeError as err:
@@ -246,13 +257,30 @@ class Builder:
         assert isinstance(e, A.Call)
         return _Value(self.call(e, scope), e.span)
 
+    def _check_constants(self, op: str, a: _Value, b: _Value, e: A.BinOp) -> None:
+        """Constants sympy would fold into zoo/nan, or take forever to evaluate, are errors here."""
+        def value(v: _Value):
+            n = self.g.node(v.nid)
+            if n.op == "neg" and self.g.node(self.g.operands(v.nid)[0]).op == "const":
+                return -self.g.node(self.g.operands(v.nid)[0]).attr("value")
+            return n.attr("value") if n.op == "const" else None
+        right, left = value(b), value(a)
+        if op == "div" and right is not None and right == 0:
+            raise ValueRangeError("division by zero", e.span, "check the denominator")
+        if op == "pow" and right is not None and right.is_number:
+            if abs(right) > 64:
+                raise ValueRangeError(f"exponent {right} is too large", e.right.span,
+                                      "exponents are limited to ±64")
+            if right < 0 and left is not None and left == 0:
+                raise ValueRangeError("zero to a negative power", e.span)
+
     def matmul(self, a: _Value, b: _Value, e: A.BinOp) -> int:
         sa, sb = self.g.node(a.nid).shape, self.g.node(b.nid).shape
         if len(sa) == 1 and len(sb) == 1:
             raise ShapeError("`@` of two vectors", e.span, "use `dot(a, b)` for an inner product")
         if len(sa) != 2 or len(sb) != 1:
             raise ShapeError(f"`@` needs a matrix on the left and a vector on the right, "
-                             f"got {fmt_shape(sa) or 'a scalar'} @ {fmt_shape(sb) or 'a scalar'}", e.span,
+                             f"got {_shape_words(sa)} @ {_shape_words(sb)}", e.span,
                              "matrix @ matrix is not supported: apply the matrices one after the other")
         try:
             return self.g.add("matvec", [a.nid, b.nid])
@@ -272,7 +300,8 @@ class Builder:
         allowed_kw = {"layernorm": ("eps",), "rmsnorm": ("eps",)}.get(f, ())
         for k, v in e.kwargs:
             if k not in allowed_kw:
-                raise ArityError(f"`{f}` has no keyword `{k}`", v.span)
+                raise ArityError(f"`{f}` has no keyword `{k}`", e.key_span(k) or v.span,
+                                 f"`{f}` takes: " + (", ".join(allowed_kw) or "no keywords"))
         if f == "where":
             self._arity(e, 3)
             cond = e.args[0]
@@ -352,9 +381,10 @@ class Builder:
         eps_expr = e.kwarg("eps")
         eps = g.const(sp.Rational(1, 10**6))
         if eps_expr is not None:
-            if not isinstance(eps_expr, A.Num):
-                raise ValueRangeError("`eps` must be a number", eps_expr.span)
-            eps = g.const(sp.Rational(eps_expr.value.numerator, eps_expr.value.denominator))
+            value = _literal(eps_expr)
+            if value is None or value <= 0:
+                raise ValueRangeError("`eps` must be a positive number", eps_expr.span, "e.g. `eps = 0.00001`")
+            eps = g.const(sp.Rational(value.numerator, value.denominator))
         x = self.vector(args[0], f)
         n = g.const(g.node(x).shape[0])
         if f == "layernorm":
@@ -373,7 +403,7 @@ class Builder:
 
     def vector(self, v: _Value, where: str) -> int:
         if len(self.g.node(v.nid).shape) != 1:
-            raise ShapeError(f"`{where}` needs a vector, got {fmt_shape(self.g.node(v.nid).shape) or 'a scalar'}",
+            raise ShapeError(f"`{where}` needs a vector, got {_shape_words(self.g.node(v.nid).shape)}",
                              v.span)
         return v.nid
 
@@ -437,7 +467,7 @@ class Builder:
         v_shape = self.tensors["v"].shape
         if self.g.node(rv.nid).shape != v_shape:
             raise ShapeError(f"the read must have v's shape {fmt_shape(v_shape)}, got "
-                             f"{fmt_shape(self.g.node(rv.nid).shape) or 'a scalar'}", read.expr.span)
+                             f"{_shape_words(self.g.node(rv.nid).shape)}", read.expr.span)
         if not self.g.depends_on(rv.nid, params):
             raise DependencyError("the read does not use the memory", read.expr.span,
                                   f"read through the model, e.g. `read {model.name}(q)`")
@@ -463,7 +493,9 @@ class Builder:
 
     def hyper(self, name: str, e: A.Expr, span: Span | None, pos: bool = False) -> str:
         """A per-token hyper-parameter (lr, decay, keep ...): built from gates, outers and numbers."""
-        scope = self.scope((), f"`{name}`", pos=pos)
+        where = f"the optimizer's `{name[6:]}`" if name.startswith("optim.") else \
+            f"the retention's `{name.split('.', 1)[1]}`" if name.startswith("retain") else f"`{name}`"
+        scope = self.scope((), where, pos=pos)
         scope.fns = {n: f for n, f in self.fns.items() if isinstance(f, A.Fn)}
         v = self.expr(e, scope)
         shape = self.g.node(v.nid).shape
@@ -498,7 +530,7 @@ class Builder:
         allowed = kinds[c.func]
         for k, v in c.kwargs:
             if k not in allowed:
-                raise ArityError(f"`{c.func}` has no argument `{k}`", v.span,
+                raise ArityError(f"`{c.func}` has no argument `{k}`", c.key_span(k) or v.span,
                                  _suggest(k, allowed) or "it takes: " + ", ".join(allowed))
         if c.kwarg("lr") is None:
             raise ArityError(f"`{c.func}` needs `lr`", c.span, f"e.g. `{c.func}(lr = theta)`")
@@ -547,8 +579,11 @@ class Builder:
                 raise ArityError(f"`{c.func}` takes one positional argument", c.args[1].span)
             given = dict(zip(names[:1], c.args, strict=False))
             for k, v in c.kwargs:
-                if k not in names or k in given:
-                    raise ArityError(f"`{c.func}` has no argument `{k}` here", v.span,
+                if k in given:
+                    raise ArityError(f"`{c.func}` gets `{k}` twice", c.key_span(k) or v.span,
+                                     "give it either by position or by keyword")
+                if k not in names:
+                    raise ArityError(f"`{c.func}` has no argument `{k}`", c.key_span(k) or v.span,
                                      "it takes: " + ", ".join(names))
                 given[k] = v
             values, numbers, grad_at = [], [], "anchor"
@@ -618,7 +653,11 @@ class Builder:
         if s is None:
             return ScheduleSpec()
         chunk, gchunk, locals_, qk, tile, sem = None, None, [], None, None, None
+        seen: set[type] = set()
         for st in s.stmts:
+            if type(st) in seen and not isinstance(st, A.LocalMem):
+                raise ScheduleError(f"`{type(st).__name__.lower()}` is given twice", st.span, "keep one")
+            seen.add(type(st))
             if isinstance(st, A.Chunk):
                 chunk = _chunk(st.size, st.span)
             elif isinstance(st, A.GlobalMem):
@@ -656,6 +695,19 @@ def _chunk(n: int, span: Span | None) -> int:
     return n
 
 
+def _shape_words(shape) -> str:
+    return fmt_shape(shape) if shape else "a scalar"
+
+
+def _literal(e: A.Expr) -> Fraction | None:
+    """A number written directly, possibly negated."""
+    if isinstance(e, A.Num):
+        return e.value
+    if isinstance(e, A.Neg) and isinstance(e.operand, A.Num):
+        return -e.operand.value
+    return None
+
+
 _EXAMPLES = {
     "model": "`model M(x) = W @ x`", "loss": "`loss sum((M(k) - v)^2)`", "read": "`read M(q)`",
     "optim": "`optim gd(lr = eta)`", "retain": "`retain decay(alpha)`", "window": "`window 4`",
@@ -666,6 +718,9 @@ def build(rule: A.RuleFile, source: str, path: str) -> Program:
     """Check a parsed rule and build its Program. Raises a positioned `MemDSLError`."""
     try:
         return Builder(rule, source, path).build()
+    except RecursionError:
+        raise ValueRangeError("an expression is nested too deeply", rule.memory.span,
+                              "split it into helper functions (`fn`)").attach(source, path) from None
     except MemDSLError as err:
         raise err.attach(source, path) from None
 

@@ -7,7 +7,7 @@ import os
 
 from . import ast as A
 from .build import build
-from .errors import MemDSLError
+from .errors import MemDSLError, ValueRangeError
 from .parse import parse
 from .passes import run_pipeline
 from .program import Program, ScheduleSpec
@@ -54,5 +54,8 @@ def load(path_or_source: str, stop_after: str | None = None, check: bool = False
         program.schedule = override_schedule(program.schedule, schedule)
     try:
         return run_pipeline(program, stop_after=stop_after, check=check)
+    except RecursionError:
+        raise ValueRangeError("an expression is nested too deeply", tree.memory.span,
+                              "split it into helper functions (`fn`)").attach(source, path) from None
     except MemDSLError as err:
         raise err.attach(source, path) from None

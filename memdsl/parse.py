@@ -66,7 +66,7 @@ class _ToAst(Transformer):
 
     def call(self, meta, children):
         func, *rest = children
-        args, kwargs = [], []
+        args, kwargs, key_spans = [], [], []
         for a in rest:
             if a is None:
                 continue
@@ -74,12 +74,13 @@ class _ToAst(Transformer):
                 if any(k == a[0] for k, _ in kwargs):
                     raise MemSyntaxError(f"keyword `{a[0]}` given twice", a[2], "remove one of them")
                 kwargs.append(a[:2])
+                key_spans.append(a[2])
             elif kwargs:
                 raise MemSyntaxError("a positional argument follows a keyword argument",
                                      getattr(a, "span", None), "put positional arguments first")
             else:
                 args.append(a)
-        return A.Call(str(func), tuple(args), tuple(kwargs), _span_of(meta))
+        return A.Call(str(func), tuple(args), tuple(kwargs), _span_of(meta), tuple(key_spans))
 
     def kwarg(self, meta, children):
         key, value = children
@@ -231,11 +232,22 @@ def _nesting_depth(text: str) -> int:
     return best
 
 
+def _end_span(source: str) -> Span:
+    lines = source.splitlines() or [""]
+    last = len(lines)
+    while last > 1 and not lines[last - 1].strip():
+        last -= 1
+    col = len(lines[last - 1].rstrip()) + 1
+    return Span(last, col, last, col + 1)
+
+
 def parse(source: str, path: str = "<rule>") -> A.RuleFile:
     """Parse rule-file text into an AST. Raises a `MemDSLError` (with source attached) on bad input."""
     try:
         return _parse(source)
     except MemDSLError as err:
+        if err.span is None and isinstance(err, MemSyntaxError):
+            err.span = _end_span(source)
         raise err.attach(source, path) from None
 
 
@@ -254,16 +266,21 @@ def _parse(source: str) -> A.RuleFile:
     except VisitError as exc:
         if isinstance(exc.orig_exc, MemDSLError):
             raise exc.orig_exc from None
+        if isinstance(exc.orig_exc, RecursionError):
+            raise ValueRangeError("the expression is nested too deeply", Span(1, 1, 1, 2),
+                                  "split it into helper functions (`fn`)") from None
         raise
     except RecursionError:
         raise ValueRangeError("the expression is nested too deeply", Span(1, 1, 1, 2),
                               "split it into helper functions (`fn`)") from None
     memories = [i for i in items if isinstance(i, A.Memory)]
     schedules = [i for i in items if isinstance(i, A.Schedule)]
-    if len(memories) != 1:
-        span = memories[1].span if len(memories) > 1 else Span(1, 1, 1, 2)
-        raise MemSyntaxError(f"a rule file holds exactly one `memory` block, found {len(memories)}", span,
-                             "put each model in its own file")
+    if not memories:
+        raise MemSyntaxError("the file has no `memory` block", Span(1, 1, 1, 2),
+                             "a rule file is `memory NAME { ... }` (see docs/language.md)")
+    if len(memories) > 1:
+        raise MemSyntaxError(f"a rule file holds exactly one `memory` block, found {len(memories)}",
+                             memories[1].span, "put each model in its own file")
     if len(schedules) > 1:
         raise MemSyntaxError("more than one `schedule` block", schedules[1].span, "merge them into one")
     return A.RuleFile(memories[0], schedules[0] if schedules else None)

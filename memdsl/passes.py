@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from .autodiff import differentiate, ewise
+from .errors import DependencyError
 from .ir import Graph, verify
 from .ops import ELEMENTWISE, sympy_form
 from .program import Program
@@ -57,6 +58,27 @@ def verify_pass(p: Program) -> Program:
 def autodiff_pass(p: Program) -> Program:
     differentiate(p.graph, {n: t.role for n, t in p.tensors.items()})
     return p
+
+
+def check_updates(p: Program) -> None:
+    """Every param must get a gradient that is not identically zero (checked once folded by fuse)."""
+    for t in p.params:
+        grad = p.graph.outputs.get(f"grad.{t.name}")
+        if grad is None or _is_zero(p.graph, grad):
+            raise DependencyError(f"the loss gradient with respect to `{t.name}` is identically zero, so "
+                                  f"{t.name} would never be updated", t.span,
+                                  f"make the loss depend on {t.name} through the model")
+
+
+def _is_zero(g: Graph, nid: int) -> bool:
+    n = g.node(nid)
+    if n.op == "const":
+        return n.attr("value") == 0
+    if n.op in ("broadcast", "outer"):
+        return any(_is_zero(g, o) for o in g.operands(nid))
+    if n.op == "ewise":
+        return n.attr("expr") == 0
+    return False
 
 
 def dce_pass(p: Program) -> Program:
@@ -117,6 +139,7 @@ def fuse_pass(p: Program) -> Program:
             mapping[nid] = new.add(n.op, [mapping[o] for o in old.operands(nid)], n.dtype, **dict(n.attrs))
     new.outputs = {k: mapping[v] for k, v in old.outputs.items()}
     p.graph = new
+    check_updates(p)
     return p
 
 

@@ -25,7 +25,7 @@ def dump_ast(node, indent: int = 0) -> str:
     if is_dataclass(node):
         simple, nested = [], []
         for f in fields(node):
-            if f.name == "span" or f.name == "text":
+            if not f.compare:  # spans and literal text: positions live in the source itself
                 continue
             v = getattr(node, f.name)
             if isinstance(v, (str, int, bool, Fraction)) or v is None:

@@ -11,6 +11,7 @@ from fractions import Fraction
 
 import sympy as sp
 
+from .errors import Span
 from .ir import Graph
 from .ops import Shape, fmt_shape
 
@@ -30,6 +31,7 @@ class TensorSpec:
     role: str  # "param" (fast weight), "outer" (outer-learned constant), "token" (q/k/v), "gate"
     init: Init | None = None
     activation: str | None = None  # gates only
+    span: Span | None = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         extra = f" {self.activation}" if self.activation else ""
