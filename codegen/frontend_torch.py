@@ -141,15 +141,31 @@ class CompiledRuleModule:
         outers = {n: o.to(work) for n, o in outers.items()}
         state = {key: t.to(work) for key, t in state.items()}
         backend = self._resolve(backend)
+        qf, kf, vf, gates, start = self._with_history(qf, kf, vf, gates, state)
         if backend == "wy":
             y, new_state = self._wy(qf, kf, vf, gates, outers, state, sz, chunk)
         elif backend == "loop":
-            y, new_state = self.runtime.token_loop(qf, kf, vf, gates, outers, state, sz, 1)
+            y, new_state = self.runtime.token_loop(qf, kf, vf, gates, outers, state, sz, 1, start)
         elif backend == "anchored_loop":
-            y, new_state = self.runtime.token_loop(qf, kf, vf, gates, outers, state, sz, chunk)
+            y, new_state = self.runtime.token_loop(qf, kf, vf, gates, outers, state, sz, chunk, start)
         else:
-            y, new_state = self.runtime.chunkwise(qf, kf, vf, gates, outers, state, sz, chunk)
+            y, new_state = self.runtime.chunkwise(qf, kf, vf, gates, outers, state, sz, chunk, start)
+        if self.spec["window"] > 1:  # the last c - 1 tokens: the next call's windows reach into them
+            keep = self.spec["window"] - 1
+            new_state.update({"hist.k": kf[:, :, -keep:], "hist.v": vf[:, :, -keep:]})
+            new_state.update({f"hist.{n}": g[:, :, -keep:] for n, g in gates.items()})
         return y.transpose(1, 2).to(q.dtype), new_state
+
+    def _with_history(self, q, k, v, gates, state):
+        """Prepend the previous call's last tokens (Omega windows reach c - 1 tokens back)."""
+        if "hist.k" not in state:
+            return q, k, v, gates, 0
+        hk, hv = state["hist.k"], state["hist.v"]
+        m = hk.shape[2]
+        q = torch.cat([q.new_zeros(*q.shape[:2], m, q.shape[-1]), q], dim=2)
+        k, v = torch.cat([hk, k], dim=2), torch.cat([hv, v], dim=2)
+        gates = {n: torch.cat([state[f"hist.{n}"], g], dim=2) for n, g in gates.items()}
+        return q, k, v, gates, m
 
     def _resolve(self, backend):
         if backend not in self.BACKENDS:
@@ -181,9 +197,6 @@ class CompiledRuleModule:
 
     def step(self, q, k, v, gates=None, state=None, params=None, sizes=None):
         """One token of exact decoding: q, k, v [B, H, D]; gates [B, H] or [B, H, n]."""
-        if self.spec["window"] > 1:
-            raise ValueError("step() with an Omega window needs the window history: call the rule on "
-                             "the sequence with backend='loop' instead")
         g1 = {n: t.unsqueeze(1) for n, t in (gates or {}).items()}
         y, state = self(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), g1, params, state, chunk=1,
                         backend="loop", sizes=sizes)

@@ -34,10 +34,11 @@ def newton_schulz(x, steps):
     return x.mT if tall else x
 
 
-def segments(T, chunk, lag):
-    """Anchor segments [start, end). Memora's lag token splits each chunk into [1, chunk - 1]."""
+def segments(T, chunk, lag, start=0):
+    """Anchor segments [s, e) of positions start..T-1 (earlier positions are window history only).
+    Memora's lag token splits each chunk into [1, chunk - 1]."""
     out = []
-    for s in range(0, T, chunk):
+    for s in range(start, T, chunk):
         e = min(s + chunk, T)
         if lag and e - s > 1:
             out += [(s, s + 1), (s + 1, e)]
@@ -67,12 +68,12 @@ class Runtime:
         self.params = list(spec["params"])
 
     # ---- values at positions -------------------------------------------------------------------
-    def hyper_values(self, gates, outers, sz, T, chunk, like):
+    def hyper_values(self, gates, outers, sz, T, chunk, like, start=0):
         """Every hyper-parameter at every position: [B, H, T, ch] (ch = 1 for scalars)."""
         B, H = like.shape[:2]
         env = {n: g for n, g in gates.items()}
         env.update({n: o.reshape(1, H, 1, *o.shape[1:]) for n, o in outers.items()})
-        pos = (torch.arange(T, device=like.device) % chunk + 1).to(like.dtype)
+        pos = ((torch.arange(T, device=like.device) - start) % chunk + 1).to(like.dtype)
         env["pos"] = pos.reshape(1, 1, T)
         out = {}
         for name, value in self.hyper_fn(env, sz).items():
@@ -133,10 +134,10 @@ class Runtime:
         return keep, rate
 
     # ---- the token loop: exact (chunk = 1) and the anchored oracle (chunk = C) -------------------
-    def token_loop(self, q, k, v, gates, outers, state, sz, chunk):
+    def token_loop(self, q, k, v, gates, outers, state, sz, chunk, start=0):
         spec = self.spec
         T = q.shape[2]
-        hyp = self.hyper_values(gates, outers, sz, T, chunk, q)
+        hyp = self.hyper_values(gates, outers, sz, T, chunk, q, start)
         keep, rate = self.keep_rate(hyp)
         lr = hyp[spec["lr"]]
         mu = hyp[spec["decay"]] if spec["decay"] else None
@@ -145,9 +146,9 @@ class Runtime:
         A = {p: state[f"A.{p}"] for p in self.params}
         S = {p: state[f"S.{p}"] for p in self.params} if spec["optim"] != "gd" else {}
         init = {p: state[f"init.{p}"] for p in self.params} if rate is not None else {}
-        starts = {s for s, _ in segments(T, chunk, spec["lag"])}
+        starts = {s for s, _ in segments(T, chunk, spec["lag"], start)}
         ys = []
-        for t in range(T):
+        for t in range(start, T):
             if t in starts:
                 anchor = {p: self.project(A[p], p, self.threshold(hyp, p)) for p in self.params}
                 base = dict(A)
@@ -219,10 +220,10 @@ class Runtime:
             return torch.einsum("bhijm,bhjmk->bhimk", coef, x)
         return torch.einsum("bhijk,bhjmk->bhimk", coef, x)
 
-    def chunkwise(self, q, k, v, gates, outers, state, sz, chunk):
+    def chunkwise(self, q, k, v, gates, outers, state, sz, chunk, start=0):
         spec = self.spec
         T = q.shape[2]
-        hyp = self.hyper_values(gates, outers, sz, T, chunk, q)
+        hyp = self.hyper_values(gates, outers, sz, T, chunk, q, start)
         keep, rate = self.keep_rate(hyp)
         lr_all = hyp[spec["lr"]]
         c, weight = spec["window"], spec["window_weight"]
@@ -230,7 +231,7 @@ class Runtime:
         S = {p: state[f"S.{p}"] for p in self.params} if spec["optim"] != "gd" else {}
         init = {p: state[f"init.{p}"] for p in self.params} if rate is not None else {}
         ys = []
-        for s, e in segments(T, chunk, spec["lag"]):
+        for s, e in segments(T, chunk, spec["lag"], start):
             n = e - s
             lo = max(0, s - c + 1)
             sl = slice(s, e)

@@ -8,6 +8,7 @@ entry is detected by its checksum line and rebuilt) and in memory per process.
 from __future__ import annotations
 
 import builtins
+import functools
 import hashlib
 import os
 import tempfile
@@ -29,8 +30,20 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+@functools.cache
+def _compiler_fingerprint() -> str:
+    """A hash of memdsl's own code: a new compiler never reuses an old compiler's cache entries."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256(__version__.encode())
+    for folder in ("memdsl", "codegen", "grammar"):
+        for f in sorted((root / folder).glob("*.*")):
+            if f.suffix in (".py", ".lark"):
+                h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
 def _key(source: str, schedule: dict) -> str:
-    text = f"{__version__}\n{sorted(schedule.items())!r}\n{source}"
+    text = f"{_compiler_fingerprint()}\n{sorted(schedule.items())!r}\n{source}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

@@ -31,14 +31,13 @@ def _clean(expr: sp.Expr) -> sp.Expr:
     return sp.factor_terms(sp.piecewise_fold(expr))
 
 
-def ewise(g: Graph, expr: sp.Expr, operands: list[int]) -> int:
+def ewise(g: Graph, expr: sp.Expr, operands: list[int], shape: tuple | None = None) -> int:
     """Add a fused elementwise node for `expr` over symbols x0..x{n-1} bound to `operands`.
 
     Unused operands are dropped and scalar constants are folded into the expression, so the
     printed node shows only what it reads.
     """
-    shapes = [g.node(o).shape for o in operands]
-    full = next((sh for sh in shapes if sh != ()), ())
+    full = shape if shape is not None else next((g.node(o).shape for o in operands if g.node(o).shape), ())
     operands = [_unbroadcast(g, o, operands) for o in operands]
     syms = _symbols(len(operands))
     subs = {}
@@ -83,7 +82,7 @@ def _elementwise_vjp(g: Graph, nid: int, ct: int, wanted: list[bool]) -> list[in
         if d == 0:
             out.append(None)
             continue
-        grad = ewise(g, syms[-1] * d, [*operands, ct])
+        grad = ewise(g, syms[-1] * d, [*operands, ct], node.shape)
         if g.node(o).shape == () and node.shape != ():
             grad = g.add("sum", [grad])  # a scalar broadcast forward sums its cotangent back
         out.append(grad)

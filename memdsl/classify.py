@@ -122,8 +122,9 @@ def _add_delta_outputs(p: Program, expr: sp.Expr, leaves: list[int], y: sp.Symbo
     g = p.graph
     w = p.params[0].name
     to_x = {sp.Symbol(f"L{i}", real=True): sp.Symbol(f"x{i}", real=True) for i in range(len(leaves))}
-    g.outputs["wy.slope"] = ewise(g, slope.subs(to_x, simultaneous=True), leaves)
-    g.outputs["wy.offset"] = ewise(g, expr.subs(y, 0).subs(to_x, simultaneous=True), leaves)
+    g.outputs["wy.slope"] = ewise(g, slope.subs(to_x, simultaneous=True), leaves, ())
+    g.outputs["wy.offset"] = ewise(g, expr.subs(y, 0).subs(to_x, simultaneous=True), leaves,
+                                   g.node(g.outputs["read"]).shape)
     g.outputs["wy.key"] = g.operands(g.outputs[f"grad.{w}"])[1]
     g.outputs["wy.query"] = g.operands(g.outputs["read"])[1]
 

@@ -43,6 +43,42 @@ def _cmd_grad(args) -> str:
     return print_groups(p, gradient_groups(p))
 
 
+def _cmd_compile(args) -> str:
+    from .api import module_source
+    schedule = {k: v for k, v in {"chunk": args.chunk, "semantics": args.semantics}.items() if v is not None}
+    text, _ = module_source(args.file, **schedule)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+        return f"wrote {args.output} ({len(text.splitlines())} lines)"
+    return text
+
+
+def _cmd_check(args) -> str:
+    import torch
+
+    from .api import compile as compile_rule
+    from .checking import check_rule
+    rule = compile_rule(args.file, chunk=args.chunk)
+    dtype = {"fp64": torch.float64, "fp32": torch.float32}[args.dtype]
+    lines = [f"{rule.name}: algorithm {rule.algorithm}, chunk {rule.chunk}, {args.dtype}, T={args.T}, D={args.D}"]
+    worst = 0.0
+    for title, errs in check_rule(rule, chunk=args.chunk, T=args.T, D=args.D, dtype=dtype).items():
+        lines.append(f"\n{title}")
+        lines.append(f"  {'tensor':<22} {'max abs':>10} {'rel RMS':>10}")
+        for name, (mx, rr) in errs.items():
+            lines.append(f"  {name:<22} {mx:10.2e} {rr:10.2e}")
+            worst = max(worst, rr)
+    bound = 1e-10 if args.dtype == "fp64" else 1e-5
+    lines.append(f"\nworst relative RMS {worst:.2e} ({'ok' if worst <= bound else 'ABOVE'} bound {bound:.0e})")
+    return "\n".join(lines)
+
+
+def _cmd_bench(args) -> str:
+    from .bench_cpu import bench_backends
+    return bench_backends(args.file, B=args.B, T=args.T, H=args.H, D=args.D, chunk=args.chunk, repeat=args.repeat)
+
+
 def _cmd_passes(args) -> str:
     width = max(len(n) for n in PASS_NAMES)
     lines = ["parse".ljust(width) + "  text -> AST (grammar/memdsl.lark, LALR)"]
@@ -70,6 +106,31 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.set_defaults(run=_cmd_grad)
 
+    p = sub.add_parser("compile", help="write the standalone PyTorch module of a rule")
+    p.add_argument("file")
+    p.add_argument("-o", "--output", metavar="OUT.py", help="write here (default: print)")
+    p.add_argument("--chunk", type=int, help="override the schedule's chunk size")
+    p.add_argument("--semantics", choices=["exact", "anchored"], help="override the schedule's semantics")
+    p.set_defaults(run=_cmd_compile)
+
+    p = sub.add_parser("check", help="run every backend on random data; print errors per output and gradient")
+    p.add_argument("file")
+    p.add_argument("--chunk", type=int)
+    p.add_argument("--T", type=int, default=19, help="sequence length (default 19)")
+    p.add_argument("--D", type=int, default=5, help="head dimension (default 5)")
+    p.add_argument("--dtype", choices=["fp64", "fp32"], default="fp64")
+    p.set_defaults(run=_cmd_check)
+
+    p = sub.add_parser("bench", help="CPU timings of the backends (forward and forward+backward)")
+    p.add_argument("file")
+    p.add_argument("--chunk", type=int)
+    p.add_argument("--B", type=int, default=2)
+    p.add_argument("--T", type=int, default=256)
+    p.add_argument("--H", type=int, default=4)
+    p.add_argument("--D", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=3)
+    p.set_defaults(run=_cmd_bench)
+
     p = sub.add_parser("passes", help="list the compiler passes in order")
     p.set_defaults(run=_cmd_passes)
     return ap
@@ -82,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     except MemDSLError as err:
         print(err.render(), file=sys.stderr)
         return 2
-    except (FileNotFoundError, IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+    except (FileNotFoundError, IsADirectoryError, PermissionError, UnicodeDecodeError, ValueError) as err:
         print(f"memdsl: error: {err}", file=sys.stderr)
         return 2
     except Exception:  # a bug in memdsl, not in the rule: say so plainly

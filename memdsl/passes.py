@@ -134,7 +134,7 @@ def fuse_pass(p: Program) -> Program:
                 continue
             syms = {sp.Symbol(f"L{j}", real=True): sp.Symbol(f"x{j}", real=True) for j in range(len(leaves))}
             expr = expr.subs(syms, simultaneous=True)
-            mapping[nid] = ewise(new, expr, [mapping[leaf] for leaf in leaves])
+            mapping[nid] = ewise(new, expr, [mapping[leaf] for leaf in leaves], n.shape)
         else:
             mapping[nid] = new.add(n.op, [mapping[o] for o in old.operands(nid)], n.dtype, **dict(n.attrs))
     new.outputs = {k: mapping[v] for k, v in old.outputs.items()}

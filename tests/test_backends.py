@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import memdsl
+from memdsl.checking import make_inputs, run_with_grads
 from tests.conftest import RULE_IDS, RULES
 from tests.helpers import rel_rms
-from tests.rule_inputs import make_inputs, run_with_grads
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 # Sequence lengths: odd, more than one chunk, and short enough that the nonlinear rules' chaotic

@@ -1,0 +1,103 @@
+"""`MemoryLayer`: a compiled rule as a token mixer, with flash-linear-attention's call shape.
+
+x → q, k, v projections → short causal depthwise conv + SiLU → L2-normalised q, k → the rule
+(gates projected from x with the rule's activations; learned initial memory and outer constants)
+→ per-head RMS norm → output gate → output projection.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .api import CompiledRule, compile
+
+_ACTIVATIONS = {
+    "sigmoid": torch.sigmoid, "softplus": F.softplus, "exp": torch.exp, "identity": lambda x: x,
+    "tanh": torch.tanh, "silu": F.silu,
+}
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise 1-D convolution with a decoding cache of the last `size - 1` inputs."""
+
+    def __init__(self, channels: int, size: int = 4):
+        super().__init__()
+        self.size = size
+        self.conv = nn.Conv1d(channels, channels, size, groups=channels, padding=0, bias=False)
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: [B, T, C]; cache: [B, size - 1, C] (the inputs before x)
+        B, T, C = x.shape
+        if cache is None:
+            cache = x.new_zeros(B, self.size - 1, C)
+        full = torch.cat([cache, x], dim=1)
+        y = self.conv(full.transpose(1, 2)).transpose(1, 2)
+        return F.silu(y), full[:, -(self.size - 1):] if self.size > 1 else full[:, :0]
+
+
+class MemoryLayer(nn.Module):
+    """A test-time-memory token mixer built from a rule file (path, source or CompiledRule).
+
+    forward(hidden_states [B, T, d_model], attention_mask=None, past_key_values=None, use_cache=False)
+    returns (output [B, T, d_model], None, past_key_values) like flash-linear-attention layers.
+    The cache (a dict) carries the conv states and the memory state; decoding piece by piece gives
+    the full-sequence result whenever the pieces end on chunk boundaries (and always at chunk 1).
+    """
+
+    def __init__(self, rule: str | CompiledRule, d_model: int, n_heads: int, head_dim: int | None = None,
+                 conv_size: int = 4, chunk: int | None = None, output_gate: bool = True,
+                 norm_eps: float = 1e-5, layer_idx: int = 0):
+        super().__init__()
+        self.rule = rule if isinstance(rule, CompiledRule) else compile(rule)
+        self.d_model, self.n_heads = d_model, n_heads
+        self.head_dim = head_dim or d_model // n_heads
+        self.chunk, self.layer_idx = chunk, layer_idx
+        H, D = n_heads, self.head_dim
+        self.memory = self.rule.module_class()(H, D)
+        shapes = self.memory.shapes
+        self.dk, self.dv = shapes["k"][-1], shapes["v"][-1]
+        self.q_proj = nn.Linear(d_model, H * shapes["q"][-1], bias=False)
+        self.k_proj = nn.Linear(d_model, H * self.dk, bias=False)
+        self.v_proj = nn.Linear(d_model, H * self.dv, bias=False)
+        self.convs = nn.ModuleDict({n: ShortConv(H * shapes[n][-1], conv_size) for n in ("q", "k", "v")})
+        self.gate_proj = nn.ModuleDict()
+        self.gate_act = {}
+        for name, info in self.rule.spec["gates"].items():
+            width = shapes[name][0] if info["channels"] else 1
+            self.gate_proj[name] = nn.Linear(d_model, H * width, bias=True)
+            self.gate_act[name] = _ACTIVATIONS[info["activation"]]
+        self.out_norm = nn.RMSNorm(self.dv, eps=norm_eps)
+        self.g_proj = nn.Linear(d_model, H * self.dv, bias=False) if output_gate else None
+        self.o_proj = nn.Linear(H * self.dv, d_model, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past_key_values: dict | None = None, use_cache: bool = False, **kwargs):
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("MemoryLayer does not support padding masks; pass unpadded sequences")
+        B, T, _ = hidden_states.shape
+        H = self.n_heads
+        cache = (past_key_values or {}).get(self.layer_idx) if past_key_values is not None else None
+        x = hidden_states
+        new_conv = {}
+        proj = {"q": self.q_proj(x), "k": self.k_proj(x), "v": self.v_proj(x)}
+        for n in ("q", "k", "v"):
+            proj[n], new_conv[n] = self.convs[n](proj[n], None if cache is None else cache["conv"][n])
+        q = F.normalize(proj["q"].view(B, T, H, -1), dim=-1)
+        k = F.normalize(proj["k"].view(B, T, H, -1), dim=-1)
+        v = proj["v"].view(B, T, H, -1)
+        gates = {}
+        for name, lin in self.gate_proj.items():
+            g = self.gate_act[name](lin(x).to(torch.promote_types(x.dtype, torch.float32)))
+            gates[name] = g.view(B, T, H) if not self.rule.spec["gates"][name]["channels"] else g.view(B, T, H, -1)
+        state = None if cache is None else cache["state"]
+        y, state = self.memory(q, k, v, gates, state=state, chunk=self.chunk)
+        y = self.out_norm(y.to(x.dtype))
+        if self.g_proj is not None:
+            y = y * torch.sigmoid(self.g_proj(x).view(B, T, H, -1))
+        out = self.o_proj(y.reshape(B, T, -1))
+        if use_cache:
+            past_key_values = {} if past_key_values is None else past_key_values
+            past_key_values[self.layer_idx] = {"conv": new_conv, "state": state}
+        return out, None, past_key_values
