@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -14,3 +16,23 @@ def test_inspect_example_runs_and_checks_itself():
     assert res.returncode == 0, res.stderr
     assert res.stdout.rstrip().endswith("ok")
     assert "grad_loss = {" in res.stdout and "Piecewise" in res.stdout
+
+
+def test_custom_rule_example_checks_itself():
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "02_custom_rule.py")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.rstrip().endswith("ok")
+
+
+CORPUS = ROOT.parent / "shared" / "data" / "text" / "shakespeare.txt.gz"
+
+
+@pytest.mark.skipif(not CORPUS.exists(), reason="needs ../shared/data/text/shakespeare.txt.gz")
+@pytest.mark.parametrize("rule", ["titans", "gated_deltanet"])
+def test_tiny_lm_loss_falls(rule):
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "03_tiny_lm.py"), "--rule", f"rules/{rule}.mem",
+                          "--steps", "30", "--seq", "64", "--batch", "8", "--d-model", "32"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "validation loss" in res.stdout
