@@ -11,7 +11,7 @@ import torch
 
 
 class CompiledRuleModule:
-    BACKENDS = ("auto", "loop", "anchored_loop", "chunk", "wy")
+    BACKENDS = ("auto", "loop", "anchored_loop", "chunk", "materialized", "dual", "wy")
 
     def __init__(self, spec, fns):
         self.spec = spec
@@ -148,6 +148,8 @@ class CompiledRuleModule:
             y, new_state = self.runtime.token_loop(qf, kf, vf, gates, outers, state, sz, 1, start)
         elif backend == "anchored_loop":
             y, new_state = self.runtime.token_loop(qf, kf, vf, gates, outers, state, sz, chunk, start)
+        elif backend == "dual" or (backend == "chunk" and self.spec["dual"]):
+            y, new_state = chunk_dual(self.runtime, qf, kf, vf, gates, outers, state, sz, chunk, start)  # noqa: F821
         else:
             y, new_state = self.runtime.chunkwise(qf, kf, vf, gates, outers, state, sz, chunk, start)
         if self.spec["window"] > 1:  # the last c - 1 tokens: the next call's windows reach into them
@@ -170,6 +172,9 @@ class CompiledRuleModule:
     def _resolve(self, backend):
         if backend not in self.BACKENDS:
             raise ValueError(f"backend must be one of {self.BACKENDS}, got {backend!r}")
+        if backend == "dual" and not self.spec["dual"]:
+            raise ValueError(f"rule {self.spec['name']} has no dual form (a state projection, muon, or a "
+                             "gradient that is not a sum of outer products)")
         if backend == "wy" and self.spec["algorithm"] != "wy":
             raise ValueError(f"rule {self.spec['name']} is not a delta rule: no WY backend "
                              f"(its algorithm is {self.spec['algorithm']})")

@@ -104,6 +104,33 @@ def _init(t) -> list | None:
     return [t.init.kind, {k: float(v) for k, v in t.init.args}]
 
 
+def factor_outputs(p: Program) -> dict[str, int] | None:
+    """Expose each matrix param's gradient as rank-1 factors a b^T (graph outputs `factor.W.i.a/b`).
+
+    Returns {param: number of factor pairs}, or None when some gradient is not a sum of outer
+    products (then the dual form does not apply and the chunk program materialises weights)."""
+    g = p.graph
+    counts = {}
+    for t in p.params:
+        if len(t.shape) != 2:
+            continue
+        grad = g.outputs[f"grad.{t.name}"]
+        node = g.node(grad)
+        if node.op == "outer":
+            terms = [grad]
+        elif node.op == "ewise" and all(g.node(o).op == "outer" for o in g.operands(grad)) and \
+                node.attr("expr") == sum(sp.Symbol(f"x{i}", real=True) for i in range(len(g.operands(grad)))):
+            terms = list(g.operands(grad))
+        else:
+            return None
+        counts[t.name] = len(terms)
+        for i, term in enumerate(terms):
+            a, b = g.operands(term)
+            g.outputs[f"factor.{t.name}.{i}.a"] = a
+            g.outputs[f"factor.{t.name}.{i}.b"] = b
+    return counts
+
+
 def source_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -129,16 +156,26 @@ def generate(p: Program) -> str:
     parts.append(emit_function(g, "grads", grads, "d loss / d params at one anchor, per token"))
     parts.append(emit_function(g, "read", ["read"], "the read y = read(P(A), q), per token"))
     parts.append(emit_function(g, "hyper", hyper, "learning rates, decays, keeps and scales per token"))
+    factors = factor_outputs(p)
+    spec = spec_of(p)
+    spec["factors"] = factors
+    spec["dual"] = factors is not None and spec["projection"] is None and spec["optim"] in ("gd", "momentum")
+    if spec["dual"]:
+        names = [k for k in g.outputs if k.startswith("factor.")]
+        names += [f"grad.{t.name}" for t in p.params if len(t.shape) == 1]
+        parts.append(emit_function(g, "factors", names, "gradients as rank-1 factors (the dual form)"))
+    else:
+        parts.append("factors = None\n")
     if p.algorithm == "wy":
         parts.append(emit_function(g, "wy_terms", ["wy.slope", "wy.offset", "wy.key", "wy.query"],
                                    "delta-rule terms: dloss/dy = slope * y + offset; key and query vectors"))
     else:
         parts.append("wy_terms = None\n")
     parts.append(_sizes_and_shapes(p))
-    parts.append(f"SPEC = {spec_of(p)!r}\n")
+    parts.append(f"SPEC = {spec!r}\n")
     parts.append(
-        "_FNS = {'grads': grads, 'read': read, 'hyper': hyper, 'wy_terms': wy_terms, 'shapes': shapes, "
-        "'sizes': sizes}\n"
+        "_FNS = {'grads': grads, 'read': read, 'hyper': hyper, 'wy_terms': wy_terms, 'factors': factors, "
+        "'shapes': shapes, 'sizes': sizes}\n"
         "RULE = CompiledRuleModule(SPEC, _FNS)\n"
         "memory, init_state, step = RULE.__call__, RULE.init_state, RULE.step\n\n\n"
         "class Memory(MemoryModule):\n"

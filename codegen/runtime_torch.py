@@ -65,6 +65,7 @@ class Runtime:
         self.spec = spec
         self.grads_fn, self.read_fn, self.hyper_fn = fns["grads"], fns["read"], fns["hyper"]
         self.shapes_fn, self.sizes_fn = fns["shapes"], fns["sizes"]
+        self.factors_fn = fns.get("factors")
         self.params = list(spec["params"])
 
     # ---- values at positions -------------------------------------------------------------------
@@ -322,3 +323,138 @@ def wy_chunks(q, k, v_beta, beta, log_keep, S0, chunk):
         outs.append((Q * gam.exp().unsqueeze(-1)) @ S + ((Q @ K.mT) * Gam) @ Vn)
         S = gam[..., -1:].exp().unsqueeze(-1) * S + (K * (gam[..., -1:] - gam).exp().unsqueeze(-1)).mT @ Vn
     return torch.cat(outs, dim=2), S
+
+
+# ---- the dual form: chunk-affine weights that are never materialised per token ------------------
+
+class DualWeight:
+    """The n per-position weights of a chunk, W_i = sum_t coef_t[i] * M_t - sum_l K[i, l] a_l b_l^T,
+    kept as their parts (MATH.md §1.4, §3.4). `matvec` costs O(n m k + n L (m + k)) instead of the
+    O(n L m k) of materialising every W_i. coef_t: [B, H, n, ch]; M_t: [B, H, m, k]; K: [B, H, n, L, ch];
+    a: [B, H, L, m]; b: [B, H, L, k]; `axis` says which side a per-channel coefficient scales."""
+
+    def __init__(self, terms, K, a, b, axis):
+        self.terms, self.K, self.a, self.b, self.axis = terms, K, a, b, axis
+
+    def matvec(self, x):
+        out = 0
+        for coef, M in self.terms:
+            if coef.shape[-1] == 1:
+                out = out + coef * (x @ M.mT)
+            elif self.axis == "row":
+                out = out + coef * (x @ M.mT)
+            else:
+                out = out + (coef * x) @ M.mT
+        K = self.K
+        if K.shape[-1] == 1:
+            return out - (K[..., 0] * (x @ self.b.mT)) @ self.a
+        if self.axis == "row":
+            return out - torch.einsum("bhil,bhilm,bhlm->bhim", x @ self.b.mT, K, self.a)
+        return out - torch.einsum("bhilk,bhlk,bhik->bhil", K, self.b, x) @ self.a
+
+
+def _outer_sum(krow, a, b, axis):
+    """sum_l krow[l] a_l b_l^T with a per-channel krow aligned to rows or columns. krow: [B, H, L, ch]."""
+    if krow.shape[-1] == 1 or axis == "row":
+        return (a * krow).mT @ b
+    return a.mT @ (krow * b)
+
+
+def _terms_at(terms, i):
+    return [(c[:, :, i], M) for c, M in terms]
+
+
+def _combine(terms, align):
+    return sum(align(c) * M for c, M in terms)
+
+
+def chunk_dual(rt, q, k, v, gates, outers, state, sz, chunk, start=0):
+    """The anchored chunk program in dual form (gd or momentum, no state projection)."""
+    spec = rt.spec
+    T = q.shape[2]
+    hyp = rt.hyper_values(gates, outers, sz, T, chunk, q, start)
+    keep, rate = rt.keep_rate(hyp)
+    c, weight = spec["window"], spec["window_weight"]
+    mats = [p for p in rt.params if len(spec["params"][p]["shape_rank"]) == 2]
+    A = {p: state[f"A.{p}"] for p in rt.params}
+    S = {p: state[f"S.{p}"] for p in rt.params} if spec["optim"] == "momentum" else {}
+    init = {p: state[f"init.{p}"] for p in rt.params} if rate is not None else {}
+    ys = []
+    for s, e in segments(T, chunk, spec["lag"], start):
+        n, lo = e - s, max(0, s - c + 1)
+        sl = slice(s, e)
+        lr = hyp[spec["lr"]][:, :, sl]
+        log_keep = _safe_log(keep[:, :, sl]) if keep is not None else torch.zeros_like(lr[..., :1])
+        D, abar = _log_ratio(log_keep)
+        env = rt.token_env(k, v, q, gates, outers, slice(lo, e))
+        for p in rt.params:
+            w = A[p].unsqueeze(2)
+            env[p] = rt.align(abar, p) * w if spec["grad_at_decayed"] else w
+        F = rt.factors_fn(env, sz)
+        tri = torch.ones(n, n, dtype=q.dtype, device=q.device).tril()
+        if spec["scale"] is not None:
+            Kc = hyp[spec["scale"]][:, :, sl].unsqueeze(3) * tri[None, None, :, :, None] * lr.unsqueeze(2)
+            tA = [(torch.ones_like(lr[..., :1]), None)]
+        elif spec["optim"] == "momentum":
+            Mmu, mbar = _log_ratio(_safe_log(hyp[spec["decay"]][:, :, sl]))
+            Kc = torch.einsum("bhilc,bhljc->bhijc", D, Mmu) * lr.unsqueeze(2)
+            Ks = Mmu * lr.unsqueeze(2)
+            f = torch.einsum("bhilc,bhlc->bhic", D, mbar)
+            tA = [(abar, None), (f, "S")]
+        else:
+            Kc = D * lr.unsqueeze(2)
+            tA = [(abar, None)]
+        if rate is not None:
+            tA.append((torch.einsum("bhijc,bhjc->bhic", D, rate[:, :, sl]), "init"))
+        if c > 1 or weight is not None:
+            cols = torch.arange(lo, e, device=q.device)
+            rows = torch.arange(s, e, device=q.device)
+            mix = ((cols[None, :] <= rows[:, None]) & (cols[None, :] > rows[:, None] - c)).to(q.dtype)
+            mix = mix.expand(*lr.shape[:2], n, e - lo)
+            if weight is not None:
+                mix = mix * gates[weight][:, :, lo:e].unsqueeze(2)
+            Kw = torch.einsum("bhijc,bhjl->bhilc", Kc, mix)
+            Ksw = torch.einsum("bhijc,bhjl->bhilc", Ks, mix) if S else None
+        else:
+            Kw, Ksw = Kc, (Ks if S else None)
+
+        def source(p, which):
+            return A[p] if which is None else S[p] if which == "S" else init[p]
+
+        if spec["read_order"] == "before":  # position i reads the state after i - 1 tokens
+            shift = [(torch.cat([torch.ones_like(cf[:, :, :1]) if w is None else torch.zeros_like(cf[:, :, :1]),
+                                 cf[:, :, :-1]], dim=2), w) for cf, w in tA]
+            Kr = torch.cat([torch.zeros_like(Kw[:, :, :1]), Kw[:, :, :-1]], dim=2)
+        else:
+            shift, Kr = tA, Kw
+        newA, newS = {}, {}
+        for p in rt.params:
+            axis = spec["params"][p]["channel_axis"]
+            terms = [(cf, source(p, w)) for cf, w in shift]
+            last = [(cf[:, :, -1], source(p, w)) for cf, w in tA]
+            if p in mats:
+                pairs = [(F[f"factor.{p}.{i}.a"], F[f"factor.{p}.{i}.b"]) for i in range(spec["factors"][p])]
+                a = torch.cat([x.expand(*lr.shape[:2], e - lo, x.shape[-1]) for x, _ in pairs], dim=2)
+                b = torch.cat([x.expand(*lr.shape[:2], e - lo, x.shape[-1]) for _, x in pairs], dim=2)
+                reps = len(pairs)
+                env[p] = DualWeight(terms, Kr.repeat(1, 1, 1, reps, 1), a, b, axis)
+                newA[p] = _combine(last, lambda cf, p=p: rt.align(cf, p)) - _outer_sum(
+                    Kw[:, :, -1].repeat(1, 1, reps, 1), a, b, axis)
+                if S:
+                    newS[p] = rt.align(mbar[:, :, -1], p) * S[p] - _outer_sum(
+                        Ksw[:, :, -1].repeat(1, 1, reps, 1), a, b, axis)
+            else:
+                g = F[f"grad.{p}"]
+                rows = _combine([(cf, M.unsqueeze(2)) for cf, M in terms], lambda cf, p=p: rt.align(cf, p))
+                env[p] = rows - rt.coef_apply(Kr, g, p)
+                newA[p] = _combine(last, lambda cf, p=p: rt.align(cf, p)) - rt.coef_apply(Kw, g, p)[:, :, -1]
+                if S:
+                    newS[p] = rt.align(mbar[:, :, -1], p) * S[p] - rt.coef_apply(Ksw, g, p)[:, :, -1]
+        env.update(rt.token_env(k, v, q, gates, outers, sl))
+        ys.append(rt.read_fn(env, sz)["read"])
+        A = newA
+        S = newS if S else S
+    out = {f"A.{p}": A[p] for p in rt.params}
+    out.update({f"S.{p}": S[p] for p in S})
+    out.update({f"init.{p}": init[p] for p in init})
+    return torch.cat(ys, dim=2), out

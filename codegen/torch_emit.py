@@ -139,9 +139,9 @@ def _structural(node, args: list[str], ranks: list[int]) -> str:
     if op == "norm":
         return f"torch.linalg.vector_norm({args[0]}, dim=-1)"
     if op == "matvec":
-        return f"torch.einsum('...mn,...n->...m', {args[0]}, {args[1]})"
+        return f"_mv({args[0]}, {args[1]})"
     if op == "matvec_t":
-        return f"torch.einsum('...mn,...m->...n', {args[0]}, {args[1]})"
+        return f"_mv_t({args[0]}, {args[1]})"
     if op == "outer":
         return f"{args[0]}.unsqueeze(-1) * {args[1]}.unsqueeze(-2)"
     if op == "broadcast":
@@ -163,6 +163,22 @@ def _structural(node, args: list[str], ranks: list[int]) -> str:
 
 
 PRELUDE = '''
+def _mv(w, x):
+    """W @ x per token. W is a tensor [..., m, n] or a chunk-affine DualWeight (the dual form)."""
+    if not isinstance(w, torch.Tensor):
+        return w.matvec(x)
+    if w.dim() == x.dim() + 1 and x.dim() >= 2 and w.shape[-3] == 1 and x.shape[-2] != 1:
+        return x @ w.squeeze(-3).mT  # one W for a whole chunk of tokens: a single matmul
+    return torch.einsum("...mn,...n->...m", w, x)
+
+
+def _mv_t(w, g):
+    """W^T @ g per token."""
+    if w.dim() == g.dim() + 1 and g.dim() >= 2 and w.shape[-3] == 1 and g.shape[-2] != 1:
+        return g @ w.squeeze(-3)
+    return torch.einsum("...mn,...m->...n", w, g)
+
+
 def _cat_last(parts):
     """Concatenate per-token vectors whose leading (batch) axes broadcast."""
     parts = [torch.as_tensor(p) for p in parts]

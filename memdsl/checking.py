@@ -15,13 +15,13 @@ def make_inputs(rule, B=2, T=13, H=2, D=3, dtype=torch.float64, seed=0, low=0.05
     def rnd(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
-    q, k, v = rnd(B, T, H, D), rnd(B, T, H, D), rnd(B, T, H, D)
+    shapes = rule.impl.fns["shapes"](rule.impl.sizes(sizes={"d": D}))
+    q, k, v = (rnd(B, T, H, shapes[n][-1]) for n in ("q", "k", "v"))
     q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
     gates = {}
     for name, info in rule.spec["gates"].items():
-        shape = (B, T, H, D) if info["channels"] else (B, T, H)
+        shape = (B, T, H, *shapes[name])
         gates[name] = low + (high - low) * torch.rand(*shape, generator=gen, dtype=torch.float64)
-    shapes = rule.impl.fns["shapes"](rule.impl.sizes(k=k, v=v, q=q))
     params = {}
     for name in rule.spec["outers"]:
         params[name] = 1.0 + 0.1 * rnd(H, *shapes[name])

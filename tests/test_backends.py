@@ -106,3 +106,47 @@ def test_chunk_size_is_semantic_for_anchored_rules(path):
         assert rel_rms(y2, y8) < 1e-10
     else:
         assert rel_rms(y2, y8) > 1e-8
+
+
+@pytest.mark.parametrize("path", [p for p in RULES if memdsl.compile(str(p)).spec["dual"]],
+                         ids=[p.stem for p in RULES if memdsl.compile(str(p)).spec["dual"]])
+def test_dual_form_equals_materialized_chunk_program(path):
+    rule = memdsl.compile(str(path))
+    tok, gates, params = make_inputs(rule, T=LENGTH[4], D=3)
+    ref = run_with_grads(rule, tok, gates, params, backend="materialized", chunk=4)
+    got = run_with_grads(rule, tok, gates, params, backend="dual", chunk=4)
+    compare(got, ref, TOL[torch.float64], "dual vs materialized")
+
+
+def _variant(name: str, old: str, new: str) -> str:
+    text = (RULES[0].parent / f"{name}.mem").read_text()
+    assert old in text, (name, old)
+    return text.replace(old, new)
+
+
+VARIANTS = {
+    "read_before": _variant("titans", "read M(q)", "read M(q) before"),
+    "read_before_window": _variant("omeganet", "read M(phi(q))", "read M(phi(q)) before"),
+    "l2_retention": _variant("titans_linear", "retain decay(1 - alpha)", "retain l2(rate = alpha)"),
+    "l2_and_decay": _variant("titans", "retain decay(1 - alpha)", "retain decay(1 - eta), l2(rate = alpha)"),
+    "elastic": _variant("titans_linear", "retain decay(1 - alpha)", "retain elastic(1 - alpha, threshold = 0.01)")
+    .replace("momentum(lr = theta, decay = eta)", "gd(lr = theta)"),
+    "channel_momentum": _variant("titans_linear", "gate eta   : scalar sigmoid", "gate eta   : [d] sigmoid"),
+    "channel_lr_cols": _variant("deltanet", "param W : [d, d]", "input v : [2*d]\n  param W : [2*d, d]")
+    .replace("gate beta : scalar sigmoid", "gate beta : [d] sigmoid"),
+    "muon_window": _variant("atlas", "window 4 weight gamma", "window 2"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variants_anchored_loop_equals_chunk_program(name):
+    rule = memdsl.compile(VARIANTS[name])
+    for chunk, T in ((1, 7), (4, LENGTH[4])):
+        tok, gates, params = make_inputs(rule, T=T, D=3)
+        ref = run_with_grads(rule, tok, gates, params, backend="anchored_loop", chunk=chunk)
+        for backend in ("chunk", "materialized"):
+            got = run_with_grads(rule, tok, gates, params, backend=backend, chunk=chunk)
+            compare(got, ref, TOL[torch.float64], f"{name} {backend} C={chunk}")
+        if chunk == 1:
+            exact = run_with_grads(rule, tok, gates, params, backend="loop")
+            compare(ref, exact, TOL[torch.float64], f"{name} exact")
