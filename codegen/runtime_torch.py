@@ -418,8 +418,7 @@ def chunk_dual(rt, q, k, v, gates, outers, state, sz, chunk, start=0):
         else:
             Kw, Ksw = Kc, (Ks if S else None)
 
-        def source(p, which):
-            return A[p] if which is None else S[p] if which == "S" else init[p]
+        sources = {None: A, "S": S, "init": init}
 
         if spec["read_order"] == "before":  # position i reads the state after i - 1 tokens
             shift = [(torch.cat([torch.ones_like(cf[:, :, :1]) if w is None else torch.zeros_like(cf[:, :, :1]),
@@ -430,8 +429,8 @@ def chunk_dual(rt, q, k, v, gates, outers, state, sz, chunk, start=0):
         newA, newS = {}, {}
         for p in rt.params:
             axis = spec["params"][p]["channel_axis"]
-            terms = [(cf, source(p, w)) for cf, w in shift]
-            last = [(cf[:, :, -1], source(p, w)) for cf, w in tA]
+            terms = [(cf, sources[w][p]) for cf, w in shift]
+            last = [(cf[:, :, -1], sources[w][p]) for cf, w in tA]
             if p in mats:
                 pairs = [(F[f"factor.{p}.{i}.a"], F[f"factor.{p}.{i}.b"]) for i in range(spec["factors"][p])]
                 a = torch.cat([x.expand(*lr.shape[:2], e - lo, x.shape[-1]) for x, _ in pairs], dim=2)

@@ -19,7 +19,7 @@ def make_inputs(rule, B=2, T=13, H=2, D=3, dtype=torch.float64, seed=0, low=0.05
     q, k, v = (rnd(B, T, H, shapes[n][-1]) for n in ("q", "k", "v"))
     q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
     gates = {}
-    for name, info in rule.spec["gates"].items():
+    for name in rule.spec["gates"]:
         shape = (B, T, H, *shapes[name])
         gates[name] = low + (high - low) * torch.rand(*shape, generator=gen, dtype=torch.float64)
     params = {}

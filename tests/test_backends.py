@@ -25,8 +25,10 @@ LENGTH = {1: 9, 2: 9, 4: 11, 16: 19, 64: 67}
 # fp32 bounds above 1e-5, each measured and explained: Newton–Schulz (atlas) multiplies the rounding
 # of its input by up to a^5 = 3.4445^5 ≈ 500 on small singular directions; moneta's lq projection
 # divides by a sum of fourth powers; memora's state is the logits of a row softmax, whose gradient
-# flows back through exp of those logits. Measured worst cases on these inputs: 1.2e-3, 3.4e-5, 1.1e-4.
-FP32_TOL = {"atlas": 2e-3, "moneta": 1e-4, "memora": 2e-4}
+# flows back through exp of those logits; yaad's LayerNorm of a small memory output is so conditioned
+# that the fp32 token loop itself is 1.4e-5 from the fp64 result (measured). Measured worst cases on
+# these inputs: 1.2e-3, 3.4e-5, 1.1e-4, 3e-5.
+FP32_TOL = {"atlas": 2e-3, "moneta": 1e-4, "memora": 2e-4, "yaad": 6e-5}
 
 
 def compare(a, b, tol, what):
