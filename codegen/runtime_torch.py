@@ -353,11 +353,26 @@ class DualWeight:
         return out - torch.einsum("bhilk,bhlk,bhik->bhil", K, self.b, x) @ self.a
 
 
-def _outer_sum(krow, a, b, axis):
-    """sum_l krow[l] a_l b_l^T with a per-channel krow aligned to rows or columns. krow: [B, H, L, ch]."""
+def _minus_outer_sum(base, krow, a, b, axis):
+    """base - sum_l krow[l] a_l b_l^T, fused into one batched GEMM (one pass over the state).
+    krow: [B, H, L, ch] with a per-channel krow aligned to rows or columns; base: [B, H, m, k]."""
+    lead = base.shape[:-2]
     if krow.shape[-1] == 1 or axis == "row":
-        return (a * krow).mT @ b
-    return a.mT @ (krow * b)
+        left, right = (a * krow).mT, b
+    else:
+        left, right = a.mT, krow * b
+    out = torch.baddbmm(base.reshape(-1, *base.shape[-2:]), left.reshape(-1, *left.shape[-2:]),
+                        right.reshape(-1, *right.shape[-2:]), alpha=-1)
+    return out.reshape(*lead, *out.shape[-2:])
+
+
+def _scaled_sum(terms, align):
+    """sum_t coef_t * M_t with as few passes over the state as possible."""
+    (c0, m0), *rest = terms
+    out = align(c0) * m0
+    for c, m in rest:
+        out = torch.addcmul(out, align(c), m)
+    return out
 
 
 def _terms_at(terms, i):
@@ -437,11 +452,11 @@ def chunk_dual(rt, q, k, v, gates, outers, state, sz, chunk, start=0):
                 b = torch.cat([x.expand(*lr.shape[:2], e - lo, x.shape[-1]) for _, x in pairs], dim=2)
                 reps = len(pairs)
                 env[p] = DualWeight(terms, Kr.repeat(1, 1, 1, reps, 1), a, b, axis)
-                newA[p] = _combine(last, lambda cf, p=p: rt.align(cf, p)) - _outer_sum(
-                    Kw[:, :, -1].repeat(1, 1, reps, 1), a, b, axis)
+                newA[p] = _minus_outer_sum(_scaled_sum(last, lambda cf, p=p: rt.align(cf, p)),
+                                           Kw[:, :, -1].repeat(1, 1, reps, 1), a, b, axis)
                 if S:
-                    newS[p] = rt.align(mbar[:, :, -1], p) * S[p] - _outer_sum(
-                        Ksw[:, :, -1].repeat(1, 1, reps, 1), a, b, axis)
+                    newS[p] = _minus_outer_sum(rt.align(mbar[:, :, -1], p) * S[p],
+                                               Ksw[:, :, -1].repeat(1, 1, reps, 1), a, b, axis)
             else:
                 g = F[f"grad.{p}"]
                 rows = _combine([(cf, M.unsqueeze(2)) for cf, M in terms], lambda cf, p=p: rt.align(cf, p))
