@@ -47,6 +47,67 @@ def segments(T, chunk, lag, start=0):
     return out
 
 
+class TimeSplit:
+    """A [B, H, T, ...] tensor cut once along time, indexed like `x[:, :, t]` or `x[:, :, lo:hi]`.
+
+    Slicing a tensor per chunk (or per token) makes autograd allocate a full-length zero gradient
+    for every slice: O(T^2 / C) memory traffic in the backward pass. Cutting once with
+    `torch.split` makes the backward a single concatenation."""
+
+    def __init__(self, x, cuts):
+        self.x = x
+        bounds = sorted({0, x.shape[2], *[c for c in cuts if 0 < c < x.shape[2]]})
+        self.starts = bounds[:-1]
+        self.pieces = torch.split(x, [b - a for a, b in zip(bounds[:-1], bounds[1:])], dim=2)
+
+    @property
+    def shape(self):
+        return self.x.shape
+
+    @property
+    def dtype(self):
+        return self.x.dtype
+
+    @property
+    def device(self):
+        return self.x.device
+
+    def __getitem__(self, key):
+        _, _, idx = key
+        if isinstance(idx, int):
+            i = _bisect(self.starts, idx)
+            return self.pieces[i][:, :, idx - self.starts[i]]
+        lo, hi = idx.start or 0, self.x.shape[2] if idx.stop is None else idx.stop
+        parts, i = [], _bisect(self.starts, lo)
+        while i < len(self.pieces) and self.starts[i] < hi:
+            a = self.starts[i]
+            piece = self.pieces[i]
+            b = a + piece.shape[2]
+            parts.append(piece if (lo <= a and b <= hi) else piece[:, :, max(lo, a) - a: min(hi, b) - a])
+            i += 1
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+def _bisect(starts, t):
+    lo, hi = 0, len(starts) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if starts[mid] <= t:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _split_all(rt, cuts, q, k, v, gates, hyp):
+    """Cut every time-indexed tensor once; returns them with the combined keep and l2 rate."""
+    keep, rate = rt.keep_rate(hyp)
+    hyp = {**hyp, "__keep": keep, "__rate": rate}
+    hyp = {n: TimeSplit(h, cuts) for n, h in hyp.items() if h is not None}
+    return (TimeSplit(q, cuts), TimeSplit(k, cuts), TimeSplit(v, cuts),
+            {n: TimeSplit(g, cuts) for n, g in gates.items()}, hyp, hyp.get("__keep"), hyp.get("__rate"))
+
+
 def _log_ratio(logx):
     """R[..., i, j] = exp(sum_{j < l <= i} logx_l) for j <= i, else 0. logx: [B, H, n, ch]."""
     cum = logx.cumsum(dim=2)
@@ -139,7 +200,7 @@ class Runtime:
         spec = self.spec
         T = q.shape[2]
         hyp = self.hyper_values(gates, outers, sz, T, chunk, q, start)
-        keep, rate = self.keep_rate(hyp)
+        q, k, v, gates, hyp, keep, rate = _split_all(self, range(T), q, k, v, gates, hyp)
         lr = hyp[spec["lr"]]
         mu = hyp[spec["decay"]] if spec["decay"] else None
         scale = hyp[spec["scale"]] if spec["scale"] else None
@@ -154,7 +215,7 @@ class Runtime:
                 anchor = {p: self.project(A[p], p, self.threshold(hyp, p)) for p in self.params}
                 base = dict(A)
                 acc = {p: torch.zeros_like(A[p]) for p in self.params}
-                cum_keep = torch.ones_like(hyp[spec["lr"]][:, :, 0])
+                cum_keep = torch.ones_like(hyp[spec["lr"]][:, :, t])
             if spec["grad_at_decayed"]:
                 cum_keep = cum_keep * keep[:, :, t]
             lo = max(0, t - c + 1)
@@ -225,14 +286,15 @@ class Runtime:
         spec = self.spec
         T = q.shape[2]
         hyp = self.hyper_values(gates, outers, sz, T, chunk, q, start)
-        keep, rate = self.keep_rate(hyp)
+        segs = segments(T, chunk, spec["lag"], start)
+        q, k, v, gates, hyp, keep, rate = _split_all(self, [s for s, _ in segs], q, k, v, gates, hyp)
         lr_all = hyp[spec["lr"]]
         c, weight = spec["window"], spec["window_weight"]
         A = {p: state[f"A.{p}"] for p in self.params}
         S = {p: state[f"S.{p}"] for p in self.params} if spec["optim"] != "gd" else {}
         init = {p: state[f"init.{p}"] for p in self.params} if rate is not None else {}
         ys = []
-        for s, e in segments(T, chunk, spec["lag"], start):
+        for s, e in segs:
             n = e - s
             lo = max(0, s - c + 1)
             sl = slice(s, e)
@@ -388,14 +450,15 @@ def chunk_dual(rt, q, k, v, gates, outers, state, sz, chunk, start=0):
     spec = rt.spec
     T = q.shape[2]
     hyp = rt.hyper_values(gates, outers, sz, T, chunk, q, start)
-    keep, rate = rt.keep_rate(hyp)
+    segs = segments(T, chunk, spec["lag"], start)
+    q, k, v, gates, hyp, keep, rate = _split_all(rt, [s for s, _ in segs], q, k, v, gates, hyp)
     c, weight = spec["window"], spec["window_weight"]
     mats = [p for p in rt.params if len(spec["params"][p]["shape_rank"]) == 2]
     A = {p: state[f"A.{p}"] for p in rt.params}
     S = {p: state[f"S.{p}"] for p in rt.params} if spec["optim"] == "momentum" else {}
     init = {p: state[f"init.{p}"] for p in rt.params} if rate is not None else {}
     ys = []
-    for s, e in segments(T, chunk, spec["lag"], start):
+    for s, e in segs:
         n, lo = e - s, max(0, s - c + 1)
         sl = slice(s, e)
         lr = hyp[spec["lr"]][:, :, sl]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import functools
 import hashlib
+import linecache
 import os
 import tempfile
 import threading
@@ -95,7 +96,9 @@ class CompiledRule:
         self.module_source = source_text
         self.key = key
         mod = types.ModuleType(f"memdsl_rule_{key}")
-        exec(builtins.compile(source_text, f"<memdsl rule {key}>", "exec"), mod.__dict__)
+        filename = f"<memdsl rule {key}>"
+        linecache.cache[filename] = (len(source_text), None, source_text.splitlines(True), filename)
+        exec(builtins.compile(source_text, filename, "exec"), mod.__dict__)
         self.module = mod
         self.spec = mod.SPEC
         self.impl = mod.RULE
