@@ -17,6 +17,7 @@ import argparse
 import datetime
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -46,6 +47,27 @@ def median_time(fn, repeat: int) -> tuple[float, float, float]:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), min(times), max(times)
+
+
+MEMORY_CAP = 18 << 30  # bytes; a candidate that needs more is reported as out of memory
+
+
+def guarded(fn, repeat: int) -> float | None:
+    """Median time, or None when the candidate runs out of the memory cap."""
+    try:
+        return median_time(fn, repeat)[0]
+    except (RuntimeError, MemoryError) as err:
+        if "alloc" not in str(err).lower() and not isinstance(err, MemoryError):
+            raise
+        return None
+
+
+def fmt(t: float | None) -> str:
+    return "out of memory" if t is None else f"{t * 1e3:.0f}"
+
+
+def ratio(t: float | None, base: float) -> str:
+    return "–" if t is None else f"{t / base:.1f}x"
 
 
 def matmul_rate(n: int = 2048, repeat: int = 5) -> float:
@@ -96,6 +118,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="append the table to this markdown file")
     args = ap.parse_args()
     B, T, H, D = args.B, args.T, args.H, args.D
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, resource.getrlimit(resource.RLIMIT_AS)[1]))
     peak = matmul_rate()
     rows = []
     for rule_name, depth in (("titans", 2), ("titans_linear", 1)):
@@ -124,26 +147,26 @@ def main() -> None:
             }
             times = {}
             for name, (fwd, train, rep) in cands.items():
-                times[name] = (median_time(fwd, rep)[0], median_time(train, rep)[0])
-                print(f"{rule_name} C={chunk} {name}: fwd {times[name][0] * 1e3:.0f} ms, "
-                      f"fwd+bwd {times[name][1] * 1e3:.0f} ms", file=sys.stderr, flush=True)
+                times[name] = (guarded(fwd, rep), guarded(train, rep))
+                print(f"{rule_name} C={chunk} {name}: fwd {fmt(times[name][0])} ms, "
+                      f"fwd+bwd {fmt(times[name][1])} ms", file=sys.stderr, flush=True)
             base = times["memdsl chunk"]
             for name, (f, fb) in times.items():
-                rows.append((rule_name, chunk, name, f, fb, f / base[0], fb / base[1],
+                rows.append((rule_name, chunk, name, f, fb, ratio(f, base[0]), ratio(fb, base[1]),
                              flops / base[0] / peak if name == "memdsl chunk" else None, err))
     header = ("| rule | C | candidate | fwd ms | fwd+bwd ms | fwd / memdsl | fwd+bwd / memdsl | "
               "memdsl fwd FLOP rate / fp32 matmul peak |\n|---|---|---|---|---|---|---|---|")
     lines = [header]
     for r in rows:
         util = f"{100 * r[7]:.0f}%" if r[7] is not None else ""
-        lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3] * 1e3:.0f} | {r[4] * 1e3:.0f} | {r[5]:.1f}x | "
-                     f"{r[6]:.1f}x | {util} |")
+        lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {fmt(r[3])} | {fmt(r[4])} | {r[5]} | {r[6]} | {util} |")
     cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True,
                          text=True).stdout.strip()
     meta = (f"\n### CPU, {datetime.date.today()} — {cpu or platform.processor()}, {os.cpu_count()} cores, "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads\n\n"
             f"Command: `python benchmarks/cpu.py --T {T} --repeat {args.repeat}` (B={B}, H={H}, d_head={D}, fp32, "
-            f"glibc allocator variables of BENCH.md set for every candidate). Measured fp32 matmul rate "
+            f"glibc allocator variables of BENCH.md set for every candidate; address space capped at "
+            f"{MEMORY_CAP >> 30} GiB so a peer that needs more is reported, not killed). Measured fp32 matmul rate "
             f"(2048³): {peak / 1e9:.1f} GFLOP/s. Before timing, memdsl's chunk program was checked against "
             f"its anchored token loop on the first 4 chunks (relative RMS ≤ 1e-4).\n\n")
     table = meta + "\n".join(lines) + "\n"
