@@ -58,7 +58,7 @@ class TimeSplit:
         self.x = x
         bounds = sorted({0, x.shape[2], *[c for c in cuts if 0 < c < x.shape[2]]})
         self.starts = bounds[:-1]
-        self.pieces = torch.split(x, [b - a for a, b in zip(bounds[:-1], bounds[1:])], dim=2)
+        self.pieces = torch.split(x, [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)], dim=2)
 
     @property
     def shape(self):

@@ -115,8 +115,20 @@ class CompiledRule:
     def chunk(self) -> int:
         return self.spec["chunk"]
 
-    def __call__(self, q, k, v, gates=None, params=None, state=None, **kw):
-        return self.impl(q, k, v, gates, params, state, **kw)
+    def __call__(self, q, k, v, gates=None, params=None, state=None, *, backend: str = "auto", **kw):
+        if backend == "triton" or (backend == "auto" and getattr(q, "is_cuda", False) and self.triton_reason() is None):
+            from codegen.triton_run import run_triton
+            if backend == "triton" and self.triton_reason() is not None:
+                raise ValueError(f"rule {self.name} has no Triton kernel yet: {self.triton_reason()}")
+            return run_triton(self, q, k, v, gates, params, state, kw.get("chunk"))
+        return self.impl(q, k, v, gates, params, state, backend=backend, **kw)
+
+    def triton_reason(self) -> str | None:
+        """None when the generated Triton kernels cover this rule; otherwise why not."""
+        if not hasattr(self, "_triton_reason"):
+            from codegen.triton_gen import supported
+            self._triton_reason = supported(load(self.module.RULE_SOURCE), self.spec)
+        return self._triton_reason
 
     def init_state(self, B: int, H: int, d: int | None = None, **kw):
         return self.impl.init_state(B, H, d, **kw)
