@@ -2,10 +2,9 @@
 # One prepared run for an H200 lent by the device tool: GPU tests, then GPU benchmarks.
 # Needs no network and stops itself in under 8 minutes. Results go to $OUT (default benchmarks/out/).
 #
-# Wheels travel in .whl/ (git-ignored): run benchmarks/fetch_wheels.sh first, here. lark is required
-# (the GPU image lacks it); flash-linear-attention and titans-pytorch are peers. See the device tool's README for the pip
-# download line, python 3.12, manylinux x86_64): flash-linear-attention, titans-pytorch and their
-# pure-Python needs. Without them the peer rows say so and everything else still runs.
+# Wheels travel in .whl/ (git-ignored): run benchmarks/fetch_wheels.sh here first. lark is required
+# (the GPU image lacks it); flash-linear-attention and titans-pytorch are peers: without them the
+# peer rows say so and everything else still runs.
 #
 # Call from the device tool:
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
