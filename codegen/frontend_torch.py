@@ -120,7 +120,8 @@ class CompiledRuleModule:
                     raise ValueError(f"state[`{key}`] must be {(B, H, *shapes[p])}, got {tuple(state[key].shape)}")
 
     # ---- calls ---------------------------------------------------------------------------------
-    def __call__(self, q, k, v, gates=None, params=None, state=None, *, chunk=None, backend="auto", sizes=None):
+    def __call__(self, q, k, v, gates=None, params=None, state=None, *, chunk=None, backend="auto", sizes=None,
+                 read_order=None):
         """y, state = rule(q, k, v, gates, params, state). Tensors [B, T, H, D]; y is [B, T, H, Dv]."""
         sz = self.sizes(k=k, v=v, q=q, sizes=sizes)
         shapes = self.fns["shapes"](sz)
@@ -129,29 +130,33 @@ class CompiledRuleModule:
         params = dict(params or {})
         gates = self._gates(gates, B, T, H, shapes, q.device)
         outers = self._outers(params, H, shapes, q.device)
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32  # bf16/fp16 compute in fp32
         if state is None:
-            state = self.init_state(B, H, sizes=sz, device=q.device, params=params)
+            state = self.init_state(B, H, sizes=sz, device=q.device, params=params, dtype=work)
         self._check_state(state, B, H, shapes)
         chunk = int(chunk or self.spec["chunk"])
         if chunk < 1:
             raise ValueError(f"chunk must be ≥ 1, got {chunk}")
-        work = torch.float64 if q.dtype == torch.float64 else torch.float32  # bf16/fp16 compute in fp32
         qf, kf, vf = (t.to(work).transpose(1, 2) for t in (q, k, v))
         gates = {n: g.to(work) for n, g in gates.items()}
         outers = {n: o.to(work) for n, o in outers.items()}
         state = {key: t.to(work) for key, t in state.items()}
         backend = self._resolve(backend)
+        if read_order not in (None, "after", "before", "chunk_start"):
+            raise ValueError(f"read_order must be 'after', 'before' or 'chunk_start', got {read_order!r}")
+        if read_order and backend == "wy":
+            backend = "chunk"
         qf, kf, vf, gates, start = self._with_history(qf, kf, vf, gates, state)
         if backend == "wy":
             y, new_state = self._wy(qf, kf, vf, gates, outers, state, sz, chunk)
         elif backend == "loop":
-            y, new_state = self.runtime.token_loop(qf, kf, vf, gates, outers, state, sz, 1, start)
+            y, new_state = self.runtime.token_loop(qf, kf, vf, gates, outers, state, sz, 1, start, read_order)
         elif backend == "anchored_loop":
-            y, new_state = self.runtime.token_loop(qf, kf, vf, gates, outers, state, sz, chunk, start)
-        elif backend == "dual" or (backend == "chunk" and self.spec["dual"]):
+            y, new_state = self.runtime.token_loop(qf, kf, vf, gates, outers, state, sz, chunk, start, read_order)
+        elif (backend == "dual" or (backend == "chunk" and self.spec["dual"])) and read_order in (None, "after"):
             y, new_state = chunk_dual(self.runtime, qf, kf, vf, gates, outers, state, sz, chunk, start)  # noqa: F821
         else:
-            y, new_state = self.runtime.chunkwise(qf, kf, vf, gates, outers, state, sz, chunk, start)
+            y, new_state = self.runtime.chunkwise(qf, kf, vf, gates, outers, state, sz, chunk, start, read_order)
         if self.spec["window"] > 1:  # the last c - 1 tokens: the next call's windows reach into them
             keep = self.spec["window"] - 1
             new_state.update({"hist.k": kf[:, :, -keep:], "hist.v": vf[:, :, -keep:]})

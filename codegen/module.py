@@ -95,6 +95,10 @@ def spec_of(p: Program) -> dict:
         "outers": {t.name: {"init": _init(t)} for t in p.outers},
         "size_from": size_from, "free_sizes": [n for n, v in p.dims.items() if v is None],
         "tokens": tokens,
+        "tnt": None if not p.schedule.is_tnt else {
+            "global_chunk": p.schedule.global_chunk,
+            "locals": [[loc.chunk, loc.reset] for loc in p.schedule.locals],
+            "qk_projection": p.schedule.qk_projection},
     }
 
 

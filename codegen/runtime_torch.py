@@ -196,8 +196,9 @@ class Runtime:
         return keep, rate
 
     # ---- the token loop: exact (chunk = 1) and the anchored oracle (chunk = C) -------------------
-    def token_loop(self, q, k, v, gates, outers, state, sz, chunk, start=0):
+    def token_loop(self, q, k, v, gates, outers, state, sz, chunk, start=0, read_order=None):
         spec = self.spec
+        read_order = read_order or spec["read_order"]
         T = q.shape[2]
         hyp = self.hyper_values(gates, outers, sz, T, chunk, q, start)
         q, k, v, gates, hyp, keep, rate = _split_all(self, range(T), q, k, v, gates, hyp)
@@ -226,10 +227,11 @@ class Runtime:
                     w = self.align(cum_keep, p) * w
                 env[p] = w.unsqueeze(2)
             grads = self.grads_fn(env, sz)
-            old = A if spec["read_order"] == "before" else None
-            if old is not None:
-                ys.append(self.read_at({p: self.project(A[p], p, self.threshold(hyp, p)) for p in self.params},
-                                       q, k, v, gates, outers, sz, slice(t, t + 1)))
+            old = A if read_order != "after" else None
+            if old is not None:  # before: the previous state; chunk_start: the segment's anchor (TNT's global read)
+                read_w = anchor if read_order == "chunk_start" else \
+                    {p: self.project(A[p], p, self.threshold(hyp, p)) for p in self.params}
+                ys.append(self.read_at(read_w, q, k, v, gates, outers, sz, slice(t, t + 1)))
             newA = {}
             for p in self.params:
                 g = grads[f"grad.{p}"]
@@ -282,8 +284,9 @@ class Runtime:
             return torch.einsum("bhijm,bhjmk->bhimk", coef, x)
         return torch.einsum("bhijk,bhjmk->bhimk", coef, x)
 
-    def chunkwise(self, q, k, v, gates, outers, state, sz, chunk, start=0):
+    def chunkwise(self, q, k, v, gates, outers, state, sz, chunk, start=0, read_order=None):
         spec = self.spec
+        read_order = read_order or spec["read_order"]
         T = q.shape[2]
         hyp = self.hyper_values(gates, outers, sz, T, chunk, q, start)
         segs = segments(T, chunk, spec["lag"], start)
@@ -345,9 +348,10 @@ class Runtime:
                     e_coef = torch.einsum("bhijc,bhjc->bhic", D, rate[:, :, sl])
                     Aall = Aall + self.align(e_coef, p) * init[p].unsqueeze(2)
                 newA[p] = Aall
-            if spec["read_order"] == "before":
-                prev = {p: torch.cat([A[p].unsqueeze(2), newA[p][:, :, :-1]], dim=2) for p in self.params}
-                read_w = prev
+            if read_order == "chunk_start":
+                read_w = {p: A[p].unsqueeze(2) for p in self.params}
+            elif read_order == "before":
+                read_w = {p: torch.cat([A[p].unsqueeze(2), newA[p][:, :, :-1]], dim=2) for p in self.params}
             else:
                 read_w = newA
             thr = {p: self.threshold(hyp, p) for p in self.params}

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .api import CompiledRule, compile
+from .tnt import TNTSchedule, tnt_forward
 
 _ACTIVATIONS = {
     "sigmoid": torch.sigmoid, "softplus": F.softplus, "exp": torch.exp, "identity": lambda x: x,
@@ -48,15 +49,22 @@ class MemoryLayer(nn.Module):
 
     def __init__(self, rule: str | CompiledRule, d_model: int, n_heads: int, head_dim: int | None = None,
                  conv_size: int = 4, chunk: int | None = None, output_gate: bool = True,
-                 norm_eps: float = 1e-5, layer_idx: int = 0):
+                 norm_eps: float = 1e-5, layer_idx: int = 0, tnt: TNTSchedule | None = None):
         super().__init__()
         self.rule = rule if isinstance(rule, CompiledRule) else compile(rule)
         self.d_model, self.n_heads = d_model, n_heads
         self.head_dim = head_dim or d_model // n_heads
         self.chunk, self.layer_idx = chunk, layer_idx
+        spec_tnt = self.rule.spec.get("tnt")
+        if tnt is None and spec_tnt is not None:  # the rule file's schedule block asks for a TNT hierarchy
+            tnt = TNTSchedule(spec_tnt["global_chunk"], tuple(map(tuple, spec_tnt["locals"])),
+                              spec_tnt["qk_projection"])
+        self.tnt = tnt
         H, D = n_heads, self.head_dim
-        self.memory = self.rule.module_class()(H, D)
-        shapes = self.memory.shapes
+        names = tnt.memories if tnt is not None else ["main"]
+        # one memory (initial state + outer constants) per memory of the hierarchy
+        self.memories = nn.ModuleDict({m: self.rule.module_class()(H, D) for m in names})
+        shapes = self.memories[names[0]].shapes
         self.dk, self.dv = shapes["k"][-1], shapes["v"][-1]
         self.q_proj = nn.Linear(d_model, H * shapes["q"][-1], bias=False)
         self.k_proj = nn.Linear(d_model, H * self.dk, bias=False)
@@ -64,10 +72,11 @@ class MemoryLayer(nn.Module):
         self.convs = nn.ModuleDict({n: ShortConv(H * shapes[n][-1], conv_size) for n in ("q", "k", "v")})
         self.gate_proj = nn.ModuleDict()
         self.gate_act = {}
-        for name, info in self.rule.spec["gates"].items():
-            width = shapes[name][0] if info["channels"] else 1
-            self.gate_proj[name] = nn.Linear(d_model, H * width, bias=True)
-            self.gate_act[name] = _ACTIVATIONS[info["activation"]]
+        for m in names:
+            for name, info in self.rule.spec["gates"].items():
+                width = shapes[name][0] if info["channels"] else 1
+                self.gate_proj[f"{m}__{name}"] = nn.Linear(d_model, H * width, bias=True)
+                self.gate_act[name] = _ACTIVATIONS[info["activation"]]
         self.out_norm = nn.RMSNorm(self.dv, eps=norm_eps)
         self.g_proj = nn.Linear(d_model, H * self.dv, bias=False) if output_gate else None
         self.o_proj = nn.Linear(H * self.dv, d_model, bias=False)
@@ -88,11 +97,21 @@ class MemoryLayer(nn.Module):
         k = F.normalize(proj["k"].view(B, T, H, -1), dim=-1)
         v = proj["v"].view(B, T, H, -1)
         gates = {}
-        for name, lin in self.gate_proj.items():
+        for key, lin in self.gate_proj.items():
+            memory, name = key.split("__", 1)
             g = self.gate_act[name](lin(x).to(torch.promote_types(x.dtype, torch.float32)))
-            gates[name] = g.view(B, T, H) if not self.rule.spec["gates"][name]["channels"] else g.view(B, T, H, -1)
-        state = None if cache is None else cache["state"]
-        y, state = self.memory(q, k, v, gates, state=state, chunk=self.chunk)
+            g = g.view(B, T, H) if not self.rule.spec["gates"][name]["channels"] else g.view(B, T, H, -1)
+            gates[name if self.tnt is None else f"{memory}.{name}"] = g
+        if self.tnt is not None:
+            if cache is not None or use_cache:
+                raise ValueError("decoding with a cache is not available for TNT layers yet: "
+                                 "run the full sequence (the locals reset every S_L tokens anyway)")
+            params = {f"{m}.{n}": p for m, mod in self.memories.items() for n, p in mod.params().items()}
+            y = tnt_forward(self.rule, [self.rule] * len(self.tnt.locals), q, k, v, gates, params, self.tnt)
+            state = None
+        else:
+            state = None if cache is None else cache["state"]
+            y, state = self.memories["main"](q, k, v, gates, state=state, chunk=self.chunk)
         y = self.out_norm(y.to(x.dtype))
         if self.g_proj is not None:
             y = y * torch.sigmoid(self.g_proj(x).view(B, T, H, -1))
@@ -101,3 +120,17 @@ class MemoryLayer(nn.Module):
             past_key_values = {} if past_key_values is None else past_key_values
             past_key_values[self.layer_idx] = {"conv": new_conv, "state": state}
         return out, None, past_key_values
+
+    @property
+    def memory(self):
+        """The memory of a single-memory layer."""
+        return self.memories["main"]
+
+    def local_modules(self):
+        """(name, module) of every part that belongs to a local memory of a TNT layer."""
+        for m, mod in self.memories.items():
+            if m.startswith("local"):
+                yield m, mod
+        for key, lin in self.gate_proj.items():
+            if key.startswith("local"):
+                yield key, lin
