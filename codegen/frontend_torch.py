@@ -153,8 +153,9 @@ class CompiledRuleModule:
             y, new_state = self.runtime.token_loop(qf, kf, vf, gates, outers, state, sz, 1, start, read_order)
         elif backend == "anchored_loop":
             y, new_state = self.runtime.token_loop(qf, kf, vf, gates, outers, state, sz, chunk, start, read_order)
-        elif (backend == "dual" or (backend == "chunk" and self.spec["dual"])) and read_order in (None, "after"):
-            y, new_state = chunk_dual(self.runtime, qf, kf, vf, gates, outers, state, sz, chunk, start)  # noqa: F821
+        elif backend == "dual" or (backend == "chunk" and self.spec["dual"]):
+            y, new_state = chunk_dual(self.runtime, qf, kf, vf, gates, outers, state, sz, chunk, start,  # noqa: F821
+                                      read_order)
         else:
             y, new_state = self.runtime.chunkwise(qf, kf, vf, gates, outers, state, sz, chunk, start, read_order)
         if self.spec["window"] > 1:  # the last c - 1 tokens: the next call's windows reach into them

@@ -324,6 +324,8 @@ class Runtime:
                 G = {p: U[f"grad.{p}"] for p in self.params}
             if spec["optim"] == "momentum" or spec["optim"] == "muon":
                 Mmu, mbar = _log_ratio(_safe_log(hyp[spec["decay"]][:, :, sl]))
+            if read_order == "chunk_start":  # reads use the chunk start: only the last row of A is needed
+                D, abar = D[:, :, -1:], abar[:, :, -1:]
             newA = {}
             for p in self.params:
                 if spec["optim"] == "muon":
@@ -331,6 +333,13 @@ class Runtime:
                     X = -self.align(lr, p) * newton_schulz(Sall, spec["ns_steps"])
                     S[p] = Sall[:, :, -1]
                     Aall = self.coef_apply(D, X, p)
+                elif spec["optim"] == "momentum" and read_order == "chunk_start":
+                    X = -self.align(lr, p) * G[p]  # closed forms of the last rows (MATH.md §1.4)
+                    Kl = torch.einsum("bhilc,bhljc->bhijc", D, Mmu)
+                    f = torch.einsum("bhilc,bhlc->bhic", D, mbar)
+                    Aall = self.coef_apply(Kl, X, p) + self.align(f, p) * S[p].unsqueeze(2)
+                    S[p] = self.align(mbar[:, :, -1:], p) * S[p].unsqueeze(2) + self.coef_apply(Mmu[:, :, -1:], X, p)
+                    S[p] = S[p][:, :, 0]
                 elif spec["optim"] == "momentum":
                     X = -self.align(lr, p) * G[p]
                     Sall = self.align(mbar, p) * S[p].unsqueeze(2) + self.coef_apply(Mmu, X, p)
@@ -340,7 +349,7 @@ class Runtime:
                     scale = hyp[spec["scale"]][:, :, sl]
                     tri = torch.ones(n, n, dtype=q.dtype, device=q.device).tril()
                     K = scale.unsqueeze(3) * tri[None, None, :, :, None] * lr.unsqueeze(2)
-                    Aall = -self.coef_apply(K, G[p], p)
+                    Aall = -self.coef_apply(K[:, :, -D.shape[2]:], G[p], p)
                 else:
                     Aall = -self.coef_apply(D * lr.unsqueeze(2), G[p], p)
                 Aall = Aall + self.align(abar, p) * A[p].unsqueeze(2)
@@ -350,6 +359,7 @@ class Runtime:
                 newA[p] = Aall
             if read_order == "chunk_start":
                 read_w = {p: A[p].unsqueeze(2) for p in self.params}
+                newA = {p: a[:, :, -1:] for p, a in newA.items()}
             elif read_order == "before":
                 read_w = {p: torch.cat([A[p].unsqueeze(2), newA[p][:, :, :-1]], dim=2) for p in self.params}
             else:
@@ -449,9 +459,10 @@ def _combine(terms, align):
     return sum(align(c) * M for c, M in terms)
 
 
-def chunk_dual(rt, q, k, v, gates, outers, state, sz, chunk, start=0):
+def chunk_dual(rt, q, k, v, gates, outers, state, sz, chunk, start=0, read_order=None):
     """The anchored chunk program in dual form (gd or momentum, no state projection)."""
     spec = rt.spec
+    read_order = read_order or spec["read_order"]
     T = q.shape[2]
     hyp = rt.hyper_values(gates, outers, sz, T, chunk, q, start)
     segs = segments(T, chunk, spec["lag"], start)
@@ -473,14 +484,17 @@ def chunk_dual(rt, q, k, v, gates, outers, state, sz, chunk, start=0):
             w = A[p].unsqueeze(2)
             env[p] = rt.align(abar, p) * w if spec["grad_at_decayed"] else w
         F = rt.factors_fn(env, sz)
-        tri = torch.ones(n, n, dtype=q.dtype, device=q.device).tril()
+        # with chunk-start reads only the last row of each coefficient matrix is needed: O(n^2), not n^3
+        rows = slice(-1, None) if read_order == "chunk_start" else slice(None)
+        D, abar = D[:, :, rows], abar[:, :, rows]
+        tri = torch.ones(n, n, dtype=q.dtype, device=q.device).tril()[rows]
         if spec["scale"] is not None:
-            Kc = hyp[spec["scale"]][:, :, sl].unsqueeze(3) * tri[None, None, :, :, None] * lr.unsqueeze(2)
-            tA = [(torch.ones_like(lr[..., :1]), None)]
+            Kc = hyp[spec["scale"]][:, :, sl][:, :, rows].unsqueeze(3) * tri[None, None, :, :, None] * lr.unsqueeze(2)
+            tA = [(torch.ones_like(abar), None)]
         elif spec["optim"] == "momentum":
             Mmu, mbar = _log_ratio(_safe_log(hyp[spec["decay"]][:, :, sl]))
             Kc = torch.einsum("bhilc,bhljc->bhijc", D, Mmu) * lr.unsqueeze(2)
-            Ks = Mmu * lr.unsqueeze(2)
+            Ks = Mmu[:, :, rows] * lr.unsqueeze(2)
             f = torch.einsum("bhilc,bhlc->bhic", D, mbar)
             tA = [(abar, None), (f, "S")]
         else:
@@ -502,7 +516,7 @@ def chunk_dual(rt, q, k, v, gates, outers, state, sz, chunk, start=0):
 
         sources = {None: A, "S": S, "init": init}
 
-        if spec["read_order"] == "before":  # position i reads the state after i - 1 tokens
+        if read_order == "before":  # position i reads the state after i - 1 tokens
             shift = [(torch.cat([torch.ones_like(cf[:, :, :1]) if w is None else torch.zeros_like(cf[:, :, :1]),
                                  cf[:, :, :-1]], dim=2), w) for cf, w in tA]
             Kr = torch.cat([torch.zeros_like(Kw[:, :, :1]), Kw[:, :, :-1]], dim=2)
@@ -532,6 +546,8 @@ def chunk_dual(rt, q, k, v, gates, outers, state, sz, chunk, start=0):
                 if S:
                     newS[p] = rt.align(mbar[:, :, -1], p) * S[p] - rt.coef_apply(Ksw, g, p)[:, :, -1]
         env.update(rt.token_env(k, v, q, gates, outers, sl))
+        if read_order == "chunk_start":  # TNT's global memory: every position reads the chunk-start state
+            env.update({p: A[p].unsqueeze(2) for p in rt.params})
         ys.append(rt.read_fn(env, sz)["read"])
         A = newA
         S = newS if S else S

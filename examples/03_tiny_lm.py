@@ -27,10 +27,10 @@ CORPUS = ROOT.parent / "shared" / "data" / "text" / "shakespeare.txt.gz"
 
 
 class Block(nn.Module):
-    def __init__(self, rule: str, d_model: int, heads: int, chunk: int | None, idx: int):
+    def __init__(self, rule: str, d_model: int, heads: int, chunk: int | None, idx: int, tnt=None):
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(d_model), nn.RMSNorm(d_model)
-        self.mixer = MemoryLayer(rule, d_model, heads, chunk=chunk, layer_idx=idx)
+        self.mixer = MemoryLayer(rule, d_model, heads, chunk=chunk, layer_idx=idx, tnt=tnt)
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
 
     def forward(self, x):
@@ -39,10 +39,11 @@ class Block(nn.Module):
 
 
 class TinyLM(nn.Module):
-    def __init__(self, rule: str, d_model: int = 64, layers: int = 2, heads: int = 4, chunk: int | None = None):
+    def __init__(self, rule: str, d_model: int = 64, layers: int = 2, heads: int = 4, chunk: int | None = None,
+                 tnt=None):
         super().__init__()
         self.embed = nn.Embedding(256, d_model)
-        self.blocks = nn.ModuleList(Block(rule, d_model, heads, chunk, i) for i in range(layers))
+        self.blocks = nn.ModuleList(Block(rule, d_model, heads, chunk, i, tnt) for i in range(layers))
         self.norm = nn.RMSNorm(d_model)
         self.head = nn.Linear(d_model, 256, bias=False)
 
@@ -75,13 +76,14 @@ def evaluate(model, data, batch, seq, gen, n=4) -> float:
 
 
 def train(rule: str, steps: int, minutes: float, batch: int, seq: int, d_model: int, layers: int, heads: int,
-          chunk: int | None, lr: float, seed: int, quiet: bool = False) -> dict:
+          chunk: int | None, lr: float, seed: int, quiet: bool = False, model: nn.Module | None = None,
+          tnt=None) -> dict:
     torch.manual_seed(seed)
     data = load_corpus()
     split = int(0.95 * len(data))
     train_data, val_data = data[:split], data[split:]
-    model = TinyLM(rule, d_model, layers, heads, chunk)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    model = model if model is not None else TinyLM(rule, d_model, layers, heads, chunk, tnt)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.1)
     gen = torch.Generator().manual_seed(seed)
     it = batches(train_data, batch, seq, gen)
     before = evaluate(model, val_data, batch, seq, torch.Generator().manual_seed(1))

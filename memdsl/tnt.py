@@ -147,7 +147,7 @@ def finetune_schedule(model: torch.nn.Module, local_chunks: list[int], freeze_ot
         for p in model.parameters():
             p.requires_grad_(False)
         for layer in layers:
-            for name, module in layer.local_modules():
+            for _, module in layer.local_modules():
                 for p in module.parameters():
                     p.requires_grad_(True)
     return len(layers)

@@ -36,3 +36,13 @@ def test_tiny_lm_loss_falls(rule):
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "validation loss" in res.stdout
+
+
+@pytest.mark.skipif(not CORPUS.exists(), reason="needs ../shared/data/text/shakespeare.txt.gz")
+def test_tnt_stage_two_example_runs():
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "04_tnt_stage_two.py"), "--steps", "20",
+                          "--stage2-steps", "5", "--seq", "64", "--batch", "8", "--d-model", "32", "--global-chunk",
+                          "32", "--reset", "32", "--local-chunk", "8", "--stage2-chunk", "2"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "stage 2" in res.stdout

@@ -70,3 +70,14 @@ def test_tnt_layer_refuses_a_decoding_cache():
     layer = MemoryLayer(TNT_RULE, d_model=8, n_heads=2)
     with pytest.raises(ValueError, match="TNT"):
         layer(torch.randn(1, 4, 8), use_cache=True)
+
+
+@pytest.mark.parametrize("name", ["titans", "moneta", "atlas", "ttt_linear", "memora"])
+@pytest.mark.parametrize("backend", ["chunk", "materialized"])
+def test_chunk_start_read_equals_anchored_loop(name, backend):
+    rule = memdsl.compile(f"rules/{name}.mem")
+    tok, gates, params = make_inputs(rule, T=19, D=3)
+    a, sa = rule(tok["q"], tok["k"], tok["v"], gates, params, chunk=8, backend="anchored_loop",
+                 read_order="chunk_start")
+    b, sb = rule(tok["q"], tok["k"], tok["v"], gates, params, chunk=8, backend=backend, read_order="chunk_start")
+    assert rel_rms(b, a) < 1e-10 and all(rel_rms(sb[k], sa[k]) < 1e-10 for k in sa)
