@@ -18,36 +18,22 @@ import datetime
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-MALLOC = {"MALLOC_MMAP_THRESHOLD_": "34359738368", "MALLOC_TRIM_THRESHOLD_": "68719476736",
-          "MALLOC_TOP_PAD_": "1073741824"}
 ROOT = Path(__file__).resolve().parent.parent
 
-if any(os.environ.get(k) != v for k, v in MALLOC.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC})
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import median_time, reexec_with_allocator_settings  # noqa: E402
+
+reexec_with_allocator_settings()
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-sys.path.insert(0, str(ROOT))
 import memdsl  # noqa: E402
 from memdsl.checking import make_inputs, rel_rms  # noqa: E402
-
-
-def median_time(fn, repeat: int) -> tuple[float, float, float]:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), max(times)
-
 
 MEMORY_CAP = 18 << 30  # bytes; a candidate that needs more is reported as out of memory
 

@@ -14,33 +14,24 @@ import argparse
 import datetime
 import os
 import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
-MALLOC = {"MALLOC_MMAP_THRESHOLD_": "34359738368", "MALLOC_TRIM_THRESHOLD_": "68719476736",
-          "MALLOC_TOP_PAD_": "1073741824"}
 ROOT = Path(__file__).resolve().parent.parent
-if any(os.environ.get(k) != v for k, v in MALLOC.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC})
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import median_time, reexec_with_allocator_settings  # noqa: E402
+
+reexec_with_allocator_settings()
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(ROOT))
 import memdsl  # noqa: E402
 from memdsl.checking import make_inputs  # noqa: E402
 from memdsl.tnt import TNTSchedule, tnt_forward  # noqa: E402
 
 
 def timed(fn, repeat):
-    fn()
-    out = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+    return median_time(fn, repeat)[0]
 
 
 def main() -> None:

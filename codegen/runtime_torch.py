@@ -284,13 +284,26 @@ class Runtime:
             return torch.einsum("bhijm,bhjmk->bhimk", coef, x)
         return torch.einsum("bhijk,bhjmk->bhimk", coef, x)
 
+    def prologue(self, q, k, v, gates, outers, sz, chunk, start):
+        """What every chunk program starts with: hyper-parameters, anchor segments, the time split."""
+        T = q.shape[2]
+        hyp = self.hyper_values(gates, outers, sz, T, chunk, q, start)
+        segs = segments(T, chunk, self.spec["lag"], start)
+        return (segs, *_split_all(self, [s for s, _ in segs], q, k, v, gates, hyp))
+
+    def window_mix(self, gates, lo, s, e, like):
+        """mix[i, l]: how much the gradient of window token lo + l counts for position s + i (banded)."""
+        c, weight = self.spec["window"], self.spec["window_weight"]
+        cols = torch.arange(lo, e, device=like.device)
+        rows = torch.arange(s, e, device=like.device)
+        mix = ((cols[None, :] <= rows[:, None]) & (cols[None, :] > rows[:, None] - c)).to(like.dtype)
+        mix = mix.expand(*like.shape[:2], e - s, e - lo)
+        return mix * gates[weight][:, :, lo:e].unsqueeze(2) if weight is not None else mix
+
     def chunkwise(self, q, k, v, gates, outers, state, sz, chunk, start=0, read_order=None):
         spec = self.spec
         read_order = read_order or spec["read_order"]
-        T = q.shape[2]
-        hyp = self.hyper_values(gates, outers, sz, T, chunk, q, start)
-        segs = segments(T, chunk, spec["lag"], start)
-        q, k, v, gates, hyp, keep, rate = _split_all(self, [s for s, _ in segs], q, k, v, gates, hyp)
+        segs, q, k, v, gates, hyp, keep, rate = self.prologue(q, k, v, gates, outers, sz, chunk, start)
         lr_all = hyp[spec["lr"]]
         c, weight = spec["window"], spec["window_weight"]
         A = {p: state[f"A.{p}"] for p in self.params}
@@ -313,12 +326,7 @@ class Runtime:
                 env[p] = w
             U = self.grads_fn(env, sz)
             if c > 1 or weight is not None:
-                cols = torch.arange(lo, e, device=q.device)
-                rows = torch.arange(s, e, device=q.device)
-                band = ((cols[None, :] <= rows[:, None]) & (cols[None, :] > rows[:, None] - c)).to(q.dtype)
-                mix = band.expand(*lr.shape[:2], n, e - lo)
-                if weight is not None:
-                    mix = mix * gates[weight][:, :, lo:e].unsqueeze(2)
+                mix = self.window_mix(gates, lo, s, e, lr)
                 G = {p: torch.einsum("bhjl,bhl...->bhj...", mix, U[f"grad.{p}"]) for p in self.params}
             else:
                 G = {p: U[f"grad.{p}"] for p in self.params}
@@ -463,10 +471,7 @@ def chunk_dual(rt, q, k, v, gates, outers, state, sz, chunk, start=0, read_order
     """The anchored chunk program in dual form (gd or momentum, no state projection)."""
     spec = rt.spec
     read_order = read_order or spec["read_order"]
-    T = q.shape[2]
-    hyp = rt.hyper_values(gates, outers, sz, T, chunk, q, start)
-    segs = segments(T, chunk, spec["lag"], start)
-    q, k, v, gates, hyp, keep, rate = _split_all(rt, [s for s, _ in segs], q, k, v, gates, hyp)
+    segs, q, k, v, gates, hyp, keep, rate = rt.prologue(q, k, v, gates, outers, sz, chunk, start)
     c, weight = spec["window"], spec["window_weight"]
     mats = [p for p in rt.params if len(spec["params"][p]["shape_rank"]) == 2]
     A = {p: state[f"A.{p}"] for p in rt.params}
@@ -503,12 +508,7 @@ def chunk_dual(rt, q, k, v, gates, outers, state, sz, chunk, start=0, read_order
         if rate is not None:
             tA.append((torch.einsum("bhijc,bhjc->bhic", D, rate[:, :, sl]), "init"))
         if c > 1 or weight is not None:
-            cols = torch.arange(lo, e, device=q.device)
-            rows = torch.arange(s, e, device=q.device)
-            mix = ((cols[None, :] <= rows[:, None]) & (cols[None, :] > rows[:, None] - c)).to(q.dtype)
-            mix = mix.expand(*lr.shape[:2], n, e - lo)
-            if weight is not None:
-                mix = mix * gates[weight][:, :, lo:e].unsqueeze(2)
+            mix = rt.window_mix(gates, lo, s, e, lr)
             Kw = torch.einsum("bhijc,bhjl->bhilc", Kc, mix)
             Ksw = torch.einsum("bhijc,bhjl->bhilc", Ks, mix) if S else None
         else:
