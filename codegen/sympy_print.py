@@ -19,8 +19,12 @@ _SAFE_NAME = re.compile(r"^x[0-9]+$")
 
 
 class _ArrayPrinter(StrPrinter):
+    """Shared by the target printers; each sets its namespace, function names and two spellings."""
+
     ns = "torch"
     functions: dict[str, str] = {}
+    POW = "torch.pow({base}, {exponent})"
+    WHERE = "torch.where({cond}, {a}, {b})"
 
     def _print(self, expr, **kwargs):
         if isinstance(expr, sp.Expr) and expr.is_number and not expr.is_Integer:
@@ -68,10 +72,7 @@ class _ArrayPrinter(StrPrinter):
         if e.is_Integer and 1 <= abs(int(e)) <= 4:
             prod = "*".join([b] * abs(int(e)))
             return f"({prod})" if e > 0 else f"(1.0 / ({prod}))"
-        return self._pow(b, self._print(e))
-
-    def _pow(self, base: str, exponent: str) -> str:
-        raise NotImplementedError
+        return self.POW.format(base=b, exponent=self._print(e))
 
     def _print_Relational(self, expr):
         return f"({self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)})"
@@ -98,7 +99,7 @@ class _ArrayPrinter(StrPrinter):
                                 (self._print(a) for a in expr.args))
 
     def _where(self, cond: str, a: str, b: str) -> str:
-        raise NotImplementedError
+        return self.WHERE.format(cond=cond, a=a, b=b)
 
 
 class TorchPrinter(_ArrayPrinter):
@@ -106,12 +107,6 @@ class TorchPrinter(_ArrayPrinter):
     functions = {"exp": "torch.exp", "log": "torch.log", "erf": "torch.erf", "tanh": "torch.tanh",
                  "sign": "torch.sign", "Abs": "torch.abs", "sqrt": "torch.sqrt", "max": "torch.maximum",
                  "min": "torch.minimum"}
-
-    def _pow(self, base, exponent):
-        return f"torch.pow({base}, {exponent})"
-
-    def _where(self, cond, a, b):
-        return f"torch.where({cond}, {a}, {b})"
 
     def _print_Piecewise(self, expr):
         return super()._print_Piecewise(expr).replace(", nan)", ", float('nan'))")
@@ -122,11 +117,8 @@ class TritonPrinter(_ArrayPrinter):
     functions = {"exp": "tl.exp", "log": "tl.log", "erf": "tl.math.erf", "tanh": "_tanh",
                  "sign": "_sign", "Abs": "tl.abs", "sqrt": "tl.sqrt", "max": "tl.maximum", "min": "tl.minimum"}
 
-    def _pow(self, base, exponent):
-        return f"tl.exp({exponent} * tl.log({base}))"
-
-    def _where(self, cond, a, b):
-        return f"tl.where({cond}, {a}, {b})"
+    POW = "tl.exp({exponent} * tl.log({base}))"
+    WHERE = "tl.where({cond}, {a}, {b})"
 
 
 def torch_code(expr: sp.Expr) -> str:

@@ -159,7 +159,7 @@ def _structural(node, args: list[str], ranks: list[int]) -> str:
         return f"{args[0]}.unflatten(-1, ({_size_expr(node.attr('rows'))}, {_size_expr(node.attr('cols'))}))"
     if op == "flatten":
         return f"{args[0]}.flatten(-2)"
-    raise NotImplementedError(f"no torch lowering for op {op}")
+    raise ValueError(f"op {op} is missing from the torch lowering (every op in memdsl/ops.py must be here)")
 
 
 PRELUDE = '''

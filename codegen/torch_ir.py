@@ -108,4 +108,4 @@ def _structural(graph: Graph, nid: int, node, ops, sizes):
         return ops[0].unflatten(-1, (size(node.attr("rows"), sizes), size(node.attr("cols"), sizes)))
     if op == "flatten":
         return ops[0].flatten(-2)
-    raise NotImplementedError(f"torch evaluation of op {op}")
+    raise ValueError(f"op {op} is missing from the torch lowering (every op in memdsl/ops.py must be here)")
