@@ -26,3 +26,11 @@ def median_time(fn, repeat: int) -> tuple[float, float, float]:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), min(times), max(times)
+
+
+def report(table: str, out: str | None) -> None:
+    """Print a results table last and, when asked, append it to a results file (RESULTS.md)."""
+    print(table)
+    if out:
+        with open(out, "a") as f:
+            f.write(table)

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import median_time, reexec_with_allocator_settings  # noqa: E402
+from benchmarks.common import median_time, reexec_with_allocator_settings, report  # noqa: E402
 
 reexec_with_allocator_settings()
 
@@ -156,10 +156,7 @@ def main() -> None:
             f"(2048³): {peak / 1e9:.1f} GFLOP/s. Before timing, memdsl's chunk program was checked against "
             f"its anchored token loop on the first 4 chunks (relative RMS ≤ 1e-4).\n\n")
     table = meta + "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(table)
+    report(table, args.out)
 
 
 if __name__ == "__main__":

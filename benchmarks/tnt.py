@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import median_time, reexec_with_allocator_settings  # noqa: E402
+from benchmarks.common import median_time, reexec_with_allocator_settings, report  # noqa: E402
 
 reexec_with_allocator_settings()
 
@@ -69,10 +69,7 @@ def main() -> None:
              "Q-K projection; single = chunk 16).\n\n"
              "| T | single memory, C=16 (s) | TNT (s) | speed-up |\n|---|---|---|---|\n"
              + "\n".join(f"| {T} | {a:.2f} | {b:.2f} | {a / b:.1f}x |" for T, a, b in rows) + "\n")
-    print(table)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(table)
+    report(table, args.out)
 
 
 if __name__ == "__main__":
