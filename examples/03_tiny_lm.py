@@ -20,38 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from memdsl.nn import MemoryLayer
+from memdsl.models import TinyLM
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "data" / "text" / "shakespeare.txt.gz"
-
-
-class Block(nn.Module):
-    def __init__(self, rule: str, d_model: int, heads: int, chunk: int | None, idx: int, tnt=None):
-        super().__init__()
-        self.norm1, self.norm2 = nn.RMSNorm(d_model), nn.RMSNorm(d_model)
-        self.mixer = MemoryLayer(rule, d_model, heads, chunk=chunk, layer_idx=idx, tnt=tnt)
-        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
-
-    def forward(self, x):
-        x = x + self.mixer(self.norm1(x))[0]
-        return x + self.mlp(self.norm2(x))
-
-
-class TinyLM(nn.Module):
-    def __init__(self, rule: str, d_model: int = 64, layers: int = 2, heads: int = 4, chunk: int | None = None,
-                 tnt=None):
-        super().__init__()
-        self.embed = nn.Embedding(256, d_model)
-        self.blocks = nn.ModuleList(Block(rule, d_model, heads, chunk, i, tnt) for i in range(layers))
-        self.norm = nn.RMSNorm(d_model)
-        self.head = nn.Linear(d_model, 256, bias=False)
-
-    def forward(self, tokens):
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x))
 
 
 def load_corpus(path: Path = CORPUS) -> torch.Tensor:

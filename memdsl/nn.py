@@ -45,6 +45,8 @@ class MemoryLayer(nn.Module):
     returns (output [B, T, d_model], None, past_key_values) like flash-linear-attention layers.
     The cache (a dict) carries the conv states and the memory state; decoding piece by piece gives
     the full-sequence result whenever the pieces end on chunk boundaries (and always at chunk 1).
+    A TNT layer carries only its global memory in the cache, so it takes one only with `tnt_segments=True`,
+    for segments that start on multiples of C_G and of every S_L (memdsl.distributed chains shards so).
     """
 
     def __init__(self, rule: str | CompiledRule, d_model: int, n_heads: int, head_dim: int | None = None,
@@ -82,7 +84,7 @@ class MemoryLayer(nn.Module):
         self.o_proj = nn.Linear(H * self.dv, d_model, bias=False)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                past_key_values: dict | None = None, use_cache: bool = False, **kwargs):
+                past_key_values: dict | None = None, use_cache: bool = False, tnt_segments: bool = False, **kwargs):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("MemoryLayer does not support padding masks; pass unpadded sequences")
         B, T, _ = hidden_states.shape
@@ -103,12 +105,13 @@ class MemoryLayer(nn.Module):
             g = g.view(B, T, H) if not self.rule.spec["gates"][name]["channels"] else g.view(B, T, H, -1)
             gates[name if self.tnt is None else f"{memory}.{name}"] = g
         if self.tnt is not None:
-            if cache is not None or use_cache:
+            if (cache is not None or use_cache) and not tnt_segments:
                 raise ValueError("decoding with a cache is not available for TNT layers yet: "
-                                 "run the full sequence (the locals reset every S_L tokens anyway)")
+                                 "run the full sequence (the locals reset every S_L tokens anyway), or pass "
+                                 "tnt_segments=True to chain segments that start on multiples of C_G and every S_L")
             params = {f"{m}.{n}": p for m, mod in self.memories.items() for n, p in mod.params().items()}
-            y = tnt_forward(self.rule, [self.rule] * len(self.tnt.locals), q, k, v, gates, params, self.tnt)
-            state = None
+            y, state = tnt_forward(self.rule, [self.rule] * len(self.tnt.locals), q, k, v, gates, params, self.tnt,
+                                   state=None if cache is None else cache["state"], return_state=True)
         else:
             state = None if cache is None else cache["state"]
             y, state = self.memories["main"](q, k, v, gates, state=state, chunk=self.chunk)

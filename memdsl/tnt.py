@@ -96,11 +96,25 @@ def qk_project_reference(q: torch.Tensor, k: torch.Tensor, reset: int) -> torch.
     return torch.stack(out, dim=1)
 
 
-def tnt_forward(global_rule, local_rules, q, k, v, gates, params, schedule: TNTSchedule, backend: str = "chunk"):
-    """The TNT hierarchy on [B, T, H, D] inputs; returns y [B, T, H, Dv]."""
+def tnt_forward(global_rule, local_rules, q, k, v, gates, params, schedule: TNTSchedule, backend: str = "chunk",
+                state: dict | None = None, return_state: bool = False):
+    """The TNT hierarchy on [B, T, H, D] inputs; returns y [B, T, H, Dv] (and the global memory's final state
+    with `return_state`). `state` starts the global memory from a previous segment: a sequence split into
+    segments that start on multiples of C_G and of every S_L gives the same result piece by piece, since
+    the locals restart at each segment (context parallelism relies on this)."""
+    y, new_state = global_rule(q, k, v, _gates_for(global_rule, gates, "global"),
+                               _params_for(global_rule, params, "global"), state,
+                               chunk=schedule.global_chunk, backend=backend, read_order="chunk_start")
+    y = y + tnt_locals(local_rules, q, k, v, gates, params, schedule, backend)
+    return (y, new_state) if return_state else y
+
+
+def tnt_locals(local_rules, q, k, v, gates, params, schedule: TNTSchedule,
+               backend: str = "chunk") -> torch.Tensor | int:
+    """The sum of the local memories' reads (0 without locals): independent of anything before the current
+    S_L-token shard."""
     B, T = q.shape[:2]
-    y, _ = global_rule(q, k, v, _gates_for(global_rule, gates, "global"), _params_for(global_rule, params, "global"),
-                       chunk=schedule.global_chunk, backend=backend, read_order="chunk_start")
+    y = 0
     for i, ((chunk, reset), rule) in enumerate(zip(schedule.locals, local_rules, strict=True)):
         name = f"local{i}"
         q_i = qk_project(q, k, reset, chunk) if schedule.qk_projection else q
