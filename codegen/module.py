@@ -87,7 +87,8 @@ def spec_of(p: Program) -> dict:
             size_from[shape[0].name] = n
     return {
         "name": p.name, "algorithm": p.algorithm, "chunk": p.schedule.chunk, "params": params,
-        "optim": p.optim.kind, "ns_steps": p.optim.ns_steps, "lr": p.optim.lr, "decay": p.optim.decay,
+        "optim": p.optim.kind, "ns_steps": p.optim.ns_steps,
+        "clip": None if p.optim.clip is None else float(p.optim.clip), "lr": p.optim.lr, "decay": p.optim.decay,
         "scale": p.optim.scale, "retain": retain, "projection": projection, "lq": lq, "threshold": threshold,
         "window": p.window, "window_weight": p.window_weight, "read_order": p.read_order,
         "lag": projection == "softmax", "grad_at_decayed": any(r.grad_at == "decayed" for r in p.retain),

@@ -14,6 +14,7 @@
 #   gd: delta = -lr g | momentum: S = mu S - lr g, delta = S | muon: S = mu S + g, delta = -lr NS(S)
 #   A_t     = keep_t * A_{t-1} + rate_t * (A_init - A_{t-1}) + delta      (scale: A_0 + s_i * sum delta)
 #   y_t     = read(P(A_t), q_t)        (P: identity, lq-normalise, row softmax, soft threshold)
+#   clip    : each token's loss gradient (per param, before the window sum) scaled to norm <= clip
 import math
 
 import torch
@@ -121,6 +122,12 @@ def _safe_log(x):
     return torch.log(x.clamp_min(1e-30))
 
 
+def clip_factor(sq, clip):
+    """min(1, clip / sqrt(sq)) from a squared norm. Clamping before the sqrt keeps the backward finite
+    at a zero gradient (d sqrt(0) = inf would otherwise meet a zero and give NaN)."""
+    return clip / sq.clamp_min(clip * clip).sqrt()
+
+
 class Runtime:
     def __init__(self, spec, fns):
         self.spec = spec
@@ -176,6 +183,15 @@ class Runtime:
         env.update({n: g[:, :, sl] for n, g in gates.items()})
         env.update({n: o.reshape(1, H, 1, *o.shape[1:]) for n, o in outers.items()})
         return env
+
+    def clip(self, g, param):
+        """A per-token gradient [..., n, *shape] scaled to Frobenius norm <= spec["clip"]."""
+        clip = self.spec.get("clip")
+        if clip is None:
+            return g
+        rank = len(self.spec["params"][param]["shape_rank"])
+        sq = g.pow(2).sum(dim=tuple(range(-rank, 0)), keepdim=True)
+        return g * clip_factor(sq, clip)
 
     def threshold(self, hyp, param):
         name = self.spec.get("threshold")
@@ -234,7 +250,7 @@ class Runtime:
                 ys.append(self.read_at(read_w, q, k, v, gates, outers, sz, slice(t, t + 1)))
             newA = {}
             for p in self.params:
-                g = grads[f"grad.{p}"]
+                g = self.clip(grads[f"grad.{p}"], p)
                 if weight is not None:
                     g = g * self.align(gates[weight][:, :, lo:t + 1].unsqueeze(-1), p)
                 g = g.sum(dim=2)
@@ -325,6 +341,7 @@ class Runtime:
                     w = self.align(abar, p) * w
                 env[p] = w
             U = self.grads_fn(env, sz)
+            U = {f"grad.{p}": self.clip(U[f"grad.{p}"], p) for p in self.params}
             if c > 1 or weight is not None:
                 mix = self.window_mix(gates, lo, s, e, lr)
                 G = {p: torch.einsum("bhjl,bhl...->bhj...", mix, U[f"grad.{p}"]) for p in self.params}
@@ -467,6 +484,26 @@ def _combine(terms, align):
     return sum(align(c) * M for c, M in terms)
 
 
+def _clip_factors(rt, F):
+    """Clip each token's gradient in factored form: |sum_i a_i b_i^T|^2 = sum_ij (a_i.a_j)(b_i.b_j),
+    and the per-token factor scales the a_i (the gradient is linear in them)."""
+    clip = rt.spec.get("clip")
+    if clip is None:
+        return F
+    F = dict(F)
+    for p in rt.params:
+        n = rt.spec["factors"].get(p) if len(rt.spec["params"][p]["shape_rank"]) == 2 else None
+        if n is None:
+            F[f"grad.{p}"] = rt.clip(F[f"grad.{p}"], p)
+            continue
+        a = [F[f"factor.{p}.{i}.a"] for i in range(n)]
+        b = [F[f"factor.{p}.{i}.b"] for i in range(n)]
+        sq = sum((a[i] * a[j]).sum(-1) * (b[i] * b[j]).sum(-1) for i in range(n) for j in range(n))
+        scale = clip_factor(sq, clip).unsqueeze(-1)
+        F.update({f"factor.{p}.{i}.a": a[i] * scale for i in range(n)})
+    return F
+
+
 def chunk_dual(rt, q, k, v, gates, outers, state, sz, chunk, start=0, read_order=None):
     """The anchored chunk program in dual form (gd or momentum, no state projection)."""
     spec = rt.spec
@@ -488,7 +525,7 @@ def chunk_dual(rt, q, k, v, gates, outers, state, sz, chunk, start=0, read_order
         for p in rt.params:
             w = A[p].unsqueeze(2)
             env[p] = rt.align(abar, p) * w if spec["grad_at_decayed"] else w
-        F = rt.factors_fn(env, sz)
+        F = _clip_factors(rt, rt.factors_fn(env, sz))
         # with chunk-start reads only the last row of each coefficient matrix is needed: O(n^2), not n^3
         rows = slice(-1, None) if read_order == "chunk_start" else slice(None)
         D, abar = D[:, :, rows], abar[:, :, rows]

@@ -56,6 +56,8 @@ def supported(p: Program, spec: dict) -> str | None:
         return f"algorithm {spec['algorithm']} without the dual form"
     if spec["window"] != 1 or spec["window_weight"] is not None:
         return "an Omega window"
+    if spec.get("clip") is not None:
+        return "gradient clipping (optim clip)"
     if spec["read_order"] != "after":
         return "read before write"
     if any(r["kind"] != "decay" for r in spec["retain"]) or spec["grad_at_decayed"]:

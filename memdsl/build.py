@@ -517,7 +517,8 @@ class Builder:
 
     def optim(self, o: A.Optim) -> OptimSpec:
         c = o.call
-        kinds = {"gd": ("lr", "scale"), "momentum": ("lr", "decay"), "muon": ("lr", "decay", "steps")}
+        kinds = {"gd": ("lr", "scale", "clip"), "momentum": ("lr", "decay", "clip"),
+                 "muon": ("lr", "decay", "steps", "clip")}
         if c.func not in kinds:
             if c.func == "adam":
                 raise UnsupportedError("`adam` is not an inner optimizer memdsl can chunk", c.span,
@@ -559,7 +560,15 @@ class Builder:
             if self.g.depends_on(self.g.outputs[scale], [t.name for t in self.gates_list()]):
                 raise UnsupportedError("`scale` may depend only on `pos` and constants", c.kwarg("scale").span,
                                        "put token-dependent factors into `lr`")
-        return OptimSpec(c.func, lr, decay, scale, steps)
+        clip = None
+        if c.kwarg("clip") is not None:
+            e = c.kwarg("clip")
+            # a literal, not a gate: the bound is part of the rule, and a constant keeps every backend exact at C=1
+            if not (isinstance(e, A.Num) and e.value > 0):
+                raise ValueRangeError("`clip` must be a positive number (a literal)", e.span,
+                                      "e.g. `clip = 1.0`: each token's gradient is scaled to norm ≤ 1.0")
+            clip = e.value
+        return OptimSpec(c.func, lr, decay, scale, steps, clip)
 
     def gates_list(self) -> list[TensorSpec]:
         return [t for t in self.tensors.values() if t.role == "gate"]

@@ -68,6 +68,8 @@ def _delta_form(p: Program) -> str | None:
         return f"the optimizer is `{p.optim.kind}`"
     if p.optim.scale is not None:
         return "the step has a position scale"
+    if p.optim.clip is not None:
+        return "the gradient is clipped (nonlinear in the state)"
     if any(r.kind != "decay" for r in p.retain):
         return "a retention other than `decay`"
     if any(r.grad_at != "decayed" for r in p.retain):

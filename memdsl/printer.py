@@ -60,6 +60,7 @@ def summary(p: Program) -> str:
     o = p.optim
     extra = "".join(f", {k}={v}" for k, v in (("decay", o.decay), ("scale", o.scale)) if v)
     extra += f", steps={o.ns_steps}" if o.kind == "muon" else ""
+    extra += f", clip={format_num(o.clip)}" if o.clip is not None else ""
     lines.append(f"  optim      {o.kind}(lr={o.lr}{extra})")
     if p.retain:
         ret = []

@@ -48,6 +48,7 @@ class OptimSpec:
     decay: str | None = None  # momentum decay (momentum, muon)
     scale: str | None = None  # reading-position step scale (TTT's 1/i)
     ns_steps: int = 0         # Newton–Schulz iterations (muon)
+    clip: Fraction | None = None  # per-token gradient norm bound (each param separately)
 
 
 @dataclass(frozen=True)
