@@ -29,7 +29,7 @@ def override_schedule(base: ScheduleSpec, overrides: dict) -> ScheduleSpec:
 
 def read_source(path_or_source: str) -> tuple[str, str]:
     """Accept a rule file path or rule text; return (source, display path)."""
-    if "\n" not in path_or_source and "{" not in path_or_source:
+    if "\n" not in path_or_source and ("{" not in path_or_source or os.path.isfile(path_or_source)):
         if not os.path.exists(path_or_source):
             raise FileNotFoundError(f"no such rule file: {path_or_source}")
         with open(path_or_source, encoding="utf-8", errors="replace") as f:
