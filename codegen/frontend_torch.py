@@ -44,20 +44,27 @@ class CompiledRuleModule:
                 raise ValueError(f"`{name}` has [B, T, H] = {tuple(t.shape[:3])}, q has {tuple(q.shape[:3])}")
             want = shapes[name][-1]
             if t.shape[-1] != want:
-                raise ValueError(f"`{name}` must have {want} features per head, got {t.shape[-1]}")
+                src = [f"{n} = {shapes[tok][-1]} from `{tok}`" for n, tok in self.spec["size_from"].items()
+                       if tok != name]
+                raise ValueError(f"`{name}` must have {want} features per head, got {t.shape[-1]}"
+                                 + (f" (sizes taken from the other inputs: {', '.join(src)})" if src else ""))
 
     def _gates(self, gates, B, T, H, shapes, device):
+        _check_dict("gates", gates)
         gates = dict(gates or {})
         out = {}
         for name in self.spec["gates"]:
             if name not in gates:
-                raise ValueError(f"missing gate `{name}`: expected a [B, T, H] tensor "
+                lead = "[B, T, H" + "".join(f", {int(n)}" for n in shapes[name]) + "]"
+                raise ValueError(f"missing gate `{name}`: expected a {lead} tensor "
                                  f"(rule {self.spec['name']} declares gates {list(self.spec['gates'])})")
             g = gates.pop(name)
             want = (B, T, H, *shapes[name])
             if not isinstance(g, torch.Tensor) or tuple(g.shape) != want:
                 got = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
                 raise ValueError(f"gate `{name}` must have shape {want}, got {got}")
+            if not g.is_floating_point():
+                raise ValueError(f"gate `{name}` must be floating point, got {g.dtype}")
             if g.device != device:
                 raise ValueError(f"gate `{name}` is on {g.device}, expected {device}")
             out[name] = g.transpose(1, 2)
@@ -110,33 +117,50 @@ class CompiledRuleModule:
                 state[f"init.{p}"] = state[f"A.{p}"]
         return state
 
-    def _check_state(self, state, B, H, shapes):
+    def _check_state(self, state, B, H, shapes, device=None):
         for p in self.spec["params"]:
             for prefix in ("A", "S") if self.spec["optim"] != "gd" else ("A",):
                 key = f"{prefix}.{p}"
                 if key not in state:
                     raise ValueError(f"state is missing `{key}` (make one with init_state)")
-                if tuple(state[key].shape) != (B, H, *shapes[p]):
-                    raise ValueError(f"state[`{key}`] must be {(B, H, *shapes[p])}, got {tuple(state[key].shape)}")
+                t = state[key]
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, H, *shapes[p]):
+                    got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ValueError(f"state[`{key}`] must be {(B, H, *shapes[p])}, got {got}")
+                if device is not None and t.device != device:
+                    raise ValueError(f"state[`{key}`] is on {t.device}, expected {device}")
+                if not t.is_floating_point():
+                    raise ValueError(f"state[`{key}`] must be floating point, got {t.dtype}")
 
     # ---- calls ---------------------------------------------------------------------------------
     def __call__(self, q, k, v, gates=None, params=None, state=None, *, chunk=None, backend="auto", sizes=None,
-                 read_order=None):
-        """y, state = rule(q, k, v, gates, params, state). Tensors [B, T, H, D]; y is [B, T, H, Dv]."""
+                 read_order=None, check_finite=False):
+        """y, state = rule(q, k, v, gates, params, state). Tensors [B, T, H, D]; y is [B, T, H, Dv].
+        check_finite=True: stop at the first NaN/Inf with a NonFiniteError naming the tensor and chunk."""
+        if check_finite:
+            return self._call_checked(q, k, v, gates, params, state, chunk=chunk, backend=backend, sizes=sizes,
+                                      read_order=read_order)
         sz = self.sizes(k=k, v=v, q=q, sizes=sizes)
         shapes = self.fns["shapes"](sz)
         self._check_tokens(q, k, v, shapes)
         B, T, H = q.shape[:3]
+        _check_dict("params", params)
+        _check_dict("state", state)
         params = dict(params or {})
+        unknown = sorted(set(params) - set(self.spec["outers"]) - set(self.spec["params"]))
+        if unknown:
+            raise ValueError(f"unknown params {unknown}; rule {self.spec['name']} takes outers "
+                             f"{list(self.spec['outers'])} and initial memories {list(self.spec['params'])}")
         gates = self._gates(gates, B, T, H, shapes, q.device)
         outers = self._outers(params, H, shapes, q.device)
         work = torch.float64 if q.dtype == torch.float64 else torch.float32  # bf16/fp16 compute in fp32
         if state is None:
             state = self.init_state(B, H, sizes=sz, device=q.device, params=params, dtype=work)
-        self._check_state(state, B, H, shapes)
-        chunk = int(chunk or self.spec["chunk"])
-        if chunk < 1:
-            raise ValueError(f"chunk must be ≥ 1, got {chunk}")
+        self._check_state(state, B, H, shapes, q.device)
+        chunk = self.spec["chunk"] if chunk is None else chunk
+        if isinstance(chunk, (bool, str, bytes)) or not hasattr(chunk, "__index__") or int(chunk) < 1:
+            raise ValueError(f"chunk must be an integer ≥ 1, got {chunk!r}")
+        chunk = int(chunk)
         qf, kf, vf = (t.to(work).transpose(1, 2) for t in (q, k, v))
         gates = {n: g.to(work) for n, g in gates.items()}
         outers = {n: o.to(work) for n, o in outers.items()}
@@ -163,6 +187,42 @@ class CompiledRuleModule:
             new_state.update({"hist.k": kf[:, :, -keep:], "hist.v": vf[:, :, -keep:]})
             new_state.update({f"hist.{n}": g[:, :, -keep:] for n, g in gates.items()})
         return y.transpose(1, 2).to(q.dtype), new_state
+
+    def _call_checked(self, q, k, v, gates, params, state, chunk, backend, sizes, read_order):
+        """The same computation, one chunk per call (the state carries across calls exactly, chunks stay
+        aligned), checking the inputs first and then every chunk's state and output."""
+        sz = self.sizes(k=k, v=v, q=q, sizes=sizes)
+        shapes = self.fns["shapes"](sz)
+        self._check_tokens(q, k, v, shapes)
+        B, T, H = q.shape[:3]
+        self._gates(gates, B, T, H, shapes, q.device)
+        named = {"q": q, "k": k, "v": v, **{f"gate {n}": g for n, g in (gates or {}).items()},
+                 **{f"params[{n!r}]": p for n, p in (params or {}).items() if isinstance(p, torch.Tensor)},
+                 **{f"state[{n!r}]": t for n, t in (state or {}).items()}}
+        for name, t in named.items():
+            if not torch.isfinite(t).all():
+                raise NonFiniteError(f"rule {self.spec['name']}: input {name} is not finite: {_count_bad(t)}, "
+                                     f"the first at index {tuple(int(i) for i in (~torch.isfinite(t)).nonzero()[0])}")
+        C = int(chunk or self.spec["chunk"])
+        ys, n_chunks = [], -(-T // C)
+        for i, s in enumerate(range(0, T, C)):
+            e = min(s + C, T)
+            y, state = self(q[:, s:e], k[:, s:e], v[:, s:e], {n: g[:, s:e] for n, g in (gates or {}).items()}, params,
+                            state, chunk=C, backend=backend, sizes=sizes, read_order=read_order)
+            # the momentum feeds the memory, the memory feeds the read: name the earliest in that order
+            order = sorted((n for n in state if not n.startswith("hist.")), key=lambda n: (n[0] != "S", n))
+            bad = [n for n in order if not torch.isfinite(state[n]).all()]
+            bad += ["y"] if not torch.isfinite(y).all() else []
+            if bad:
+                first = state[bad[0]] if bad[0] != "y" else y
+                raise NonFiniteError(
+                    f"rule {self.spec['name']}: {'the output y' if bad[0] == 'y' else f'state {bad[0]!r}'} is not "
+                    f"finite after chunk {i} of {n_chunks} (tokens {s}..{e - 1}, chunk size {C}): "
+                    f"{_count_bad(first)}" + (f"; also non-finite: {', '.join(bad[1:])}" if bad[1:] else "")
+                    + ". The inputs were finite: lower the learning-rate gates, or bound each step with "
+                    "`optim ...(clip = ...)`")
+            ys.append(y)
+        return torch.cat(ys, dim=1), state
 
     def _with_history(self, q, k, v, gates, state):
         """Prepend the previous call's last tokens (Omega windows reach c - 1 tokens back)."""
@@ -212,6 +272,19 @@ class CompiledRuleModule:
         y, state = self(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), g1, params, state, chunk=1,
                         backend="loop", sizes=sizes)
         return y[:, 0], state
+
+
+def _check_dict(what, value):
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"`{what}` must be a dict of tensors (name -> tensor), got {type(value).__name__}")
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or Inf appeared in a `check_finite=True` call; the message names the tensor and the chunk."""
+
+
+def _count_bad(t):
+    return f"{int(torch.isnan(t).sum())} NaN and {int(torch.isinf(t).sum())} Inf of {t.numel()} values"
 
 
 def make_init(init, shape, dtype, device, shapes, generator):

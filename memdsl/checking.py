@@ -5,17 +5,21 @@ Used by `memdsl check`, by the backend tests and by the examples.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
-def make_inputs(rule, B=2, T=13, H=2, D=3, dtype=torch.float64, seed=0, low=0.05, high=0.35):
-    """q, k, v (unit-norm q, k as MemoryLayer makes them), gates in a stable range, outers, initial memory."""
+def make_inputs(rule, B=2, T=13, H=2, D=3, dtype=torch.float64, seed=0, low=0.05, high=0.35,
+                sizes: dict[str, int] | None = None):
+    """q, k, v (unit-norm q, k as MemoryLayer makes them), gates in a stable range, outers, initial memory.
+    `sizes` gives free sizes other than d (a rule's `dim n`)."""
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
-    shapes = rule.impl.fns["shapes"](rule.impl.sizes(sizes={"d": D}))
+    shapes = rule.impl.fns["shapes"](rule.impl.sizes(sizes={**(sizes or {}), "d": D}))
     q, k, v = (rnd(B, T, H, shapes[n][-1]) for n in ("q", "k", "v"))
     q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
     gates = {}
@@ -86,3 +90,36 @@ def check_rule(rule, chunk: int | None = None, T: int = 19, D: int = 5, dtype=to
         runs[f"exact loop vs WY at C={chunk}"] = compare_runs(
             run_with_grads(rule, tok, gates, params, backend="wy", chunk=chunk), loop)
     return runs
+
+
+def free_sizes(rule, D: int) -> dict[str, int]:
+    """A value for every free size of a rule: d = D, each further `dim n` a different small number."""
+    return {n: D + i for i, n in enumerate([n for n in rule.spec["free_sizes"] if n != "d"], start=1)} | {"d": D}
+
+
+def quick_check(rule, T: int = 5, D: int = 2, max_elements: int = 1 << 14,
+                rtol: float = 1e-6) -> str:
+    """The cheapest oracle: the exact loop against the chunk program at C=1 (same function), forward,
+    final state and every input gradient, in float64 at tiny sizes. What the fuzzers require of every
+    rule that compiles. Returns "agrees", "too large" (a tensor over `max_elements`: not run) or
+    "not finite" (the exact run overflows, so only the absence of exceptions is checked); raises
+    AssertionError naming the first tensor on which the two disagree."""
+    sizes = free_sizes(rule, D)
+    shapes = rule.impl.fns["shapes"](rule.impl.sizes(sizes=sizes))
+    if any(math.prod(int(s) for s in shape) * T > max_elements for shape in shapes.values()):
+        return "too large"
+    tok, gates, params = make_inputs(rule, B=1, T=T, H=1, D=D, sizes=sizes)
+    kw = {"sizes": sizes}
+    exact = run_with_grads(rule, tok, gates, params, backend="loop", **kw)
+    chunk = run_with_grads(rule, tok, gates, params, backend="chunk", chunk=1, **kw)
+    ref = {"y": exact[0], **{f"state.{k}": t for k, t in exact[1].items()},
+           **{f"grad.{k}": t for k, t in exact[2].items()}}
+    got = {"y": chunk[0], **{f"state.{k}": t for k, t in chunk[1].items()},
+           **{f"grad.{k}": t for k, t in chunk[2].items()}}
+    if not all(torch.isfinite(t).all() for t in ref.values()):
+        return "not finite"
+    for name, r in ref.items():
+        scale = r.abs().max().item() if r.numel() else 0.0
+        torch.testing.assert_close(got[name], r, rtol=rtol, atol=rtol * max(scale, 1e-3),
+                                   msg=lambda m, name=name: f"exact loop vs chunk at C=1 disagree on {name}: {m}")
+    return "agrees"

@@ -103,3 +103,43 @@ def test_long_sequences_stay_finite(path):
         y, state = rule(tok["q"], tok["k"], tok["v"], gates, params)  # the rule's own chunk algorithm
     assert y.shape[1] == 65536 and torch.isfinite(y).all()
     assert all(torch.isfinite(s).all() for s in state.values())
+
+
+@pytest.mark.parametrize("name, backend", [("titans", "auto"), ("deltanet", "auto"), ("omeganet", "chunk"),
+                                           ("memora", "auto"), ("ttt_linear", "loop")])
+def test_check_finite_computes_the_same_thing(name, backend):
+    rule = memdsl.compile(f"rules/{name}.mem")
+    tok, gates, params = make_inputs(rule, B=1, T=37, H=2, D=3)
+    y0, s0 = rule(tok["q"], tok["k"], tok["v"], gates, params, backend=backend, chunk=8)
+    y1, s1 = rule(tok["q"], tok["k"], tok["v"], gates, params, backend=backend, chunk=8, check_finite=True)
+    torch.testing.assert_close(y1, y0, rtol=1e-12, atol=1e-12)
+    assert s0.keys() == s1.keys() and all(torch.allclose(s0[n], s1[n], rtol=1e-12, atol=1e-12) for n in s0)
+
+
+def test_check_finite_names_the_first_chunk_that_overflows():
+    rule = memdsl.compile("rules/titans_linear.mem")
+    tok, gates, params = make_inputs(rule, B=1, T=400, H=1, D=4, dtype=torch.float32)
+    gates["theta"] = gates["theta"] * 1e4  # a learning rate that makes the memory diverge
+    with pytest.raises(FloatingPointError) as err:
+        rule(tok["q"], tok["k"], tok["v"], gates, params, check_finite=True)
+    m = re.search(r"is not finite after chunk (\d+) of 25 \(tokens (\d+)\.\.(\d+), chunk size 16\)", str(err.value))
+    assert m and type(err.value).__name__ == "NonFiniteError", str(err.value)
+    s, e = int(m.group(2)), int(m.group(3)) + 1
+
+    def finite_upto(t):  # one plain call over the first t tokens
+        y, state = rule(tok["q"][:, :t], tok["k"][:, :t], tok["v"][:, :t], {n: g[:, :t] for n, g in gates.items()},
+                        params)
+        return bool(torch.isfinite(y).all()) and all(torch.isfinite(x).all() for x in state.values())
+    assert int(m.group(1)) == s // 16 and finite_upto(s) and not finite_upto(e)
+
+
+@pytest.mark.parametrize("where", ["k", "gate", "param"])
+def test_check_finite_names_a_bad_input(where):
+    rule = memdsl.compile("rules/titans.mem")
+    tok, gates, params = make_inputs(rule, B=2, T=20, H=2, D=3)
+    target = {"k": tok["k"], "gate": gates["eta"], "param": params["W1"]}[where]
+    target.view(-1)[target.numel() // 2] = float("inf")
+    with pytest.raises(FloatingPointError, match={"k": r"input k is not finite: 0 NaN and 1 Inf",
+                                                  "gate": r"input gate eta is not finite",
+                                                  "param": r"input params\['W1'\] is not finite"}[where]):
+        rule(tok["q"], tok["k"], tok["v"], gates, params, check_finite=True)
