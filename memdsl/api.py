@@ -50,8 +50,8 @@ def _key(source: str, schedule: dict) -> str:
 
 def _read_cached(path: Path) -> str | None:
     try:
-        text = path.read_text()
-    except OSError:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):  # unreadable or not text at all: rebuild
         return None
     first, _, body = text.partition("\n")
     if not first.startswith(_HEADER) or first[len(_HEADER):] != hashlib.sha256(body.encode()).hexdigest():
@@ -64,7 +64,7 @@ def _write_atomic(path: Path, body: str) -> None:
     text = f"{_HEADER}{hashlib.sha256(body.encode()).hexdigest()}\n{body}"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".py")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import memdsl
 from memdsl import api
 from tests.conftest import ROOT
@@ -58,3 +60,25 @@ def test_printing_a_compiled_rule_shows_signature_algorithm_and_passes():
     text = repr(memdsl.compile("rules/gated_deltanet.mem"))
     assert "y, state = rule(q[B,T,H,Dk]" in text and "gates={beta: [B,T,H], alpha: [B,T,H]}" in text
     assert "algorithm  wy" in text and "passes     build verify autodiff fuse dce classify" in text
+
+
+CORRUPTIONS = {
+    "torn write": lambda b: b[:-200],
+    "flipped byte in the code": lambda b: b[:-50] + bytes([b[-50] ^ 1]) + b[-49:],
+    "code swapped under a valid header": lambda b: b.split(b"\n", 1)[0] + b"\nraise SystemExit('stale')\n",
+    "header gone": lambda b: b.split(b"\n", 1)[1],
+    "empty file": lambda b: b"",
+    "not text": lambda b: b"\xff\xfe\x00" + b[:100],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_every_kind_of_corruption_is_detected_and_rebuilt(tmp_path, monkeypatch, kind):
+    monkeypatch.setenv("MEMDSL_CACHE_DIR", str(tmp_path))
+    text, key = api.module_source("rules/titans_linear.mem")
+    path = Path(tmp_path) / f"{key}.py"
+    path.write_bytes(CORRUPTIONS[kind](path.read_bytes()))
+    assert api._read_cached(path) is None
+    again, _ = api.module_source("rules/titans_linear.mem")
+    assert again == text and api._read_cached(path) == text
+    api.CompiledRule(again, key)  # the rebuilt entry runs; the corrupted one was never executed
