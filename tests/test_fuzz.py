@@ -1,0 +1,69 @@
+"""Fuzzing the front end: every input compiles and passes the C=1 oracle, or is a positioned MemDSLError.
+
+CI runs a short, derandomized pass. `make fuzz` runs the long one (MEMDSL_FUZZ_EXAMPLES cases per
+property, statistics printed by --hypothesis-show-statistics); docs/robustness.md records it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from tests.fuzz_strategies import SHIPPED, CaseTimeout, check_source, mutated_files, rule_files, time_limit
+
+EXAMPLES = int(os.environ.get("MEMDSL_FUZZ_EXAMPLES", "0"))
+LONG = EXAMPLES > 0
+
+
+def fuzz_settings(ci_examples: int):
+    return settings(max_examples=EXAMPLES or ci_examples, derandomize=True, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.filter_too_much], print_blob=True)
+
+
+@fuzz_settings(40)
+@given(rule_files())
+def test_generated_rules_compile_or_fail_cleanly(text):
+    event(check_source(text))
+
+
+@fuzz_settings(100)
+@given(mutated_files())
+def test_mutated_rules_compile_or_fail_cleanly(text):
+    event(check_source(text))
+
+
+@fuzz_settings(150)
+@given(st.text(max_size=200))
+def test_arbitrary_text_fails_cleanly(text):
+    event(check_source("memory m {\n" + text if len(text) % 2 else text))
+
+
+def test_most_generated_rules_compile():
+    """The generator is not a rejection machine: without this the 'compiles and checks' half of the
+    property would be tested on almost nothing."""
+    outcomes = []
+
+    @settings(max_examples=25, derandomize=True, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(rule_files())
+    def collect(text):
+        outcomes.append(check_source(text))
+
+    collect()
+    compiled = [o for o in outcomes if o.startswith("compiled") and o.endswith("agrees")]
+    assert len(compiled) >= len(outcomes) // 2, outcomes
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_rules_satisfy_the_property(name):
+    assert check_source(SHIPPED[name]).endswith("agrees")
+
+
+def test_the_time_limit_fires():
+    with pytest.raises(CaseTimeout), time_limit(0.05):
+        while True:
+            pass
