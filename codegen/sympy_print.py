@@ -111,6 +111,20 @@ class TorchPrinter(_ArrayPrinter):
     def _print_Piecewise(self, expr):
         return super()._print_Piecewise(expr).replace(", nan)", ", float('nan'))")
 
+    # torch.maximum/minimum take two tensors; a bound that is a number is a clamp
+    def _print_Max(self, expr):
+        return self._clamp(expr, "clamp_min") or super()._print_Max(expr)
+
+    def _print_Min(self, expr):
+        return self._clamp(expr, "clamp_max") or super()._print_Min(expr)
+
+    def _clamp(self, expr, method):
+        numbers = [a for a in expr.args if a.is_number]
+        rest = [a for a in expr.args if not a.is_number]
+        if len(numbers) != 1 or len(rest) != 1:
+            return None
+        return f"torch.{method}({self._print(rest[0])}, {self._print(numbers[0])})"
+
 
 class TritonPrinter(_ArrayPrinter):
     ns = "tl"

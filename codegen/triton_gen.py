@@ -1,15 +1,19 @@
-"""IR → a Triton kernel: the anchored chunk program in dual form, one program per (batch, head).
+"""IR → Triton kernels: the anchored chunk program in dual form, forward and backward.
 
-The per-token functions of a rule (its gradients and its read) are lowered to *tile* code: a
-per-token value of IR shape () becomes a [C, 1] tile, a vector a [C, n] tile, a chunk constant
-(a state matrix, an outer constant) a [m, n] or [1, n] tile; `W @ x` becomes `tl.dot`, a sum over a
-vector `tl.sum(axis=1)`, an elementwise expression one Triton expression printed from sympy.
-Gradients come out as rank-1 factors a b^T and reads use the dual form, so no per-token weight
-is ever built. The code fills the insertion points of templates/chunk_dual_fwd.py.tmpl.
+`chunk_tiles.build_chunk_graph` turns a rule into the tile graph of one chunk; this module prints
+it into the two kernel templates (templates/chunk_fwd.py.tmpl, chunk_bwd.py.tmpl). The backward
+kernel is not written by hand: `tile_grad.backward` differentiates the same chunk graph in reverse
+mode, and the one printer (`tile_triton.print_tiles`) emits forward recompute and adjoints.
 
-Coverage of this first Triton slice (anything else runs on the torch path): a single memory
-block of matrices and vectors, `gd` or `momentum` (with an optional position scale), a scalar
-`decay` retention, window 1, read after write, scalar gates, and power-of-two sizes ≥ 16.
+Layouts the kernels read and write (the launcher in triton_run.py prepares them):
+    tokens, y, dy      [B, T, H, d] contiguous          gates      [B, T, H]
+    lr, mu, keep, scale and their gradients  [B, H, T]  outers     [H, *shape]
+    state, dstate      [B, H, *shape]                   saved      [B, H, NC, *shape]
+    outer gradients    [B, H, *shape] (summed over B by the launcher)
+
+Coverage of this slice (anything else runs on the torch path; `supported` says why): a single
+memory block of matrices and vectors, `gd` or `momentum` (with an optional position scale), a
+scalar `decay` retention, window 1, read after write, scalar gates, and power-of-two sizes ≥ 16.
 """
 
 from __future__ import annotations
@@ -19,29 +23,16 @@ from pathlib import Path
 
 import sympy as sp
 
-from memdsl.ir import Graph
-from memdsl.ops import ELEMENTWISE, sympy_form
 from memdsl.program import Program
 
-from .sympy_print import TritonPrinter
+from .chunk_tiles import Unsupported, build_chunk_graph
+from .tile_grad import backward
+from .tile_ir import TileGraph
+from .tile_triton import print_tiles
 
-TEMPLATE = Path(__file__).resolve().parent / "templates" / "chunk_dual_fwd.py.tmpl"
-TOKEN_ROLES = ("token", "gate", "model_input", "cotangent", "position")
-
-
-class Unsupported(Exception):
-    """This rule (or these sizes) is outside the Triton slice: the caller uses the torch path."""
-
-
-class _Printer(TritonPrinter):
-    def __init__(self, names: dict[str, str]):
-        super().__init__()
-        self.names = names
-
-    def _print_Symbol(self, expr):
-        if expr.name not in self.names:
-            raise ValueError(f"unexpected symbol {expr.name!r}")
-        return self.names[expr.name]
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+HYPER = {"lr": ("LR", 0.0), "mu": ("MU", 1.0), "keep": ("KEEP", 1.0), "scale": ("SCALE", 0.0)}
+TOKENS = ("q", "k", "v")
 
 
 def _ident(name: str) -> str:
@@ -70,271 +61,185 @@ def supported(p: Program, spec: dict) -> str | None:
     return None
 
 
-class _Tiles:
-    """Emits tile code for a set of graph outputs, given how each input is bound."""
+class _Layout:
+    """Shapes and pointer arithmetic shared by the two kernels."""
 
-    def __init__(self, graph: Graph, sizes: dict, prefix: str, bind: dict[str, tuple[str, str]]):
-        # bind: input name -> (variable, kind) with kind in tok | const | dual
-        self.g, self.sizes, self.prefix, self.bind = graph, sizes, prefix, bind
-        self.lines: list[str] = []
-        self.names: dict[int, str] = {}
-        self.kind: dict[int, str] = {}
-        self.count = 0
+    def __init__(self, p: Program, spec: dict, sizes: dict[str, int]):
+        sym = {sp.Symbol(k, positive=True, integer=True): v for k, v in sizes.items()}
+        self.sym = sym
+        self.shape = {t.name: [int(sp.sympify(s).subs(sym)) for s in t.shape] for t in p.tensors.values()}
+        self.params = [_ident(t.name) for t in p.params]
+        self.gates = [_ident(n) for n in spec["gates"]]
+        self.outers = [_ident(n) for n in spec["outers"]]
+        self.momentum = spec["optim"] == "momentum"
+        self.states = [f"A_{n}" for n in self.params] + ([f"S_{n}" for n in self.params] if self.momentum else [])
 
-    def value(self, e) -> int:
-        return int(sp.sympify(e).subs(self.sizes))
+    def tile_of(self, name: str) -> tuple[int, int]:
+        s = self.shape[name]
+        return (s[0], s[1]) if len(s) == 2 else (1, s[0] if s else 1)
 
-    def const_text(self, v) -> str:
-        return repr(float(sp.sympify(v).subs(self.sizes)))
+    def idx(self, name: str) -> str:
+        m, n = self.tile_of(name)
+        return f"tl.arange(0, {m})[:, None] * {n} + tl.arange(0, {n})[None, :]"
 
-    def emit(self, outputs: list[int]) -> dict[int, str]:
-        for nid in self.g.topo(outputs):
-            self.node(nid)
-        return {o: self.names[o] for o in outputs}
+    def numel(self, name: str) -> int:
+        m, n = self.tile_of(name)
+        return m * n
 
-    def fresh(self) -> str:
-        self.count += 1
-        return f"{self.prefix}{self.count}"
+    def state_ptr(self, ptr: str, state: str) -> str:
+        p = state[2:]
+        return f"{ptr} + (pid_b * H + pid_h) * {self.numel(p)} + {self.idx(p)}"
 
-    def node(self, nid: int) -> None:
-        g = self.g
-        n = g.node(nid)
-        ops = g.operands(nid)
-        if n.op == "input":
-            name = n.attr("name")
-            if n.attr("role") == "size":
-                self.names[nid], self.kind[nid] = self.const_text(sp.Symbol(name)), "const"
-                return
-            if name not in self.bind:
-                raise Unsupported(f"input {name} is not available inside the kernel")
-            self.names[nid], self.kind[nid] = self.bind[name]
-            return
-        if n.op == "const":
-            self.names[nid], self.kind[nid] = f"({self.const_text(n.attr('value'))})", "const"
-            return
-        kinds = [self.kind[o] for o in ops]
-        kind = "tok" if "tok" in kinds else "const"
-        var = self.fresh()
-        args = [self.names[o] for o in ops]
-        if n.op in ELEMENTWISE:
-            syms = [sp.Symbol(f"x{i}", real=True) for i in range(len(ops))]
-            expr = sympy_form(n.op, syms, dict(n.attrs)).subs(self.sizes)
-            rhs = _Printer({f"x{i}": a for i, a in enumerate(args)}).doprint(expr)
-        elif n.op in ("sum", "norm"):
-            x = args[0]
-            if len(g.node(ops[0]).shape) != 1:
-                raise Unsupported("a reduction over a matrix")
-            inner = f"{x} * {x}" if n.op == "norm" else x
-            rhs = f"tl.sum({inner}, axis=1)[:, None]"
-            if n.op == "norm":
-                rhs = f"tl.sqrt({rhs})"
-        elif n.op == "matvec":
-            w, x = args
-            if kinds[0] == "dual":
-                rhs = f"{w}({x})"  # a dual weight is bound to a code template
-                rhs = self.bind_dual(w, x)
-            elif kinds[1] == "tok":
-                rhs = f"tl.dot({x}, tl.trans({w}), input_precision=PRECISION)"
-            else:
-                rhs = f"tl.sum({w} * {x}, axis=1)[None, :]"
-        elif n.op == "matvec_t":
-            w, x = args
-            if kinds[0] != "const" or kinds[1] != "tok":
-                raise Unsupported("a transposed product outside the gradient")
-            rhs = f"tl.dot({x}, {w}, input_precision=PRECISION)"
-        elif n.op == "broadcast":
-            width = self.value(n.shape[0]) if n.shape else 1
-            rhs = f"tl.zeros([C, {width}], dtype=tl.float32) + {args[0]}"
-            kind = "tok"
-        elif n.op == "outer":
-            self.names[nid], self.kind[nid] = f"OUTER({args[0]}, {args[1]})", "outer"
-            return
-        else:
-            raise Unsupported(f"op {n.op}")
-        self.lines.append(f"{var} = {rhs}")
-        self.names[nid], self.kind[nid] = var, kind
+    def saved_ptr(self, ptr: str, state: str) -> str:
+        p = state[2:]
+        return f"{ptr} + ((pid_b * H + pid_h) * NC + ci) * {self.numel(p)} + {self.idx(p)}"
 
-    def bind_dual(self, w: str, x: str) -> str:
-        return self.dual[w](x)
+    def token_ptr(self, ptr: str, name: str) -> str:
+        d = self.shape[name][0]
+        return f"{ptr} + ((pid_b * T + rows[:, None]) * H + pid_h) * {d} + tl.arange(0, {d})[None, :]"
+
+    def gate_ptr(self, ptr: str) -> str:
+        return f"{ptr} + ((pid_b * T + rows) * H + pid_h)"
+
+    def hyper_ptr(self, ptr: str) -> str:
+        return f"{ptr} + (pid_b * H + pid_h) * T + rows"
+
+    def load_tokens(self, graph: TileGraph) -> list[str]:
+        lines = []
+        for n in TOKENS:
+            if f"tok_{n}" in graph.inputs:
+                lines.append(f"tok_{n} = tl.load({self.token_ptr(n.upper(), n)}, mask=valid, other=0.0)")
+        for n in self.gates:
+            if f"tok_{n}" in graph.inputs:
+                lines.append(f"tok_{n} = tl.load({self.gate_ptr('G_' + n)}, mask=valid_r, other=0.0)[:, None]")
+        for name, (ptr, other) in HYPER.items():
+            if name in graph.inputs:
+                lines.append(f"{name} = tl.load({self.hyper_ptr(ptr)}, mask=valid_r, other={other})[:, None]")
+        return lines
+
+    def load_outers(self) -> list[str]:
+        return [f"out_{n} = tl.load(O_{n} + pid_h * {self.numel(n)} + {self.idx(n)})" for n in self.outers]
+
+    def inputs_signature(self) -> list[str]:
+        sig = ["Q, K, V, LR, MU, KEEP, SCALE,"]
+        sig += [f"G_{n}," for n in self.gates]
+        sig += [f"O_{n}," for n in self.outers]
+        return sig
 
 
-def _outer_factors(g: Graph, nid: int) -> list[tuple[int, int]]:
-    n = g.node(nid)
-    if n.op == "outer":
-        return [tuple(g.operands(nid))]
-    return [tuple(g.operands(o)) for o in g.operands(nid)]
+def _graph(p: Program, spec: dict, layout: _Layout, chunk: int) -> TileGraph:
+    shapes = {n: layout.shape[n] for n in layout.shape}
+    return build_chunk_graph(p, spec, shapes, layout.sym, chunk)
 
 
-def generate_kernel(p: Program, spec: dict, sizes: dict[str, int], chunk: int) -> str:
-    """The Triton source of the forward kernel for this rule at these sizes."""
-    why = supported(p, spec)
-    if why:
-        raise Unsupported(why)
-    sym_sizes = {sp.Symbol(k, positive=True, integer=True): v for k, v in sizes.items()}
+def _check_sizes(sizes: dict[str, int], chunk: int) -> None:
     for name, v in sizes.items():
         if v < 16 or v & (v - 1):
             raise Unsupported(f"size {name}={v} is not a power of two ≥ 16")
     if chunk < 16 or chunk & (chunk - 1):
         raise Unsupported(f"chunk {chunk} is not a power of two ≥ 16")
-    g = p.graph
-    params = [t for t in p.params]
-    mats = [t.name for t in params if len(t.shape) == 2]
-    vecs = [t.name for t in params if len(t.shape) == 1]
-    shape = {t.name: [int(sp.sympify(s).subs(sym_sizes)) for s in t.shape] for t in p.tensors.values()}
-    momentum = spec["optim"] == "momentum"
-    has_keep = bool(spec["retain"])
-    has_scale = spec["scale"] is not None
 
-    sig = ["Q, K, V, Y, HYP_LR, HYP_MU, HYP_KEEP, HYP_SCALE,"]
-    sig += [f"G_{_ident(n)}," for n in spec["gates"]]
-    sig += [f"O_{_ident(n)}," for n in spec["outers"]]
-    order = [t.name for t in params]  # declaration order: the launcher passes states in this order
-    sig += [f"A_{_ident(n)}," for n in order]
-    if momentum:
-        sig += [f"S_{_ident(n)}," for n in order]
 
-    def idx(name: str) -> str:  # offsets of a per-head state tile
-        m, *rest = shape[name]
-        if rest:
-            return f"tl.arange(0, {m})[:, None] * {rest[0]} + tl.arange(0, {rest[0]})[None, :]"
-        return f"tl.arange(0, {m})[None, :]"
-
-    def size_of(name: str) -> int:
-        total = 1
-        for v in shape[name]:
-            total *= v
-        return total
-
-    load_state, store_state = [], []
-    for n in order:
-        base = f"(pid_b * H + pid_h) * {size_of(n)}"
-        load_state.append(f"{n}_A = tl.load(A_{n} + {base} + {idx(n)})")
-        store_state.append(f"tl.store(A_{n} + {base} + {idx(n)}, {n}_A)")
-        if momentum:
-            load_state.append(f"{n}_S = tl.load(S_{n} + {base} + {idx(n)})")
-            store_state.append(f"tl.store(S_{n} + {base} + {idx(n)}, {n}_S)")
-    for n in spec["outers"]:
-        load_state.append(f"out_{n} = tl.load(O_{n} + pid_h * {size_of(n)} + {idx(n)})")
-
-    dk, dv, dq = shape["k"][0], shape["v"][0], shape["q"][0]
-    tok = []
-    for name, d in (("q", dq), ("k", dk), ("v", dv)):
-        ptr = name.upper()
-        tok.append(f"tok_{name} = tl.load({ptr} + ((pid_b * T + rows[:, None]) * H + pid_h) * {d} + "
-                   f"tl.arange(0, {d})[None, :], mask=valid[:, None], other=0.0)")
-    hyp_off = "(pid_b * H + pid_h) * T + rows"
-    tok.append(f"lr = tl.load(HYP_LR + {hyp_off}, mask=valid, other=0.0)")
-    tok.append(f"mu = tl.load(HYP_MU + {hyp_off}, mask=valid, other=1.0)" if momentum else "mu = lr * 0.0 + 1.0")
-    tok.append(f"keep = tl.load(HYP_KEEP + {hyp_off}, mask=valid, other=1.0)" if has_keep else "keep = lr * 0.0 + 1.0")
-    tok.append(f"scale = tl.load(HYP_SCALE + {hyp_off}, mask=valid, other=0.0)" if has_scale else "scale = lr")
-    for n in spec["gates"]:
-        tok.append(f"tok_{n} = tl.load(G_{n} + ((pid_b * T + rows) * H + pid_h), mask=valid, other=0.0)[:, None]")
-
-    # ---- gradients at the chunk-start state: rank-1 factors for matrices, rows for vectors ----------
-    bind = {"q": ("tok_q", "tok"), "k": ("tok_k", "tok"), "v": ("tok_v", "tok")}
-    bind.update({n: (f"tok_{n}", "tok") for n in spec["gates"]})
-    bind.update({n: (f"out_{n}", "const") for n in spec["outers"]})
-    grad_bind = {**bind, **{n: (f"{n}_A", "const") for n in mats + vecs}}
-    gt = _Tiles(g, sym_sizes, "g", grad_bind)
-    outs = {n: g.outputs[f"grad.{n}"] for n in mats + vecs}
-    factors = {n: _outer_factors(g, outs[n]) for n in mats}
-    needed = [x for n in mats for pair in factors[n] for x in pair] + [outs[n] for n in vecs]
-    names = gt.emit(needed)
-    grads = list(gt.lines)
-    # padded rows of a ragged last chunk have lr = 0, but 0 * NaN is NaN: zero their factors
-    for x in dict.fromkeys(names[i] for i in needed if gt.kind.get(i) == "tok"):
-        grads.append(f"{x} = tl.where(valid[:, None], {x}, 0.0)")
-    for n in vecs:
-        grads.append(f"u_{n} = {names[outs[n]]}")
-
-    coef = [
-        "lk = tl.log(tl.maximum(keep, 1e-30))",
-        "cum = tl.cumsum(lk, axis=0)",
-        "D = tl.where(lower, tl.exp(cum[:, None] - cum[None, :]), 0.0)",
-        "abar = tl.exp(cum)",
-    ]
-    if has_scale:
-        coef += ["Kc = tl.where(lower, scale[:, None] * lr[None, :], 0.0)", "f = abar * 0.0"]
-    elif momentum:
-        coef += [
-            "cm = tl.cumsum(tl.log(tl.maximum(mu, 1e-30)), axis=0)",
-            "Mmu = tl.where(lower, tl.exp(cm[:, None] - cm[None, :]), 0.0)",
-            "mbar = tl.exp(cm)",
-            "Kc = tl.dot(D, Mmu, input_precision=PRECISION) * lr[None, :]",
-            "Ks = Mmu * lr[None, :]",
-            "f = tl.sum(D * mbar[None, :], axis=1)",
-        ]
-    else:
-        coef += ["Kc = D * lr[None, :]", "f = abar * 0.0"]
-
-    # ---- the read, every matrix as a dual weight ------------------------------------------------
-    read_bind = {**bind}
-    duals = {}
-    for n in mats:
-        read_bind[n] = (f"{n}_A", "dual")
-        pairs = [(names[a], names[b]) for a, b in factors[n]]
-
-        def dual(x, n=n, pairs=pairs):
-            terms = [f"abar[:, None] * tl.dot({x}, tl.trans({n}_A), input_precision=PRECISION)"]
-            if momentum:
-                terms.append(f"f[:, None] * tl.dot({x}, tl.trans({n}_S), input_precision=PRECISION)")
-            for a, b in pairs:
-                terms.append(f"- tl.dot(Kc * tl.dot({x}, tl.trans({b}), input_precision=PRECISION), {a}, "
-                             "input_precision=PRECISION)")
-            return " + ".join(terms).replace("+ -", "-")
-        duals[f"{n}_A"] = dual
-    read = []
-    for n in vecs:
-        rows = f"abar[:, None] * {n}_A" + (f" + f[:, None] * {n}_S" if momentum else "")
-        read.append(f"r_{n} = {rows} - tl.dot(Kc, u_{n}, input_precision=PRECISION)")
-        read_bind[n] = (f"r_{n}", "tok")
-    rt = _Tiles(g, sym_sizes, "r", read_bind)
-    rt.dual = duals
-    y = rt.emit([g.outputs["read"]])[g.outputs["read"]]
-    read += rt.lines
-    read.append(f"tl.store(Y + ((pid_b * T + rows[:, None]) * H + pid_h) * {dv} + tl.arange(0, {dv})[None, :], "
-                f"{y}, mask=valid[:, None])")
-
-    upd = ["a_last = tl.sum(tl.where(ii == last, abar, 0.0), axis=0)",
-           "f_last = tl.sum(tl.where(ii == last, f, 0.0), axis=0)",
-           "k_last = _row(Kc, ii, last)"]
-    if momentum:
-        upd += ["m_last = tl.sum(tl.where(ii == last, mbar, 0.0), axis=0)", "ks_last = _row(Ks, ii, last)"]
-    for n in mats:
-        pairs = [(names[a], names[b]) for a, b in factors[n]]
-        dA = " + ".join(f"tl.dot(tl.trans({a} * k_last[:, None]), {b}, input_precision=PRECISION)" for a, b in pairs)
-        new_a = f"a_last * {n}_A" + (f" + f_last * {n}_S" if momentum else "") + f" - ({dA})"
-        if momentum:
-            dS = " + ".join(f"tl.dot(tl.trans({a} * ks_last[:, None]), {b}, input_precision=PRECISION)"
-                            for a, b in pairs)
-            upd.append(f"{n}_S_new = m_last * {n}_S - ({dS})")
-        upd.append(f"{n}_A = {new_a}")
-        if momentum:
-            upd.append(f"{n}_S = {n}_S_new")
-    for n in vecs:
-        new_a = f"a_last * {n}_A" + (f" + f_last * {n}_S" if momentum else "")
-        upd.append(f"{n}_A_new = {new_a} - tl.sum(k_last[:, None] * u_{n}, axis=0)[None, :]")
-        if momentum:
-            upd.append(f"{n}_S = m_last * {n}_S - tl.sum(ks_last[:, None] * u_{n}, axis=0)[None, :]")
-        upd.append(f"{n}_A = {n}_A_new")
-
-    text = TEMPLATE.read_text()
-    fill = {
-        "SIGNATURE": "\n    ".join(sig),
-        "LOAD_STATE": _indent(load_state, 4),
-        "LOAD_TOKENS": _indent(tok, 8),
-        "GRADS": _indent(grads, 8),
-        "COEFFICIENTS": _indent(coef, 8),
-        "READ": _indent(read, 8),
-        "UPDATE_STATE": _indent(upd, 8),
-        "STORE_STATE": _indent(store_state, 4),
-    }
+def _fill(template: str, fill: dict[str, list[str] | str], indent: dict[str, int], header: str) -> str:
+    text = (TEMPLATES / template).read_text()
     for key, value in fill.items():
-        text = text.replace(f"@@{key}@@", value.lstrip() if key == "SIGNATURE" else value)
-    header = (f"# generated by memdsl for rule `{p.name}`; sizes {sizes}, chunk {chunk}\n"
-              "PRECISION = tl.constexpr(\"ieee\")\n")
+        if key == "SIGNATURE":
+            text = text.replace(f"@@{key}@@", "\n    ".join(value))
+        else:
+            text = text.replace(f"@@{key}@@", "\n".join(" " * indent[key] + line for line in value) or "")
+    if "@@" in text:
+        raise AssertionError("an insertion point was left unfilled")
     return text.replace("import triton.language as tl\n", "import triton.language as tl\n\n" + header, 1)
 
 
-def _indent(lines: list[str], n: int) -> str:
-    return "\n".join(" " * n + line for line in lines)
+def generate_forward(p: Program, spec: dict, sizes: dict[str, int], chunk: int, precision: str = "ieee") -> str:
+    """The Triton source of the forward kernel for this rule at these sizes."""
+    why = supported(p, spec)
+    if why:
+        raise Unsupported(why)
+    _check_sizes(sizes, chunk)
+    lay = _Layout(p, spec, sizes)
+    graph = _graph(p, spec, lay, chunk)
+    bound = {name: name for name in graph.inputs}
+    names: dict[int, str] = {}
+    roots = [graph.outputs["y"]] + [graph.outputs[s] for s in lay.states]
+    body = print_tiles(graph, bound, graph.live(roots), names)
+    sig = lay.inputs_signature() + ["Y,"] + [f"P_{s}," for s in lay.states] + [f"SAVE_{s}," for s in lay.states]
+    fill = {
+        "SIGNATURE": sig,
+        "LOAD_STATE": [f"{s} = tl.load({lay.state_ptr('P_' + s, s)})" for s in lay.states] + lay.load_outers(),
+        "SAVE_STATE": [f"tl.store({lay.saved_ptr('SAVE_' + s, s)}, {s})" for s in lay.states],
+        "LOAD_TOKENS": lay.load_tokens(graph),
+        "BODY": body,
+        "STORE_Y": [f"tl.store({lay.token_ptr('Y', 'v')}, {names[graph.outputs['y']]}, mask=valid)"],
+        "CARRY_STATE": [f"{s} = {names[graph.outputs[s]]}" for s in lay.states],
+        "STORE_STATE": [f"tl.store({lay.state_ptr('P_' + s, s)}, {s})" for s in lay.states],
+    }
+    indent = {"LOAD_STATE": 4, "SAVE_STATE": 12, "LOAD_TOKENS": 8, "BODY": 8, "STORE_Y": 8, "CARRY_STATE": 8,
+              "STORE_STATE": 4}
+    header = (f"# generated by memdsl for rule `{p.name}`: forward; sizes {sizes}, chunk {chunk}\n"
+              f"PRECISION = tl.constexpr({precision!r})\n")
+    return _fill("chunk_fwd.py.tmpl", fill, indent, header)
+
+
+def generate_backward(p: Program, spec: dict, sizes: dict[str, int], chunk: int, precision: str = "ieee") -> str:
+    """The Triton source of the backward kernel: reverse mode over the same chunk graph."""
+    why = supported(p, spec)
+    if why:
+        raise Unsupported(why)
+    _check_sizes(sizes, chunk)
+    lay = _Layout(p, spec, sizes)
+    graph = _graph(p, spec, lay, chunk)
+    seeds = [(graph.outputs["y"], graph.input("dy", graph.shape(graph.outputs["y"])))]
+    for s in lay.states:
+        seeds.append((graph.outputs[s], graph.input(f"d{s}", graph.shape(graph.outputs[s]))))
+    wrt_names = [f"tok_{n}" for n in (*TOKENS, *lay.gates)] + [n for n in HYPER] + \
+        [f"out_{n}" for n in lay.outers] + lay.states
+    wrt_names = [n for n in wrt_names if n in graph.inputs]
+    adj = backward(graph, seeds, [graph.inputs[n] for n in wrt_names])
+    grad_of = {n: adj[graph.inputs[n]] for n in wrt_names}
+    bound = {name: name for name in graph.inputs}
+    names: dict[int, str] = {}
+    body = print_tiles(graph, bound, graph.live(list(grad_of.values())), names)
+
+    sig = lay.inputs_signature() + [f"SAVE_{s}," for s in lay.states] + ["DY,"] + [f"D{s}," for s in lay.states]
+    sig += ["DQ, DK, DV, DLR, DMU, DKEEP, DSCALE,"] + [f"DG_{n}," for n in lay.gates]
+    sig += [f"DO_{n}," for n in lay.outers]
+    tokens = lay.load_tokens(graph)
+    tokens.append(f"dy = tl.load({lay.token_ptr('DY', 'v')}, mask=valid, other=0.0)")
+    store = []
+    for n in TOKENS:
+        if f"tok_{n}" in grad_of:
+            store.append(f"tl.store({lay.token_ptr('D' + n.upper(), n)}, {names[grad_of['tok_' + n]]}, mask=valid)")
+    for n in lay.gates:
+        if f"tok_{n}" in grad_of:
+            store.append(f"tl.store({lay.gate_ptr('DG_' + n)}, tl.sum({names[grad_of['tok_' + n]]}, axis=1), "
+                         "mask=valid_r)")
+    for name, (ptr, _) in HYPER.items():
+        if name in grad_of:
+            store.append(f"tl.store({lay.hyper_ptr('D' + ptr)}, tl.sum({names[grad_of[name]]}, axis=1), "
+                         "mask=valid_r)")
+    for n in lay.outers:
+        store.append(f"acc_{n} += {names[grad_of['out_' + n]]}")
+    fill = {
+        "SIGNATURE": sig,
+        "LOAD_OUTERS": lay.load_outers() + [f"acc_{n} = tl.zeros([{', '.join(map(str, lay.tile_of(n)))}], "
+                                            "dtype=tl.float32)" for n in lay.outers],
+        "LOAD_DSTATE": [f"d{s} = tl.load({lay.state_ptr('D' + s, s)})" for s in lay.states],
+        "LOAD_STATE": [f"{s} = tl.load({lay.saved_ptr('SAVE_' + s, s)})" for s in lay.states],
+        "LOAD_TOKENS": tokens,
+        "BODY": body,
+        "STORE_GRADS": store,
+        "CARRY_DSTATE": [f"d{s} = {names[grad_of[s]]}" for s in lay.states],
+        "STORE_DSTATE": [f"tl.store({lay.state_ptr('D' + s, s)}, d{s})" for s in lay.states] +
+                        [f"tl.store(DO_{n} + (pid_b * H + pid_h) * {lay.numel(n)} + {lay.idx(n)}, acc_{n})"
+                         for n in lay.outers],
+    }
+    indent = {"LOAD_OUTERS": 4, "LOAD_DSTATE": 4, "LOAD_STATE": 8, "LOAD_TOKENS": 8, "BODY": 8, "STORE_GRADS": 8,
+              "CARRY_DSTATE": 8, "STORE_DSTATE": 4}
+    header = (f"# generated by memdsl for rule `{p.name}`: backward; sizes {sizes}, chunk {chunk}\n"
+              f"PRECISION = tl.constexpr({precision!r})\n")
+    return _fill("chunk_bwd.py.tmpl", fill, indent, header)
+
+
+__all__ = ["Unsupported", "generate_backward", "generate_forward", "supported"]

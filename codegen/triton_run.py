@@ -1,8 +1,10 @@
 """Running generated Triton kernels: compile (cached on disk), launch, and the autograd.Function.
 
-The forward runs the generated kernel. The backward does not yet have generated kernels: it
-recomputes the chunk program with the torch dual form under autograd (same math, checked equal
-in tests) — correct gradients, torch speed.
+Both directions are generated kernels: the forward saves every chunk-start state (`SAVE`), the
+backward walks the chunks in reverse, recomputes each chunk from its saved state and carries the
+state cotangent. Hyper-parameters (learning rates, decays, keeps, position scales) are computed
+from the gates in torch before the kernel and enter it as [B, H, T] tensors, so their own
+derivatives (through sigmoid gates, outer constants, ...) are left to torch autograd.
 """
 
 from __future__ import annotations
@@ -13,118 +15,135 @@ import os
 
 import torch
 
-from .triton_gen import Unsupported, generate_kernel
+from .triton_gen import HYPER, Unsupported, generate_backward, generate_forward
 
 _KERNELS: dict[str, object] = {}
 
 
-def kernel_for(rule, sizes: dict[str, int], chunk: int):
-    """The compiled kernel function for this rule, sizes and chunk (generated once, cached on disk)."""
+def _load_source(source: str, entry: str):
     from memdsl.api import cache_dir
-    from memdsl.driver import load
-    key = f"{rule.key}-{sorted(sizes.items())}-{chunk}"
-    if key in _KERNELS:
-        return _KERNELS[key]
-    program = load(rule.module.RULE_SOURCE, schedule={"chunk": rule.chunk} if rule.chunk else None)
-    from .module import factor_outputs
-    factor_outputs(program)
-    source = generate_kernel(program, rule.spec, sizes, chunk)
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     path = cache_dir() / f"triton_{digest}.py"
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
+    if not path.exists():  # atomic: concurrent processes never see a partial file
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(source)
         os.replace(tmp, path)
     spec = importlib.util.spec_from_file_location(f"memdsl_triton_{digest}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    _KERNELS[key] = mod.memdsl_chunk_fwd
-    return mod.memdsl_chunk_fwd
+    return getattr(mod, entry)
 
 
-def triton_forward(rule, q, k, v, gates, outers, state, sz, chunk):
-    """y [B, T, H, Dv] and the new state, from the generated kernel. Inputs in the frontend's layout."""
-    spec = rule.spec
-    impl = rule.impl
-    B, T, H, _ = q.shape
-    kern = kernel_for(rule, {n: int(value) for n, value in sz.items()}, chunk)
-    gates_bht = {n: g.transpose(1, 2) for n, g in gates.items()}  # [B, H, T]
-    hyp = impl.runtime.hyper_values(gates_bht, outers, sz, T, chunk, q.transpose(1, 2).float())
-    keep, _ = impl.runtime.keep_rate(hyp)
+def kernel_for(rule, sizes: dict[str, int], chunk: int, direction: str = "fwd"):
+    """The forward ("fwd") or backward ("bwd") kernel for this rule, sizes and chunk, generated on
+    first use (the backward only when a gradient is asked for) and cached on disk."""
+    from memdsl.driver import load
 
-    def flat(x):
-        return x[..., 0].float().contiguous() if x is not None else torch.empty(1, device=q.device)
-    lr = flat(hyp[spec["lr"]])
-    mu = flat(hyp[spec["decay"]]) if spec["decay"] else lr
-    keep_t = flat(keep) if keep is not None else lr
-    scale = flat(hyp[spec["scale"]]) if spec["scale"] else lr
-    # poisoned: an element the kernel fails to write stays NaN and fails every comparison
-    y = torch.full((B, T, H, v.shape[-1]), float("nan"), device=q.device, dtype=torch.float32)
-    new_state = {key: t.float().contiguous().clone() for key, t in state.items()}
-    args = [q.float().contiguous(), k.float().contiguous(), v.float().contiguous(), y, lr, mu, keep_t, scale]
-    args += [gates[n].float().contiguous() for n in spec["gates"]]
-    args += [outers[n].float().contiguous() for n in spec["outers"]]
-    params = list(spec["params"])
-    args += [new_state[f"A.{p}"] for p in params]
+    from .module import factor_outputs
+    key = f"{rule.key}-{sorted(sizes.items())}-{chunk}-{direction}"
+    if key not in _KERNELS:
+        program = load(rule.module.RULE_SOURCE, schedule={"chunk": rule.chunk} if rule.chunk else None)
+        factor_outputs(program)
+        if direction == "fwd":
+            _KERNELS[key] = _load_source(generate_forward(program, rule.spec, sizes, chunk), "memdsl_chunk_fwd")
+        else:
+            _KERNELS[key] = _load_source(generate_backward(program, rule.spec, sizes, chunk), "memdsl_chunk_bwd")
+    return _KERNELS[key]
+
+
+def kernel_sources(rule, sizes: dict[str, int], chunk: int) -> tuple[str, str]:
+    """The generated (forward, backward) Triton sources, for reading and for standalone modules."""
+    from memdsl.driver import load
+
+    from .module import factor_outputs
+    program = load(rule.module.RULE_SOURCE, schedule={"chunk": rule.chunk} if rule.chunk else None)
+    factor_outputs(program)
+    return generate_forward(program, rule.spec, sizes, chunk), generate_backward(program, rule.spec, sizes, chunk)
+
+
+def _state_keys(spec) -> list[str]:
+    keys = [f"A.{p}" for p in spec["params"]]
     if spec["optim"] == "momentum":
-        args += [new_state[f"S.{p}"] for p in params]
-    kern[(B * H,)](*args, T, H, C=chunk)
-    return y.to(q.dtype), new_state
+        keys += [f"S.{p}" for p in spec["params"]]
+    return keys
 
 
 class TritonChunk(torch.autograd.Function):
-    """Forward: the generated Triton kernel. Backward: torch recompute of the same chunk program."""
+    """Forward and backward: the generated kernels. Inputs are fp32, contiguous, kernel layouts."""
 
     @staticmethod
-    def forward(ctx, rule, chunk, names, *tensors):
-        q, k, v, *rest = tensors
-        gates, outers, state = _unpack(names, rest)
-        ctx.rule, ctx.chunk, ctx.names = rule, chunk, names
-        ctx.save_for_backward(*tensors)
-        y, new_state = triton_forward(rule, q, k, v, gates, outers, state, rule.impl.sizes(k=k, v=v, q=q), chunk)
-        ctx.state_keys = sorted(new_state)
-        return (y, *[new_state[key] for key in ctx.state_keys])
+    def forward(ctx, rule, chunk, sizes, save, n_gates, n_outers, *tensors):
+        fwd = kernel_for(rule, sizes, chunk, "fwd")
+        q, k, v, lr, mu, keep, scale = tensors[:7]
+        gates = tensors[7:7 + n_gates]
+        outers = tensors[7 + n_gates:7 + n_gates + n_outers]
+        states = tensors[7 + n_gates + n_outers:]
+        B, T, H, _ = q.shape
+        NC = -(-T // chunk)
+        # poisoned: an element the kernel fails to write stays NaN and fails every comparison
+        y = torch.full((B, T, H, v.shape[-1]), float("nan"), device=q.device, dtype=torch.float32)
+        new_states = [s.clone() for s in states]
+        saved = [s.new_empty((B, H, NC, *s.shape[2:])) if save else s for s in states]
+        fwd[(B * H,)](q, k, v, lr, mu, keep, scale, *gates, *outers, y, *new_states, *saved,
+                      T, H, NC, C=chunk, SAVE=save)
+        ctx.meta = (rule, chunk, sizes, n_gates, n_outers)
+        if save:
+            ctx.save_for_backward(q, k, v, lr, mu, keep, scale, *gates, *outers, *saved)
+        return (y, *new_states)
 
     @staticmethod
-    def backward(ctx, gy, *gstate):
-        tensors = [t.detach().requires_grad_() for t in ctx.saved_tensors]
-        q, k, v, *rest = tensors
-        gates, outers, state = _unpack(ctx.names, rest)
-        with torch.enable_grad():
-            y, new_state = ctx.rule(q, k, v, gates, params=outers, state=state, chunk=ctx.chunk, backend="dual")
-            outs = [y] + [new_state[key] for key in ctx.state_keys]
-            grads = [g if g is not None else torch.zeros_like(o) for g, o in zip((gy, *gstate), outs, strict=True)]
-            result = torch.autograd.grad(outs, tensors, grads, allow_unused=True)
-        return (None, None, None, *result)
-
-
-def _unpack(names, rest):
-    gates_n, outers_n, state_n = names
-    it = iter(rest)
-    gates = {n: next(it) for n in gates_n}
-    outers = {n: next(it) for n in outers_n}
-    state = {n: next(it) for n in state_n}
-    return gates, outers, state
+    def backward(ctx, dy, *dstates):
+        rule, chunk, sizes, n_gates, n_outers = ctx.meta
+        bwd = kernel_for(rule, sizes, chunk, "bwd")
+        q, k, v, lr, mu, keep, scale, *rest = ctx.saved_tensors
+        gates, outers, saved = rest[:n_gates], rest[n_gates:n_gates + n_outers], rest[n_gates + n_outers:]
+        B, T, H, _ = q.shape
+        NC = -(-T // chunk)
+        dy = torch.zeros((B, T, H, v.shape[-1]), device=q.device) if dy is None else dy.float().contiguous()
+        dstate = [torch.zeros(s.shape[:2] + s.shape[3:], device=s.device) if d is None else d.float().contiguous()
+                  .clone() for s, d in zip(saved, dstates, strict=True)]
+        dq, dk, dv = (torch.zeros_like(x) for x in (q, k, v))
+        dhyper = [torch.zeros_like(x) for x in (lr, mu, keep, scale)]
+        dgates = [torch.zeros_like(g) for g in gates]
+        douters = [torch.zeros((B, *o.shape), device=o.device) for o in outers]
+        bwd[(B * H,)](q, k, v, lr, mu, keep, scale, *gates, *outers, *saved, dy, *dstate,
+                      dq, dk, dv, *dhyper, *dgates, *douters, T, H, NC, C=chunk)
+        return (None, None, None, None, None, None, dq, dk, dv, *dhyper, *dgates,
+                *[d.sum(0) for d in douters], *dstate)
 
 
 def run_triton(rule, q, k, v, gates, params, state, chunk):
     """The public Triton path of a compiled rule: [B, T, H, D] in, (y, state) out, differentiable."""
     chunk = int(chunk or rule.chunk)
-    impl = rule.impl
+    impl, spec = rule.impl, rule.spec
     sz = impl.sizes(k=k, v=v, q=q)
     shapes = impl.fns["shapes"](sz)
     B, T, H = q.shape[:3]
     params = dict(params or {})
     outers = impl._outers(params, H, shapes, q.device)
-    gates = impl._gates(gates, B, T, H, shapes, q.device)
-    gates = {n: g.transpose(1, 2) for n, g in gates.items()}  # back to [B, T, H] for the kernel
+    gates_bht = impl._gates(gates, B, T, H, shapes, q.device)  # [B, H, T]
     if state is None:
         state = impl.init_state(B, H, sizes=sz, device=q.device, params=params)
-    names = (tuple(gates), tuple(outers), tuple(sorted(state)))
-    tensors = [q, k, v, *gates.values(), *outers.values(), *[state[n] for n in names[2]]]
-    y, *flat_state = TritonChunk.apply(rule, chunk, names, *tensors)
-    return y, dict(zip(sorted(state), flat_state, strict=True))
+    hyp = impl.runtime.hyper_values({n: g.float() for n, g in gates_bht.items()},
+                                    {n: o.float() for n, o in outers.items()}, sz, T, chunk,
+                                    q.transpose(1, 2).float())
+    keep, _ = impl.runtime.keep_rate(hyp)
+    dummy = torch.zeros((B, H, T), device=q.device)
+    values = {"lr": hyp[spec["lr"]], "mu": hyp[spec["decay"]] if spec["decay"] else None,
+              "keep": keep, "scale": hyp[spec["scale"]] if spec["scale"] else None}
+    hyper = [dummy if values[n] is None else values[n][..., 0].float().contiguous() for n in HYPER]
+    keys = _state_keys(spec)
+    tensors = [q.float().contiguous(), k.float().contiguous(), v.float().contiguous(), *hyper]
+    tensors += [gates_bht[n].transpose(1, 2).float().contiguous() for n in spec["gates"]]
+    tensors += [outers[n].float().contiguous() for n in spec["outers"]]
+    tensors += [state[key].float().contiguous() for key in keys]
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    sizes = {n: int(value) for n, value in sz.items()}
+    y, *new = TritonChunk.apply(rule, chunk, sizes, save, len(spec["gates"]), len(spec["outers"]), *tensors)
+    out_state = dict(state)
+    out_state.update(zip(keys, new, strict=True))
+    return y.to(q.dtype), out_state
 
 
-__all__ = ["Unsupported", "run_triton", "triton_forward"]
+__all__ = ["Unsupported", "kernel_sources", "run_triton"]

@@ -1,7 +1,8 @@
 """Generated Triton kernels against the torch chunk program (CPU: TRITON_INTERPRET=1, small shapes).
 
-Forward outputs and final state in fp32 (relative RMS ≤ 1e-5) and with bf16 inputs (≤ 5e-3),
-odd T (a ragged last chunk), NaN-poisoned outputs; gradients through the autograd.Function.
+Forward and backward are both generated kernels. Outputs, final state and every gradient (q, k, v,
+gates, outer constants, initial state) under random cotangents, in fp32 (relative RMS ≤ 1e-5) and
+with bf16 inputs (≤ 5e-3), odd T (a ragged last chunk), NaN-poisoned outputs.
 """
 
 from __future__ import annotations
@@ -40,16 +41,43 @@ def test_kernel_forward_equals_torch_chunk_program(path, dtype, tol):
         assert rel_rms(state[key], s_ref[key]) <= tol, key
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)])
 @pytest.mark.parametrize("path", COVERED, ids=[p.stem for p in COVERED])
-def test_kernel_gradients_equal_torch(path):
+def test_kernel_gradients_equal_torch(path, dtype, tol):
     rule = memdsl.compile(str(path))
-    tok, gates, params = make_inputs(rule, B=1, T=21, H=2, D=16, dtype=torch.float32)
-    y_ref, s_ref, g_ref = run_with_grads(rule, tok, gates, params, backend="dual", chunk=16)
+    tok, gates, params = make_inputs(rule, B=1, T=37, H=2, D=16, dtype=torch.float32)
+    tok = {n: t.to(dtype) for n, t in tok.items()}
     y, s, g = run_with_grads(rule, tok, gates, params, backend="triton", chunk=16)
-    assert rel_rms(y, y_ref) <= 1e-5
+    # references see the same rounded inputs: the torch chunk program in fp32 and in float64
+    f32 = run_with_grads(rule, {n: t.float() for n, t in tok.items()}, gates, params, backend="dual", chunk=16)
+    as64 = {n: t.double() for n, t in tok.items()}
+    f64 = run_with_grads(rule, as64, {n: t.double() for n, t in gates.items()},
+                         {n: t.double() for n, t in params.items()}, backend="dual", chunk=16)
+    y_ref, _, g_ref = f32
+    assert y.dtype == dtype and rel_rms(y.float(), y_ref) <= tol
+    assert set(g) == set(g_ref)
     for key in g_ref:
-        if g_ref[key].abs().sum() > 0:
-            assert rel_rms(g[key], g_ref[key]) <= 1e-5, key
+        assert not torch.isnan(g[key]).any(), key
+        if g_ref[key].abs().sum() == 0:
+            continue
+        if dtype == torch.bfloat16:
+            assert rel_rms(g[key].float(), g_ref[key]) <= tol, key
+        else:
+            # fp32: within 1e-5 of the exact (float64) gradient, or — for the rules whose fp32 rounding
+            # alone exceeds that (yaad's Huber/layer-norm mixture, see test_backends.FP32_TOL) — within
+            # 4x the error of the torch fp32 path itself
+            own = rel_rms(g_ref[key], f64[2][key])
+            assert rel_rms(g[key], f64[2][key]) <= max(1e-5, 4 * own), key
+
+
+def test_backward_kernel_is_generated_not_a_torch_recompute():
+    """The backward of the Triton path is a Triton kernel printed from the adjoint tile graph."""
+    from codegen.triton_run import kernel_sources
+    rule = memdsl.compile("rules/titans.mem")
+    fwd, bwd = kernel_sources(rule, {n: int(v) for n, v in rule.impl.sizes(sizes={"d": 16}).items()}, 16)
+    assert "def memdsl_chunk_bwd(" in bwd and "torch" not in bwd
+    assert bwd.count("tl.dot(") > fwd.count("tl.dot(")  # adjoints of every product
+    assert "for cr in range(0, NC)" in bwd  # the reverse scan over chunks
 
 
 def test_unsupported_rule_says_why():

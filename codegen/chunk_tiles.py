@@ -1,0 +1,258 @@
+"""A rule's anchored chunk program (dual form) as a tile graph: what one kernel iteration computes.
+
+Inputs of the graph (names the kernel binds when it loads a chunk):
+    tok_q, tok_k, tok_v        token tiles [C, d]
+    tok_<gate>                 scalar gates [C, 1]
+    out_<outer>                outer constants [1, n] / [m, n]
+    A_<p>, S_<p>               chunk-start state (memory, momentum) [m, n] / [1, n]
+    lr, mu, keep, scale        per-token hyper-parameters [C, 1] (padded rows: 0, 1, 1, 0)
+    lower, valid, is_last      masks: C×C lower triangle, valid rows, the last valid row
+Outputs: `y` [C, dv] and the end-of-chunk state `A_<p>`, `S_<p>`.
+
+The math (MATH.md §1.4, DESIGN "Semantics"): gradients at the chunk-start state come out as
+rank-1 factors a_i b_i^T (vectors: rows u_i); with D_ij = prod_{j<l<=i} keep_l and the momentum
+matrix M_ij = prod_{j<l<=i} mu_l, the state after token i is
+    A_i = abar_i A0 + f_i S0 - sum_j Kc_ij a_j b_j^T,   S_i = mbar_i S0 - sum_j Ks_ij a_j b_j^T
+with Kc = (D @ M) * lr_j (gd: D * lr_j; TTT's position scale: scale_i * lr_j), so the read
+M(q_i; A_i) never builds A_i: `A_i x = abar_i A0 x + f_i S0 x - sum_j Kc_ij (b_j . x) a_j`.
+
+Every token-row value is masked to zero on padded rows (a ragged last chunk): a row of zeros can
+still produce NaN in a norm or a division, and NaN times a zero coefficient is NaN, in the forward
+sum over rows and in every adjoint.
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+from memdsl.ir import Graph
+from memdsl.ops import ELEMENTWISE, sympy_form
+from memdsl.program import Program
+
+from .tile_ir import TileGraph, X
+
+TINY = 1e-30
+
+
+class Unsupported(Exception):
+    """This rule (or these sizes) is outside the Triton slice: the caller uses the torch path."""
+
+
+def _safe_log(x: sp.Expr) -> sp.Expr:
+    return sp.log(sp.Max(x, TINY))
+
+
+class _Lower:
+    """Lowers IR nodes (the rule's gradient and read functions) into tile nodes."""
+
+    def __init__(self, t: TileGraph, ir: Graph, sizes: dict, C: int, bind: dict[str, tuple[int, str]],
+                 duals: dict | None = None):
+        self.t, self.ir, self.sizes, self.C, self.bind = t, ir, sizes, C, bind
+        self.duals = duals or {}
+        self.val: dict[int, int] = {}
+        self.kind: dict[int, str] = {}
+        self.valid = t.inputs["valid"]
+
+    def n(self, e) -> int:
+        return int(sp.sympify(e).subs(self.sizes))
+
+    def mask(self, i: int) -> int:
+        zero = self.t.const(0.0)
+        return self.t.where(self.valid, i, zero)
+
+    def emit(self, outputs: list[int]) -> dict[int, tuple[int, str]]:
+        for nid in self.ir.topo(outputs):
+            self.node(nid)
+        return {o: (self.val[o], self.kind[o]) for o in outputs}
+
+    def node(self, nid: int) -> None:
+        t, ir = self.t, self.ir
+        node = ir.node(nid)
+        ops = ir.operands(nid)
+        if node.op == "input":
+            name = node.attr("name")
+            if node.attr("role") == "size":
+                self.val[nid], self.kind[nid] = t.const(float(sp.Symbol(name).subs(self.sizes))), "const"
+            elif name in self.bind:
+                self.val[nid], self.kind[nid] = self.bind[name]
+            else:
+                raise Unsupported(f"input {name} is not available inside the kernel")
+            return
+        if node.op == "const":
+            self.val[nid], self.kind[nid] = t.const(float(sp.sympify(node.attr("value")).subs(self.sizes))), "const"
+            return
+        args = [self.val[o] for o in ops]
+        kinds = [self.kind[o] for o in ops]
+        kind = "tok" if "tok" in kinds else "const"
+        if node.op == "outer":
+            self.val[nid], self.kind[nid] = (args[0], args[1]), "outer"
+            return
+        if node.op in ELEMENTWISE:
+            expr = sympy_form(node.op, X[:len(ops)], dict(node.attrs)).subs(self.sizes)
+            out = t.ew(expr, *args)
+        elif node.op in ("sum", "norm"):
+            if len(ir.node(ops[0]).shape) != 1:
+                raise Unsupported("a reduction over a matrix")
+            x = args[0]
+            if node.op == "norm":
+                out = t.ew(sp.sqrt(X[0]), t.sum(t.ew(X[0] * X[0], x), axis=1))
+            else:
+                out = t.sum(x, axis=1)
+        elif node.op == "matvec":
+            w, x = args
+            if kinds[0] == "dual":
+                out = self.duals[ops[0]](x)
+            elif kinds[0] == "tok":
+                raise Unsupported("a per-token matrix")
+            elif kinds[1] == "tok":
+                out = t.dot(x, t.trans(w))
+            else:
+                out = t.trans(t.sum(t.mul(w, x), axis=1))
+        elif node.op == "matvec_t":
+            w, x = args
+            if kinds[0] != "const":
+                raise Unsupported("a transposed product with a per-token matrix")
+            out = t.dot(x, w) if kinds[1] == "tok" else t.sum(t.mul(w, t.trans(x)), axis=0)
+        elif node.op == "broadcast":
+            width = self.n(node.shape[0]) if node.shape else 1
+            rows = self.C if kind == "tok" else 1
+            out = t.expand(args[0], (rows, width))
+        else:
+            raise Unsupported(f"op {node.op}")
+        if kind == "tok":
+            out = self.mask(out)
+        self.val[nid], self.kind[nid] = out, kind
+
+    def as_rows(self, pair: tuple[int, str], width: int) -> int:
+        """A factor as a [C, width] token tile (a chunk constant is broadcast to every valid row)."""
+        i, kind = pair
+        if kind == "tok":
+            return i
+        return self.mask(self.t.expand(i, (self.C, width)))
+
+
+def _outer_factors(ir: Graph, nid: int) -> list[tuple[int, int]]:
+    if ir.node(nid).op == "outer":
+        return [tuple(ir.operands(nid))]
+    return [tuple(ir.operands(o)) for o in ir.operands(nid)]
+
+
+def _ratio_matrix(t: TileGraph, cum: int) -> int:
+    """where(lower, exp(cum_i - cum_j), 0), with the exponent masked first: above the diagonal it
+    can overflow, and inf times a zero cotangent would poison the adjoint."""
+    lower, zero = t.inputs["lower"], t.const(0.0)
+    diff = t.where(lower, t.sub(cum, t.trans(cum)), zero)
+    return t.where(lower, t.ew(sp.exp(X[0]), diff), zero)
+
+
+def build_chunk_graph(p: Program, spec: dict, shapes: dict[str, list[int]], sizes: dict, C: int) -> TileGraph:
+    """The forward tile graph of one chunk (outputs y, A_<p>, S_<p>)."""
+    ir = p.graph
+    t = TileGraph()
+    mats = [x.name for x in p.params if len(x.shape) == 2]
+    vecs = [x.name for x in p.params if len(x.shape) == 1]
+    momentum = spec["optim"] == "momentum"
+    zero = t.const(0.0)
+
+    def tile_shape(name: str, rows: int | None = None) -> tuple[int, int]:
+        s = shapes[name]
+        if rows is not None:
+            return (rows, s[0] if s else 1)
+        return (s[0], s[1]) if len(s) == 2 else (1, s[0] if s else 1)
+
+    lower = t.input("lower", (C, C), boolean=True)
+    t.input("valid", (C, 1), boolean=True)
+    is_last = t.input("is_last", (C, 1), boolean=True)
+    bind: dict[str, tuple[int, str]] = {}
+    for n in ("q", "k", "v"):
+        bind[n] = (t.input(f"tok_{n}", tile_shape(n, C)), "tok")
+    for n in spec["gates"]:
+        bind[n] = (t.input(f"tok_{n}", (C, 1)), "tok")
+    for n in spec["outers"]:
+        bind[n] = (t.input(f"out_{n}", tile_shape(n)), "const")
+    A = {n: t.input(f"A_{n}", tile_shape(n)) for n in mats + vecs}
+    S = {n: t.input(f"S_{n}", tile_shape(n)) for n in mats + vecs} if momentum else {}
+    lr = t.input("lr", (C, 1))
+
+    # ---- gradients at the chunk-start state ---------------------------------------------------
+    low = _Lower(t, ir, sizes, C, {**bind, **{n: (A[n], "const") for n in A}})
+    outs = {n: ir.outputs[f"grad.{n}"] for n in mats + vecs}
+    factors = {n: _outer_factors(ir, outs[n]) for n in mats}
+    done = low.emit([x for n in mats for pair in factors[n] for x in pair] + [outs[n] for n in vecs])
+    pairs = {n: [(low.as_rows(done[a], tile_shape(n)[0]), low.as_rows(done[b], tile_shape(n)[1]))
+                 for a, b in factors[n]] for n in mats}
+    rows_u = {n: low.as_rows(done[outs[n]], tile_shape(n)[1]) for n in vecs}
+
+    # ---- coefficients -------------------------------------------------------------------------
+    lr_row = t.trans(lr)
+    if spec["retain"]:
+        cum = t.cumsum(t.ew(_safe_log(X[0]), t.input("keep", (C, 1))), axis=0)
+        D, abar = _ratio_matrix(t, cum), t.ew(sp.exp(X[0]), cum)
+    else:
+        D, abar = t.where(lower, t.const(1.0), zero), t.const(1.0)
+    f = Ks = mbar = None
+    if spec["scale"] is not None:
+        Kc = t.where(lower, t.mul(t.input("scale", (C, 1)), lr_row), zero)
+    elif momentum:
+        cm = t.cumsum(t.ew(_safe_log(X[0]), t.input("mu", (C, 1))), axis=0)
+        Mmu, mbar = _ratio_matrix(t, cm), t.ew(sp.exp(X[0]), cm)
+        Kc = t.mul(t.dot(D, Mmu), lr_row)
+        Ks = t.mul(Mmu, lr_row)
+        f = t.sum(t.mul(D, t.trans(mbar)), axis=1)
+    else:
+        Kc = t.mul(D, lr_row)
+
+    # ---- the read: every matrix as a dual weight ----------------------------------------------
+    def dual(n: str):
+        def apply(x: int) -> int:
+            out = t.mul(abar, t.dot(x, t.trans(A[n])))
+            if f is not None:
+                out = t.add2(out, t.mul(f, t.dot(x, t.trans(S[n]))))
+            for a, b in pairs[n]:
+                out = t.sub(out, t.dot(t.mul(Kc, t.dot(x, t.trans(b))), a))
+            return out
+        return apply
+
+    read_bind = dict(bind)
+    duals = {}
+    for nid in ir.g.nodes:
+        node = ir.node(nid)
+        if node.op == "input" and node.attr("name") in mats:
+            read_bind[node.attr("name")] = (A[node.attr("name")], "dual")
+            duals[nid] = dual(node.attr("name"))
+    for n in vecs:
+        r = t.mul(abar, A[n])
+        if f is not None:
+            r = t.add2(r, t.mul(f, S[n]))
+        read_bind[n] = (low.mask(t.sub(r, t.dot(Kc, rows_u[n]))), "tok")
+    reader = _Lower(t, ir, sizes, C, read_bind, duals)
+    y, _ = reader.emit([ir.outputs["read"]])[ir.outputs["read"]]
+    t.outputs["y"] = y
+
+    # ---- the end-of-chunk state -----------------------------------------------------------------
+    def last_row(x: int) -> int:  # row `last` of a tile, as a [1, n] row
+        return t.sum(t.where(is_last, x, zero), axis=0)
+
+    a_last = last_row(abar if t.shape(abar)[0] == C else t.expand(abar, (C, 1)))
+    k_last = t.trans(last_row(Kc))
+    f_last = last_row(f) if f is not None else None
+    m_last = last_row(mbar) if mbar is not None else None
+    ks_last = t.trans(last_row(Ks)) if Ks is not None else None
+
+    def update(n: str, coef: int) -> int:
+        if n in vecs:
+            return t.sum(t.mul(coef, rows_u[n]), axis=0)
+        total = None
+        for a, b in pairs[n]:
+            term = t.dot(t.trans(t.mul(a, coef)), b)
+            total = term if total is None else t.add2(total, term)
+        return total
+
+    for n in mats + vecs:
+        new_a = t.mul(a_last, A[n])
+        if f_last is not None:
+            new_a = t.add2(new_a, t.mul(f_last, S[n]))
+        t.outputs[f"A_{n}"] = t.sub(new_a, update(n, k_last))
+        if momentum:
+            t.outputs[f"S_{n}"] = t.sub(t.mul(m_last, S[n]), update(n, ks_last))
+    return t

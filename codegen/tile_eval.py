@@ -1,0 +1,46 @@
+"""Evaluate a tile program with torch tensors: the oracle for the tile IR and its adjoints.
+
+Tests run a generated chunk program here, next to `torch.autograd`, before any kernel is printed:
+a wrong adjoint rule shows up as a plain tensor mismatch, not as a kernel bug.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sympy_print import torch_lambda
+from .tile_ir import TileGraph
+
+
+def evaluate(graph: TileGraph, inputs: dict[str, torch.Tensor], upto: int | None = None) -> list[torch.Tensor]:
+    """Every node's value, in program order; inputs by name (2-D tensors of the declared shapes)."""
+    values: list[torch.Tensor] = []
+    n = len(graph.nodes) if upto is None else upto
+    for tile in graph.nodes[:n]:
+        a = [values[i] for i in tile.args]
+        if tile.op == "input":
+            x = inputs[tile.attrs[0]]
+            if tuple(x.shape) != tile.shape:
+                raise ValueError(f"input {tile.attrs[0]}: shape {tuple(x.shape)}, expected {tile.shape}")
+        elif tile.op == "const":
+            x = torch.tensor([[tile.attrs[0]]], dtype=torch.float64)
+        elif tile.op == "ew":
+            x = torch_lambda(tile.attrs[0], len(a))(*a)
+            x = torch.as_tensor(x, dtype=torch.float64).expand(tile.shape)
+        elif tile.op == "dot":
+            x = a[0] @ a[1]
+        elif tile.op == "trans":
+            x = a[0].T
+        elif tile.op == "sum":
+            x = a[0].sum(dim=tile.attrs[0], keepdim=True)
+        elif tile.op == "cumsum":
+            axis, reverse = tile.attrs
+            x = a[0].flip(axis).cumsum(axis).flip(axis) if reverse else a[0].cumsum(axis)
+        elif tile.op == "where":
+            x = torch.where(a[0], a[1], a[2])
+        elif tile.op == "expand":
+            x = a[0].expand(tile.shape)
+        else:
+            raise ValueError(f"unknown tile op {tile.op}")
+        values.append(x)
+    return values

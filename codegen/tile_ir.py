@@ -1,0 +1,179 @@
+"""Tile IR: the per-chunk program of a Triton kernel as a small SSA graph of 2-D tiles.
+
+A kernel owns one (batch, head) and walks its chunks; inside a chunk every value is a 2-D tile:
+token rows [C, n], scalars per token [C, 1], chunk constants [1, n] or [m, n], C×C coefficient
+matrices, boolean masks. Nine ops are enough for the anchored chunk program in dual form:
+
+    input    a named tile loaded by the kernel (tokens, gates, state, masks)
+    const    a number, shape [1, 1]
+    ew       an elementwise sympy expression over its operands (numpy broadcasting of 1-dims)
+    dot      [m, k] @ [k, n]
+    trans    [m, n] -> [n, m]
+    sum      reduce one axis, keeping it (shape 1)
+    cumsum   running sum along one axis, forward or reversed
+    where    select by a boolean mask: where(mask, a, b)
+    expand   broadcast to a larger shape
+
+The forward kernel prints these nodes; `tile_grad.backward` appends their reverse-mode
+derivative to the same graph, and the backward kernel prints the whole thing. Nodes are
+hash-consed, so a value computed twice is one node (common subexpressions come for free).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+
+Shape = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Tile:
+    op: str
+    args: tuple[int, ...]
+    shape: Shape
+    attrs: tuple = ()
+
+
+def _broadcast(shapes: list[Shape]) -> Shape:
+    out = []
+    for axis in range(2):
+        sizes = {s[axis] for s in shapes} - {1}
+        if len(sizes) > 1:
+            raise ValueError(f"tiles do not broadcast: {shapes}")
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
+
+
+X = [sp.Symbol(f"x{i}", real=True) for i in range(16)]
+
+
+def _number(value: float) -> sp.Expr:
+    return sp.Integer(int(value)) if float(value).is_integer() else sp.Float(value)
+
+
+class TileGraph:
+    """An append-only SSA graph of tiles with named inputs and outputs."""
+
+    def __init__(self):
+        self.nodes: list[Tile] = []
+        self._index: dict[Tile, int] = {}
+        self.inputs: dict[str, int] = {}
+        self.outputs: dict[str, int] = {}
+        self.boolean: set[int] = set()
+
+    def add(self, tile: Tile) -> int:
+        if tile in self._index:
+            return self._index[tile]
+        self.nodes.append(tile)
+        self._index[tile] = len(self.nodes) - 1
+        return len(self.nodes) - 1
+
+    def shape(self, i: int) -> Shape:
+        return self.nodes[i].shape
+
+    # ---- constructors ---------------------------------------------------------------------------
+    def input(self, name: str, shape: Shape, boolean: bool = False) -> int:
+        i = self.add(Tile("input", (), tuple(shape), (name,)))
+        self.inputs[name] = i
+        if boolean:
+            self.boolean.add(i)
+        return i
+
+    def const(self, value: float) -> int:
+        return self.add(Tile("const", (), (1, 1), (float(value),)))
+
+    def ew(self, expr: sp.Expr, *args: int) -> int:
+        """An elementwise expression over x0..x{n-1} bound to the tiles `args`."""
+        expr = sp.sympify(expr)
+        if expr.is_number:
+            return self.const(float(expr))
+        # constants are folded into the expression (1 * x is x, 0 + x is x)
+        consts = {X[i]: _number(self.nodes[a].attrs[0]) for i, a in enumerate(args) if self.nodes[a].op == "const"}
+        if consts:
+            expr = expr.xreplace(consts)
+            if expr.is_number:
+                return self.const(float(expr))
+        used = sorted(int(s.name[1:]) for s in expr.free_symbols)
+        # drop operands the expression does not use, renumbering the rest
+        keep = [i for i in range(len(args)) if i in used]
+        if len(keep) < len(args):
+            expr = expr.xreplace({X[i]: X[j] for j, i in enumerate(keep)})
+            args = tuple(args[i] for i in keep)
+        if expr == X[0]:
+            return args[0]
+        return self.add(Tile("ew", tuple(args), _broadcast([self.shape(a) for a in args]), (expr,)))
+
+    def mul(self, a: int, b: int) -> int:
+        return self.ew(X[0] * X[1], a, b)
+
+    def add2(self, a: int, b: int) -> int:
+        return self.ew(X[0] + X[1], a, b)
+
+    def sub(self, a: int, b: int) -> int:
+        return self.ew(X[0] - X[1], a, b)
+
+    def dot(self, a: int, b: int) -> int:
+        (m, k), (k2, n) = self.shape(a), self.shape(b)
+        if k != k2:
+            raise ValueError(f"dot of {self.shape(a)} and {self.shape(b)}")
+        return self.add(Tile("dot", (a, b), (m, n)))
+
+    def trans(self, a: int) -> int:
+        n = self.nodes[a]
+        if n.op == "trans":
+            return n.args[0]
+        m, k = n.shape
+        return self.add(Tile("trans", (a,), (k, m)))
+
+    def sum(self, a: int, axis: int) -> int:
+        shape = list(self.shape(a))
+        if shape[axis] == 1:
+            return a
+        shape[axis] = 1
+        return self.add(Tile("sum", (a,), tuple(shape), (axis,)))
+
+    def cumsum(self, a: int, axis: int, reverse: bool = False) -> int:
+        return self.add(Tile("cumsum", (a,), self.shape(a), (axis, reverse)))
+
+    def where(self, mask: int, a: int, b: int) -> int:
+        if mask not in self.boolean:
+            raise ValueError("where() needs a boolean mask input")
+        return self.add(Tile("where", (mask, a, b), _broadcast([self.shape(mask), self.shape(a), self.shape(b)])))
+
+    def expand(self, a: int, shape: Shape) -> int:
+        if self.shape(a) == tuple(shape):
+            return a
+        if _broadcast([self.shape(a), tuple(shape)]) != tuple(shape):
+            raise ValueError(f"cannot expand {self.shape(a)} to {shape}")
+        return self.add(Tile("expand", (a,), tuple(shape)))
+
+    def reduce_to(self, a: int, shape: Shape) -> int:
+        """Sum the axes along which `a` was broadcast from `shape` (the adjoint of broadcasting)."""
+        for axis in range(2):
+            if shape[axis] == 1 and self.shape(a)[axis] != 1:
+                a = self.sum(a, axis)
+        return a
+
+    # ---- inspection -----------------------------------------------------------------------------
+    def live(self, roots: list[int]) -> list[int]:
+        """The nodes the roots depend on, in program order."""
+        seen: set[int] = set()
+        stack = list(roots)
+        while stack:
+            i = stack.pop()
+            if i in seen:
+                continue
+            seen.add(i)
+            stack.extend(self.nodes[i].args)
+        return sorted(seen)
+
+    def __str__(self) -> str:
+        lines = []
+        for i, t in enumerate(self.nodes):
+            args = ", ".join(f"%{a}" for a in t.args)
+            attrs = f" {list(t.attrs)}" if t.attrs else ""
+            lines.append(f"%{i} = {t.op}({args}){attrs} : {list(t.shape)}")
+        lines += [f"out {name} = %{i}" for name, i in self.outputs.items()]
+        return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""Tile IR → Triton statements, one assignment per node.
+
+`tl.dot` needs every dimension ≥ 16; a product with a thinner operand (a [1, n] row, a [C, 1]
+column) is printed as a broadcast multiply and a sum instead. Transposes of a row or a column
+are reshapes. Elementwise nodes are printed from sympy by the Triton printer, so a `Piecewise`
+derivative becomes nested `tl.where`.
+"""
+
+from __future__ import annotations
+
+from .sympy_print import TritonPrinter
+from .tile_ir import TileGraph
+
+
+class _Named(TritonPrinter):
+    def __init__(self, names: list[str]):
+        super().__init__()
+        self.names = names
+
+    def _print_Symbol(self, expr):
+        return self.names[int(expr.name[1:])]
+
+
+def print_tiles(graph: TileGraph, bound: dict[str, str], nodes: list[int], names: dict[int, str],
+                prefix: str = "t") -> list[str]:
+    """Statements computing `nodes` (program order); inputs by their bound variable names.
+    `names` maps node ids to variable names and is extended in place."""
+    lines = []
+    for i in nodes:
+        if i in names:
+            continue
+        t = graph.nodes[i]
+        a = [names[j] for j in t.args]
+        if t.op == "input":
+            names[i] = bound[t.attrs[0]]
+            continue
+        if t.op == "const":
+            names[i] = f"tl.full([1, 1], {t.attrs[0]!r}, tl.float32)"
+            continue
+        m, n = t.shape
+        if t.op == "ew":
+            rhs = _Named(a).doprint(t.attrs[0])
+        elif t.op == "dot":
+            (_, k) = graph.shape(t.args[0])
+            if min(m, k, n) >= 16:
+                rhs = f"tl.dot({a[0]}, {a[1]}, input_precision=PRECISION)"
+            else:
+                rhs = f"tl.sum({a[0]}[:, :, None] * {a[1]}[None, :, :], axis=1)"
+        elif t.op == "trans":
+            rhs = f"tl.reshape({a[0]}, [{m}, {n}])" if 1 in (m, n) else f"tl.trans({a[0]})"
+        elif t.op == "sum":
+            rhs = f"tl.sum({a[0]}, axis={t.attrs[0]}, keep_dims=True)"
+        elif t.op == "cumsum":
+            axis, reverse = t.attrs
+            rhs = f"tl.cumsum({a[0]}, axis={axis}, reverse={reverse})"
+        elif t.op == "where":
+            rhs = f"tl.where({a[0]}, {a[1]}, {a[2]})"
+        elif t.op == "expand":
+            rhs = f"tl.broadcast_to({a[0]}, [{m}, {n}])"
+        else:
+            raise ValueError(f"unknown tile op {t.op}")
+        names[i] = f"{prefix}{i}"
+        # an elementwise result of broadcast-free scalars must still have its tile shape
+        if t.op == "ew" and all(graph.shape(j) != t.shape for j in t.args):
+            rhs = f"tl.broadcast_to({rhs}, [{m}, {n}])"
+        lines.append(f"{names[i]} = {rhs}")
+    return lines
