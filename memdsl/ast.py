@@ -157,7 +157,25 @@ class Read:
     span: Span | None = _span()
 
 
-Stmt = Dim | Input | Param | Outer | Gate | Fn | Model | Loss | Window | Optim | Retain | Read
+@dataclass(frozen=True)
+class Axes:
+    """`axes time, variate [bidirectional]`: a 2-D rule (memdsl/twod.py); names are checked there."""
+
+    names: tuple[str, ...]
+    bidirectional: bool = False
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class AxisRetain:
+    """`retain time decay(...)`: the retention along one axis of a 2-D rule."""
+
+    axis: str
+    calls: tuple[Call, ...]
+    span: Span | None = _span()
+
+
+Stmt = Dim | Input | Param | Outer | Gate | Fn | Model | Loss | Window | Optim | Retain | Read | Axes | AxisRetain
 
 
 @dataclass(frozen=True)

@@ -726,6 +726,9 @@ _EXAMPLES = {
 def build(rule: A.RuleFile, source: str, path: str) -> Program:
     """Check a parsed rule and build its Program. Raises a positioned `MemDSLError`."""
     try:
+        if any(isinstance(s, (A.Axes, A.AxisRetain)) for s in rule.memory.stmts):
+            from .twod import Builder2D  # a 2-D rule: same checks and IR, plus axes and per-axis retention
+            return Builder2D(rule, source, path).build()
         return Builder(rule, source, path).build()
     except RecursionError:
         raise ValueRangeError("an expression is nested too deeply", rule.memory.span,

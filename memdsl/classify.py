@@ -132,6 +132,9 @@ def _add_delta_outputs(p: Program, expr: sp.Expr, leaves: list[int], y: sp.Symbo
 
 
 def classify(p: Program) -> tuple[str, str]:
+    if p.axes is not None:  # a 2-D rule: scan2d / anchored2d / wavefront (memdsl/twod.py)
+        from .twod import classify_2d
+        return classify_2d(p)
     nonlinear = _nonlinear_parts(p)
     wanted = p.schedule.semantics
     if p.optim.scale is not None:

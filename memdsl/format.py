@@ -77,6 +77,10 @@ def format_stmt(s: A.Stmt) -> str:
         return f"optim {format_expr(s.call)}"
     if isinstance(s, A.Retain):
         return "retain " + ", ".join(format_expr(c) for c in s.calls)
+    if isinstance(s, A.Axes):
+        return "axes " + ", ".join(s.names) + (" bidirectional" if s.bidirectional else "")
+    if isinstance(s, A.AxisRetain):
+        return f"retain {s.axis} " + ", ".join(format_expr(c) for c in s.calls)
     if isinstance(s, A.Read):
         return f"read {format_expr(s.expr)}" + (" before" if s.order == "before" else "")
     raise TypeError(type(s).__name__)

@@ -21,6 +21,7 @@ _TOKEN_NAMES = {
     "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "COMMA": "','", "COLON": "':'",
     "EQUAL": "'='", "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "CIRCUMFLEX": "'^'",
     "CMP": "a comparison", "READ_ORDER": "'before' or 'after'", "SWITCH": "'on' or 'off'", "$END": "end of file",
+    "BIDIRECTIONAL": "'bidirectional'",
 }
 
 
@@ -158,6 +159,16 @@ class _ToAst(Transformer):
 
     def retain(self, meta, children):
         return A.Retain(tuple(children), _span_of(meta))
+
+    def axes(self, meta, children):
+        names = [str(c) for c in children if c.type == "NAME"]
+        return A.Axes(tuple(names), any(c.type == "BIDIRECTIONAL" for c in children), _span_of(meta))
+
+    def retain_axis(self, meta, children):
+        return str(children[0])
+
+    def axis_retain(self, meta, children):
+        return A.AxisRetain(children[0], tuple(children[1:]), _span_of(meta))
 
     def read(self, meta, children):
         order = str(children[1]) if len(children) > 1 else "after"

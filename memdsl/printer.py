@@ -69,6 +69,9 @@ def summary(p: Program) -> str:
             args += [f"grad_at={r.grad_at}"] if r.kind == "decay" else []
             ret.append(f"{r.kind}({', '.join(args)})")
         lines.append(f"  retain     {', '.join(ret)}")
+    if p.axes is not None:
+        keeps = f"time {' * '.join(p.axes.keep_time)}, variate {' * '.join(p.axes.keep_variate)}"
+        lines.append(f"  axes       time, variate{' bidirectional' if p.axes.bidirectional else ''}; keep {keeps}")
     if p.window > 1:
         lines.append(f"  window     {p.window}" + (f" weight {p.window_weight}" if p.window_weight else ""))
     lines.append(f"  read       {p.read_order} write")
@@ -77,6 +80,8 @@ def summary(p: Program) -> str:
         locs = ", ".join(f"chunk {loc.chunk} reset {loc.reset}" for loc in s.locals)
         qk = "on" if s.qk_projection else "off"
         sched = f"tnt global chunk {s.global_chunk}; locals [{locs}]; qk_projection {qk}"
+    elif p.axes is not None:
+        sched = f"tile time {s.tile[0]} variate {s.tile[1]}"
     else:
         sched = f"chunk {s.chunk}"
     lines.append(f"  schedule   {sched}")

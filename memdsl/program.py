@@ -85,6 +85,15 @@ class ScheduleSpec:
         return self.global_chunk is not None
 
 
+@dataclass(frozen=True)
+class AxesSpec:
+    """A 2-D rule over time × variate (memdsl/twod.py): per-axis keep factors, as graph output names."""
+
+    keep_time: tuple[str, ...]
+    keep_variate: tuple[str, ...]
+    bidirectional: bool = False  # also run the variate axis backwards and add the two reads
+
+
 @dataclass
 class Program:
     name: str
@@ -99,6 +108,7 @@ class Program:
     window_weight: str | None = None
     read_order: str = "after"
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    axes: AxesSpec | None = None        # set for 2-D rules only
     algorithm: str | None = None        # set by the classify pass
     algorithm_reason: str | None = None
     passes_run: list[str] = field(default_factory=list)

@@ -114,6 +114,14 @@ CASES = [
     ("reset_shorter_than_chunk", ScheduleError, 11, 3, "whole chunks"),
     ("qk_projection_without_locals", ScheduleError, 11, 3, "`local chunk 16 reset 2048`"),
     ("tile_on_1d_rule", ScheduleError, 10, 3, "`chunk N`"),
+    # 2-D rules (memdsl/twod.py)
+    ("axes_not_time_variate_2d", UnsupportedError, 3, 3, "write `axes time, variate`"),
+    ("axis_retain_without_axes_2d", MissingClauseError, 8, 3, "add `axes time, variate`"),
+    ("missing_variate_retain_2d", MissingClauseError, 3, 3, "`retain variate decay("),
+    ("momentum_2d", UnsupportedError, 9, 3, "1-D only for now"),
+    ("lq_along_axis_2d", UnsupportedError, 9, 32, "2-D retention is linear"),
+    ("channel_keep_2d", ShapeError, 10, 21, "a scalar gate"),
+    ("chunk_on_2d_rule", ScheduleError, 14, 3, "`tile time T variate V`"),
 ]
 IDS = [c[0] for c in CASES]
 

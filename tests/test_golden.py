@@ -10,7 +10,7 @@ import os
 import pytest
 
 from memdsl.cli import main
-from tests.conftest import ROOT, RULE_IDS, RULES, rel
+from tests.conftest import ROOT, RULE_2D_IDS, RULE_IDS, RULES, RULES_2D, rel
 
 GOLDEN = ROOT / "tests" / "golden"
 REGEN = os.environ.get("MEMDSL_REGEN_GOLDEN") == "1"
@@ -18,7 +18,7 @@ STAGES = {"ast": ["parse"], "ir": ["ir"], "grad": ["grad"]}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-@pytest.mark.parametrize("path", RULES, ids=RULE_IDS)
+@pytest.mark.parametrize("path", RULES + RULES_2D, ids=RULE_IDS + RULE_2D_IDS)
 def test_golden(path, stage, capsys):
     assert main([*STAGES[stage], rel(path)]) == 0
     text = capsys.readouterr().out

@@ -1,0 +1,280 @@
+"""2-D rules over time × variate (Chimera, Hydra, 2-D Mamba): checks, classification and the callable.
+
+A 2-D rule is an ordinary rule (model, loss, gd, read) plus `axes time, variate [bidirectional]` and one
+retention per axis (`retain time decay(kt)`, `retain variate decay(kv)`). The state at cell (t, v) is
+built from its time predecessor (t-1, v) and its variate predecessor (t, v-1) (docs/language.md §12;
+the runtime is codegen/runtime_2d.py). The per-token IR (loss, gradients, read, gates) is the 1-D
+compiler's, unchanged; only the recurrence around it is 2-D.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import torch
+
+from . import ast as A
+from .build import Builder, _chunk
+from .errors import (
+    ArityError,
+    DuplicateNameError,
+    MissingClauseError,
+    ScheduleError,
+    ShapeError,
+    UnsupportedError,
+    ValueRangeError,
+)
+from .program import AxesSpec, Program, ScheduleSpec
+
+DEFAULT_TILE = (16, 8)
+AXES = ("time", "variate")
+
+
+class Builder2D(Builder):
+    """The 1-D checks and IR, then the 2-D clauses: axes, per-axis decay, the tile schedule."""
+
+    def build(self) -> Program:
+        stmts = self.mem.stmts
+        axes = [s for s in stmts if isinstance(s, A.Axes)]
+        per_axis = [s for s in stmts if isinstance(s, A.AxisRetain)]
+        if not axes:
+            raise MissingClauseError(f"`retain {per_axis[0].axis}` is a 2-D retention, but the rule has no `axes`",
+                                     per_axis[0].span, "add `axes time, variate`, or write `retain decay(...)`")
+        if len(axes) > 1:
+            raise DuplicateNameError("more than one `axes` clause", axes[1].span, "keep exactly one")
+        ax = axes[0]
+        if ax.names != AXES:
+            raise UnsupportedError(f"2-D rules run over `axes time, variate`, not `axes {', '.join(ax.names)}`",
+                                   ax.span, "write `axes time, variate` (add `bidirectional` for a backward pass)")
+        for s in stmts:
+            if isinstance(s, A.Retain):
+                raise UnsupportedError("a 2-D rule retains per axis", s.span,
+                                       "write `retain time decay(...)` and `retain variate decay(...)`")
+            if isinstance(s, A.Window):
+                raise UnsupportedError("an Omega window in a 2-D rule", s.span,
+                                       "a 2-D step takes one cell's gradient: drop the window")
+        p = super().build()
+        optim = self._one(A.Optim, "optim")
+        if p.optim.kind != "gd" or p.optim.scale is not None or getattr(p.optim, "clip", None) is not None:
+            raise UnsupportedError("2-D rules take plain `gd(lr = ...)`", optim.span,
+                                   "momentum, muon, scale and clip are 1-D only for now")
+        if p.read_order != "after":
+            raise UnsupportedError("2-D rules read after the write", self._one(A.Read, "read").span,
+                                   "drop `before`")
+        keeps = {axis: self.axis_keeps(axis, [s for s in per_axis if s.axis == axis], ax) for axis in AXES}
+        p.axes = AxesSpec(keeps["time"], keeps["variate"], ax.bidirectional)
+        return p
+
+    def axis_keeps(self, axis: str, found: list[A.AxisRetain], ax: A.Axes) -> tuple[str, ...]:
+        if not found:
+            raise MissingClauseError(f"the 2-D rule has no `retain {axis}` clause", ax.span,
+                                     f"every axis needs its keep factor, e.g. `retain {axis} decay(exp(-dt))`")
+        if len(found) > 1:
+            raise DuplicateNameError(f"more than one `retain {axis}` clause", found[1].span,
+                                     "merge the keep factors into one `decay(...)`")
+        names = []
+        for i, c in enumerate(found[0].calls):
+            if c.func != "decay":
+                raise UnsupportedError(f"`{c.func}` along an axis of a 2-D rule", c.span,
+                                       "2-D retention is linear: `decay(keep)` per axis")
+            if len(c.args) + len(c.kwargs) != 1 or (c.kwargs and c.kwargs[0][0] != "keep"):
+                raise ArityError("a 2-D `decay` takes exactly its keep factor", c.span,
+                                 f"write `retain {axis} decay(keep)`")
+            keep = c.args[0] if c.args else c.kwargs[0][1]
+            name = self.hyper(f"retain_{axis}{i}.keep", keep, c.span)
+            if self.g.node(self.g.outputs[name]).shape:
+                raise ShapeError(f"the {axis} keep of a 2-D rule must be a per-token scalar", keep.span,
+                                 "a scalar gate, or an expression of scalar gates")
+            names.append(name)
+        return tuple(names)
+
+    def schedule(self) -> ScheduleSpec:
+        s = self.rule.schedule
+        tile, sem = None, None
+        for st in s.stmts if s is not None else ():
+            if isinstance(st, A.Tile):
+                if tile is not None:
+                    raise ScheduleError("`tile` is given twice", st.span, "keep one")
+                tile = (_chunk(st.time, st.span), _chunk(st.variate, st.span))
+            elif isinstance(st, A.Semantics):
+                if st.mode not in ("exact", "anchored"):
+                    raise ValueRangeError("semantics is `exact` or `anchored`", st.span)
+                sem = st.mode
+            else:
+                raise ScheduleError("a 2-D rule is scheduled in tiles, not chunks", st.span,
+                                    "use `tile time T variate V`")
+        return ScheduleSpec(tile=tile or DEFAULT_TILE, semantics=sem)
+
+
+def classify_2d(p: Program) -> tuple[str, str]:
+    """`scan2d` (exact for any tile), `anchored2d` (gradients at tile boundaries) or `wavefront` (exact)."""
+    g, params = p.graph, [t.name for t in p.params]
+    reads_state = any(g.depends_on(g.outputs[f"grad.{w}"], params) for w in params if f"grad.{w}" in g.outputs)
+    wanted = p.schedule.semantics
+    if not reads_state:
+        if wanted == "anchored":
+            return "anchored2d", "asked for by the schedule (it equals the exact rule here)"
+        return "scan2d", ("no gradient reads the memory: the 2-D recurrence is linear, and the tiled 2-D scan "
+                          "is exact for any tile")
+    if wanted == "exact":
+        return "wavefront", "asked for by the schedule: the exact 2-D recurrence, one anti-diagonal at a time"
+    return "anchored2d", ("the gradient reads the memory: every cell of a tile takes its gradient at the tile's "
+                          "boundary states carried in by the retention (the tile is part of the model)")
+
+
+def is_2d(tree: A.RuleFile) -> bool:
+    return any(isinstance(s, (A.Axes, A.AxisRetain)) for s in tree.memory.stmts)
+
+
+# ---- the callable ---------------------------------------------------------------------------------
+
+class Rule2D:
+    """A compiled 2-D rule. `y, state = rule(q, k, v, gates, params, state)` with tokens [B, T, V, H, D],
+    gates [B, T, V, H] (or [..., n] per channel); y is [B, T, V, H, Dv]; the state holds the last time
+    column per variate, `A.<param>` [B, H, V, *shape] (and `Ab.<param>` for the backward variate pass)."""
+
+    BACKENDS = ("auto", "wavefront", "tiles", "anchored_loop")
+
+    def __init__(self, program: Program, module: types.ModuleType):
+        from codegen.runtime_2d import Runtime2D
+        self.program, self.module = program, module
+        self.spec1d = module.SPEC
+        self.name, self.algorithm, self.tile = program.name, program.algorithm, program.schedule.tile
+        params = {t.name: {"rank": len(t.shape), "axis": self.spec1d["params"][t.name]["channel_axis"]}
+                  for t in program.params}
+        self.runtime = Runtime2D({"params": params, "linear": self.algorithm == "scan2d"},
+                                 {"grads": module.grads, "read": module.read})
+
+    def __repr__(self) -> str:
+        return (f"Rule2D {self.name}: {self.algorithm}, tile time {self.tile[0]} variate {self.tile[1]}"
+                f"{', bidirectional' if self.program.axes.bidirectional else ''}")
+
+    def sizes(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, sizes: dict | None = None) -> dict:
+        given = dict(sizes or {})
+        toks = {"k": k, "v": v, "q": q}
+        for name, tok in self.spec1d["size_from"].items():
+            given.setdefault(name, toks[tok].shape[-1])
+        return self.module.sizes(given)
+
+    def init_memory(self, H: int, sz: dict, params: dict, dtype, device) -> dict[str, torch.Tensor]:
+        """The initial memory per head, [H, *shape]: from params[<name>] when given, else the initializer."""
+        shapes = self.module.shapes(sz)
+        gen = torch.Generator().manual_seed(0)
+        out = {}
+        for t in self.program.params:
+            if t.name in params:
+                w = torch.as_tensor(params[t.name]).to(dtype=dtype, device=device)
+                w = w.expand(H, *shapes[t.name]) if w.dim() == len(shapes[t.name]) else w
+            else:
+                w = self.module.make_init(self.spec1d["params"][t.name]["init"], (H, *shapes[t.name]), dtype,
+                                          device, shapes, gen)
+            if tuple(w.shape) != (H, *shapes[t.name]):
+                raise ValueError(f"params[`{t.name}`] must be {tuple(shapes[t.name])} or {(H, *shapes[t.name])}")
+            out[t.name] = w
+        return out
+
+    def __call__(self, q, k, v, gates=None, params=None, state=None, *, backend: str = "auto",
+                 tile: tuple[int, int] | None = None, sizes: dict | None = None):
+        if backend not in self.BACKENDS:
+            raise ValueError(f"backend must be one of {self.BACKENDS}, got {backend!r}")
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if x.dim() != 5 or tuple(x.shape[:4]) != tuple(q.shape[:4]):
+                raise ValueError(f"`{name}` must be [B, T, V, H, D] like q, got {tuple(x.shape)}")
+        B, T, V, H = q.shape[:4]
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        sz = self.sizes(k, v, q, sizes)
+        params = dict(params or {})
+        known = {t.name for t in self.program.params} | set(self.spec1d["outers"])
+        if set(params) - known:
+            raise ValueError(f"unknown params {sorted(set(params) - known)}; rule {self.name} takes {sorted(known)} "
+                             "(the carried state goes in `state=`)")
+        shapes = self.module.shapes(sz)
+        outers = {}
+        for name, info in self.spec1d["outers"].items():
+            o = params[name] if name in params else self.module.make_init(info["init"], shapes[name], work,
+                                                                          q.device, shapes, None)
+            o = torch.as_tensor(o).to(work)
+            outers[name] = o.expand(H, *shapes[name]) if o.dim() == len(shapes[name]) else o
+        gates = dict(gates or {})
+        if sorted(gates) != sorted(self.spec1d["gates"]):
+            raise ValueError(f"rule {self.name} takes gates {sorted(self.spec1d['gates'])}, got {sorted(gates)}")
+        # internal layout [B, H, T, V, ...]
+        tok = {n: x.to(work).permute(0, 3, 1, 2, *range(4, x.dim())) for n, x in
+               {"q": q, "k": k, "v": v, **gates}.items()}
+        for n in gates:
+            if tuple(tok[n].shape[:4]) != (B, H, T, V):
+                raise ValueError(f"gate `{n}` must be [B, T, V, H] (or [B, T, V, H, n]), got {tuple(gates[n].shape)}")
+        init = self.init_memory(H, sz, params, work, q.device)
+        top = {p: w.unsqueeze(0).expand(B, *w.shape) for p, w in init.items()}
+        tile = tuple(tile or self.tile)
+        if backend == "auto":
+            backend = "wavefront" if self.algorithm == "wavefront" else "tiles"
+        y, new_state = self._direction(tok, outers, sz, state, top, "A", backend, tile, V)
+        if self.program.axes.bidirectional:  # the same rule over the variates in reverse order
+            flipped = {n: x.flip(3) for n, x in tok.items()}
+            yb, back = self._direction(flipped, outers, sz, state, top, "Ab", backend, tile, V)
+            y = y + yb.flip(3)
+            new_state.update(back)
+        return y.permute(0, 2, 3, 1, 4).to(q.dtype), new_state
+
+    def _direction(self, tok, outers, sz, state, top, prefix, backend, tile, V):
+        hyp = self.hyper(tok, outers, sz)
+        left = {p: (state[f"{prefix}.{p}"] if state is not None else
+                    w.unsqueeze(2).expand(*w.shape[:2], V, *w.shape[2:])) for p, w in top.items()}
+        args = (tok, hyp["kt"], hyp["kv"], hyp["lr"], outers, sz, left, top)
+        if backend == "wavefront":
+            y, last = self.runtime.wavefront(*args)
+        elif backend == "tiles":
+            y, last = self.runtime.tiles(*args, tile)
+        else:
+            y, last = self.runtime.anchored_loop(*args, tile)
+        return y, {f"{prefix}.{p}": w for p, w in last.items()}
+
+    def hyper(self, tok: dict, outers: dict, sz: dict) -> dict[str, torch.Tensor]:
+        """kt, kv [B, H, T, V] (products of the axis keeps) and lr [B, H, T, V, ch] from the emitted `hyper`."""
+        like = tok["q"]
+        B, H, T, V = like.shape[:4]
+        env = {n: x for n, x in tok.items() if n not in ("q", "k", "v")}
+        env.update({n: o.reshape(1, H, 1, 1, *o.shape[1:]) for n, o in outers.items()})
+        values = self.module.hyper(env, sz)
+
+        def grid(name):
+            x = torch.as_tensor(values[name], dtype=like.dtype, device=like.device)
+            return x.expand(B, H, T, V) if x.dim() <= 4 else x.expand(B, H, T, V, x.shape[-1])
+
+        axes = self.program.axes
+        kt = torch.ones(B, H, T, V, dtype=like.dtype, device=like.device)
+        kv = torch.ones_like(kt)
+        for n in axes.keep_time:
+            kt = kt * grid(n)
+        for n in axes.keep_variate:
+            kv = kv * grid(n)
+        lr = grid(self.program.optim.lr)
+        return {"kt": kt, "kv": kv, "lr": lr if lr.dim() == 5 else lr.unsqueeze(-1)}
+
+
+_MEMO: dict[tuple, Rule2D] = {}
+
+
+def compile_2d(path_or_source: str, tile: tuple[int, int] | None = None, semantics: str | None = None) -> Rule2D:
+    """Compile a 2-D rule (path or text). `tile` and `semantics` override the file's schedule."""
+    from codegen.module import generate
+
+    from .driver import load, read_source
+    source, _ = read_source(path_or_source)
+    key = (source, tile, semantics)
+    if key in _MEMO:
+        return _MEMO[key]
+    p = load(path_or_source, schedule={"semantics": semantics} if semantics else None)
+    if p.axes is None:
+        raise ValueError(f"rule {p.name} is 1-D (no `axes time, variate`): use memdsl.compile")
+    if tile is not None:
+        if not all(isinstance(x, int) and 1 <= x <= 1 << 16 for x in tile) or len(tile) != 2:
+            raise ValueError(f"tile must be two integers from 1 to 65536, got {tile!r}")
+        p.schedule = dataclasses.replace(p.schedule, tile=tuple(tile))
+    mod = types.ModuleType(f"memdsl_rule2d_{p.name}")
+    exec(compile(generate(p), f"<memdsl 2-D rule {p.name}>", "exec"), mod.__dict__)  # our own generated code
+    rule = Rule2D(p, mod)
+    _MEMO[key] = rule
+    return rule
