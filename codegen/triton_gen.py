@@ -7,9 +7,11 @@ mode, and the one printer (`tile_triton.print_tiles`) emits forward recompute an
 
 Layouts the kernels read and write (the launcher in triton_run.py prepares them):
     tokens, y, dy      [B, T, H, d] contiguous          gates      [B, T, H]
-    lr, mu, keep, scale and their gradients  [B, H, T]  outers     [H, *shape]
+    lr, mu, keep, scale and their gradients  [B, T, H]  outers     [H, *shape]
     state, dstate      [B, H, *shape]                   saved      [B, H, NC, *shape]
     outer gradients    [B, H, *shape] (summed over B by the launcher)
+Variable-length batches (`cu_seqlens`, flash-linear-attention's convention): B = 1, sequence i is
+tokens cu[i]..cu[i+1]; one program per (sequence, head); state and saved buffers are per sequence.
 
 Coverage of this slice (anything else runs on the torch path; `supported` says why): a single
 memory block of matrices and vectors, `gd` or `momentum` (with an optional position scale), a
@@ -96,13 +98,10 @@ class _Layout:
 
     def token_ptr(self, ptr: str, name: str) -> str:
         d = self.shape[name][0]
-        return f"{ptr} + ((pid_b * T + rows[:, None]) * H + pid_h) * {d} + tl.arange(0, {d})[None, :]"
+        return f"{ptr} + ((bos + rows[:, None]) * H + pid_h) * {d} + tl.arange(0, {d})[None, :]"
 
-    def gate_ptr(self, ptr: str) -> str:
-        return f"{ptr} + ((pid_b * T + rows) * H + pid_h)"
-
-    def hyper_ptr(self, ptr: str) -> str:
-        return f"{ptr} + (pid_b * H + pid_h) * T + rows"
+    def gate_ptr(self, ptr: str) -> str:  # gates and hyper-parameters share the [B, T, H] layout
+        return f"{ptr} + ((bos + rows) * H + pid_h)"
 
     def load_tokens(self, graph: TileGraph) -> list[str]:
         lines = []
@@ -114,7 +113,7 @@ class _Layout:
                 lines.append(f"tok_{n} = tl.load({self.gate_ptr('G_' + n)}, mask=valid_r, other=0.0)[:, None]")
         for name, (ptr, other) in HYPER.items():
             if name in graph.inputs:
-                lines.append(f"{name} = tl.load({self.hyper_ptr(ptr)}, mask=valid_r, other={other})[:, None]")
+                lines.append(f"{name} = tl.load({self.gate_ptr(ptr)}, mask=valid_r, other={other})[:, None]")
         return lines
 
     def load_outers(self) -> list[str]:
@@ -217,7 +216,7 @@ def generate_backward(p: Program, spec: dict, sizes: dict[str, int], chunk: int,
                          "mask=valid_r)")
     for name, (ptr, _) in HYPER.items():
         if name in grad_of:
-            store.append(f"tl.store({lay.hyper_ptr('D' + ptr)}, tl.sum({names[grad_of[name]]}, axis=1), "
+            store.append(f"tl.store({lay.gate_ptr('D' + ptr)}, tl.sum({names[grad_of[name]]}, axis=1), "
                          "mask=valid_r)")
     for n in lay.outers:
         store.append(f"acc_{n} += {names[grad_of['out_' + n]]}")

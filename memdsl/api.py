@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import functools
 import hashlib
+import itertools
 import linecache
 import os
 import tempfile
@@ -77,6 +78,7 @@ def module_source(path_or_source: str, **schedule) -> tuple[str, str]:
     """The generated module text for a rule (from the cache when possible) and its cache key."""
     from codegen.module import generate
     source, _ = read_source(path_or_source)
+    _refuse_2d(source, path_or_source)
     key = _key(source, schedule)
     path = cache_dir() / f"{key}.py"
     body = _read_cached(path)
@@ -87,6 +89,18 @@ def module_source(path_or_source: str, **schedule) -> tuple[str, str]:
         except OSError:
             pass  # a read-only cache is not an error: compile in memory
     return body, key
+
+
+def _refuse_2d(source: str, path_or_source: str) -> None:
+    """A 2-D rule has its own runtime (memdsl.twod.compile_2d); the 1-D module would silently drop its axes."""
+    from .errors import UnsupportedError
+    from .parse import parse
+    from .twod import is_2d
+    tree = parse(source, path_or_source if source != path_or_source else "<rule>")
+    if is_2d(tree):
+        raise UnsupportedError(f"rule {tree.memory.name} is 2-D (axes time, variate): standalone modules and "
+                               "memdsl.compile are 1-D only", tree.memory.span,
+                               "compile it with memdsl.twod.compile_2d(path)").attach(source, path_or_source)
 
 
 class CompiledRule:
@@ -115,13 +129,41 @@ class CompiledRule:
     def chunk(self) -> int:
         return self.spec["chunk"]
 
-    def __call__(self, q, k, v, gates=None, params=None, state=None, *, backend: str = "auto", **kw):
+    def __call__(self, q, k, v, gates=None, params=None, state=None, *, backend: str = "auto",
+                 cu_seqlens=None, **kw):
+        """y, state = rule(q, k, v, gates, params, state). With `cu_seqlens` (flash-linear-attention's
+        convention: B = 1, sequence i is tokens cu[i]..cu[i+1]) every packed sequence runs from its own
+        state ([N, H, ...]); y is [1, T, H, Dv] and the state has one entry per sequence."""
+        if cu_seqlens is not None:
+            _check_cu_seqlens(cu_seqlens, q)
         if backend == "triton" or (backend == "auto" and getattr(q, "is_cuda", False) and self.triton_reason() is None):
             from codegen.triton_run import run_triton
             if backend == "triton" and self.triton_reason() is not None:
                 raise ValueError(f"rule {self.name} has no Triton kernel yet: {self.triton_reason()}")
-            return run_triton(self, q, k, v, gates, params, state, kw.get("chunk"))
+            return run_triton(self, q, k, v, gates, params, state, kw.get("chunk"), cu_seqlens)
+        if cu_seqlens is not None:
+            return self._packed(q, k, v, gates, params, state, cu_seqlens, backend=backend, **kw)
         return self.impl(q, k, v, gates, params, state, backend=backend, **kw)
+
+    def _packed(self, q, k, v, gates, params, state, cu_seqlens, **kw):
+        """The torch paths on packed sequences: one call per sequence (the reference for the kernels)."""
+        import torch
+        ys, states = [], []
+        bounds = cu_seqlens.tolist()
+        for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+            own = None if state is None else {n: s[i:i + 1] for n, s in state.items()}
+            if hi == lo:  # an empty sequence keeps its state
+                own = own or self.impl.init_state(1, q.shape[2], sizes=self.impl.sizes(k=k, v=v, q=q),
+                                                  device=q.device, params=params)
+                states.append(own)
+                continue
+            sl = slice(lo, hi)
+            y, s = self.impl(q[:, sl], k[:, sl], v[:, sl], {n: g[:, sl] for n, g in (gates or {}).items()},
+                             params, own, **kw)
+            ys.append(y)
+            states.append(s)
+        y = torch.cat(ys, dim=1) if ys else q.new_zeros(*q.shape[:3], v.shape[-1])
+        return y, {n: torch.cat([s[n] for s in states]) for n in states[0]}
 
     def triton_reason(self) -> str | None:
         """None when the generated Triton kernels cover this rule; otherwise why not."""
@@ -159,3 +201,15 @@ def compile(path_or_source: str, chunk: int | None = None, **schedule) -> Compil
     with _LOCK:
         _MEMO[key] = rule
     return rule
+
+
+def _check_cu_seqlens(cu_seqlens, q) -> None:
+    import torch
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point:
+        raise ValueError("cu_seqlens: expected a 1-D integer tensor of sequence offsets [0, ..., T]")
+    if q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens: packed sequences need batch size 1, got q of shape {tuple(q.shape)}")
+    bounds = cu_seqlens.tolist()
+    ordered = all(a <= b for a, b in itertools.pairwise(bounds))
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != q.shape[1] or not ordered:
+        raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T={q.shape[1]}, got {bounds}")
