@@ -47,11 +47,36 @@ def _cmd_compile(args) -> str:
     from .api import module_source
     schedule = {k: v for k, v in {"chunk": args.chunk, "semantics": args.semantics}.items() if v is not None}
     text, _ = module_source(args.file, **schedule)
+    if args.triton:
+        text = _with_kernels(text, args, schedule)
     if args.output:
         with open(args.output, "w") as f:
             f.write(text)
         return f"wrote {args.output} ({len(text.splitlines())} lines)"
     return text
+
+
+def _with_kernels(text: str, args, schedule: dict) -> str:
+    """Generate the Triton kernels for each `--triton d=64[,h=..]` size set and embed them."""
+    from codegen.module import add_kernels
+    from codegen.triton_run import Unsupported, kernel_sources
+
+    from .api import compile as compile_rule
+    rule = compile_rule(args.file, **schedule)
+    chunk = int(args.chunk or rule.chunk)
+    kernels = {}
+    for text_sizes in args.triton:
+        try:
+            given = {n.strip(): int(x) for n, x in (item.split("=") for item in text_sizes.split(","))}
+        except ValueError:
+            raise ValueError(f"--triton {text_sizes!r}: expected sizes like d=64 or d=64,h=256") from None
+        sizes = {n: int(x) for n, x in rule.impl.sizes(sizes=given).items()}
+        try:
+            fwd, bwd = kernel_sources(rule, sizes, chunk)
+        except Unsupported as why:
+            raise ValueError(f"rule {rule.name}: no Triton kernel for sizes {sizes}, chunk {chunk}: {why}") from None
+        kernels[(tuple(sorted(sizes.items())), chunk)] = {"fwd": fwd, "bwd": bwd}
+    return add_kernels(text, kernels)
 
 
 def _cmd_check(args) -> str:
@@ -77,6 +102,11 @@ def _cmd_check(args) -> str:
 def _cmd_bench(args) -> str:
     from .bench_cpu import bench_backends
     return bench_backends(args.file, B=args.B, T=args.T, H=args.H, D=args.D, chunk=args.chunk, repeat=args.repeat)
+
+
+def _cmd_eval(args) -> str:
+    from .eval.runner import run
+    return run(args)
 
 
 def _cmd_passes(args) -> str:
@@ -111,6 +141,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="OUT.py", help="write here (default: print)")
     p.add_argument("--chunk", type=int, help="override the schedule's chunk size")
     p.add_argument("--semantics", choices=["exact", "anchored"], help="override the schedule's semantics")
+    p.add_argument("--triton", action="append", metavar="SIZES",
+                   help="also carry the generated Triton kernels (fwd + bwd) for these sizes, e.g. d=64; repeatable")
     p.set_defaults(run=_cmd_compile)
 
     p = sub.add_parser("check", help="run every backend on random data; print errors per output and gradient")
@@ -130,6 +162,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--D", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
     p.set_defaults(run=_cmd_bench)
+
+    p = sub.add_parser("eval", help="train a small model around each rule on a task (mqar, niah, lm, chunk); "
+                       "write tables and plots")
+    from .eval.args import add_arguments
+    add_arguments(p)
+    p.set_defaults(run=_cmd_eval)
 
     p = sub.add_parser("passes", help="list the compiler passes in order")
     p.set_defaults(run=_cmd_passes)

@@ -1,0 +1,72 @@
+"""PNG plots of a task's rows (matplotlib, imported lazily: without it the tables are still written)."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+TITLES = {
+    "mqar": ("state size (memory floats per sequence)", "MQAR accuracy", "log"),
+    "niah": ("evaluation length (tokens)", "needle accuracy", "log"),
+    "lm": ("", "", "linear"),
+    "chunk": ("evaluation chunk size", "validation loss (nats/byte)", "log"),
+}
+
+
+def _smooth(curve: list[float], k: int = 20) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(curve):
+        acc += v - (curve[i - k] if i >= k else 0.0)
+        out.append(acc / min(i + 1, k))
+    return out
+
+
+def plot_task(task: str, rows: list[dict], curves: list[tuple], out: Path) -> list[Path]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: tables written, plots skipped")
+        return []
+    written = []
+    if task != "lm":
+        xlabel, ylabel, scale = TITLES[task]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for model in dict.fromkeys(r["model"] for r in rows):
+            pts: dict[float, list[float]] = {}
+            for r in rows:
+                if r["model"] == model:
+                    pts.setdefault(float(r["state"] if task == "mqar" else r["x"]), []).append(r["value"])
+            xs = sorted(pts)
+            means = [statistics.mean(pts[x]) for x in xs]
+            errs = [statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0.0 for x in xs]
+            ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, label=model)
+        ax.set_xscale(scale)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = out / f"{task}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_model: dict[tuple, list[list[float]]] = {}
+    for model, width, _, curve in curves:
+        by_model.setdefault((model, width), []).append(curve)
+    for (model, width), cs in by_model.items():
+        n = min(len(c) for c in cs)
+        mean = [statistics.mean(c[i] for c in cs) for i in range(n)]
+        label = model if len({w for _, w in by_model}) == 1 else f"{model} w{width}"
+        ax.plot(_smooth(mean), label=label, lw=1)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss (mean over seeds, smoothed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = out / f"{task}_loss.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return written + [path]
