@@ -189,3 +189,54 @@ def generate(p: Program) -> str:
         "        super().__init__(RULE, n_heads, d, **sizes)\n"
     )
     return "\n\n".join(parts)
+
+
+def add_kernels(body: str, kernels: dict[tuple, dict[str, str]]) -> str:
+    """A standalone module that also carries generated Triton kernels.
+
+    kernels: {(sorted (size, value) pairs, chunk): {"fwd": source, "bwd": source}}. The module then
+    dispatches CUDA tensors whose sizes and chunk match a carried kernel to it (forward and
+    backward), and everything else to its torch paths. Kernel sources are string constants, loaded
+    (and compiled by Triton) on first use; the module still imports without triton installed."""
+    launcher = _strip_imports((HERE / "triton_launch.py").read_text())
+    table = ",\n".join(f"    {key!r}: {{'fwd': {src['fwd']!r},\n             'bwd': {src['bwd']!r}}}"
+                       for key, src in kernels.items())
+    configs = ", ".join(f"{dict(k[0])} chunk {k[1]}" for k in kernels)
+    dispatch = f'''
+# ---- generated Triton kernels ({configs}) {"-" * 20}
+KERNEL_SOURCES = {{
+{table},
+}}
+_LOADED = {{}}
+
+
+def _get_kernel(direction, sizes, chunk):
+    key = (tuple(sorted(sizes.items())), chunk)
+    if (key, direction) not in _LOADED:
+        _LOADED[key, direction] = load_kernel(KERNEL_SOURCES[key][direction], f"memdsl_chunk_{{direction}}")
+    return _LOADED[key, direction]
+
+
+def memory(q, k, v, gates=None, params=None, state=None, *, backend="auto", cu_seqlens=None, **kw):
+    """y, state = memory(q, k, v, gates, params, state): CUDA tensors at a carried kernel's sizes run the
+    Triton kernels; anything else runs the torch paths (backend="loop", "chunk", "dual", ...)."""
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, q)
+    chunk = int(kw.get("chunk") or SPEC["chunk"])
+    key = (tuple(sorted((n, int(x)) for n, x in RULE.sizes(k=k, v=v, q=q).items())), chunk)
+    if backend == "triton" or (backend == "auto" and q.is_cuda and key in KERNEL_SOURCES):
+        if key not in KERNEL_SOURCES:
+            raise ValueError(f"no Triton kernel in this module for sizes {{dict(key[0])}} and chunk {{chunk}}; "
+                             f"it carries {{[(dict(k[0]), k[1]) for k in KERNEL_SOURCES]}}")
+        return launch(RULE, SPEC, _get_kernel, q, k, v, gates, params, state, chunk, cu_seqlens)
+    if cu_seqlens is not None:
+        def init_one():
+            return RULE.init_state(1, q.shape[2], sizes=RULE.sizes(k=k, v=v, q=q), device=q.device, params=params)
+        return run_packed(RULE, init_one, q, k, v, gates, params, state, cu_seqlens, backend=backend, **kw)
+    return RULE(q, k, v, gates, params, state, backend=backend, **kw)
+'''
+    imports = "import hashlib\nimport importlib.util\nimport itertools\nimport os\nfrom pathlib import Path\n"
+    body = body.replace("import math\n\nimport torch\n", f"{imports}import math\n\nimport torch\n", 1)
+    body = body.replace("Standalone: needs torch only.",
+                        "Standalone: needs torch (and triton for the carried kernels).", 1)
+    return body + "\n\n# ---- triton_launch.py " + "-" * 60 + "\n" + launcher + dispatch

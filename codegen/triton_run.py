@@ -1,177 +1,51 @@
-"""Running generated Triton kernels: compile (cached on disk), launch, and the autograd.Function.
+"""Generated Triton kernels for compiled rules: generate on first use, cache on disk, launch.
 
-Both directions are generated kernels: the forward saves every chunk-start state (`SAVE`), the
-backward walks the chunks in reverse, recomputes each chunk from its saved state and carries the
-state cotangent. Hyper-parameters (learning rates, decays, keeps, position scales) are computed
-from the gates in torch before the kernel and enter it as [B, H, T] tensors, so their own
-derivatives (through sigmoid gates, outer constants, ...) are left to torch autograd.
+The launch itself (autograd.Function, layouts, packed sequences) lives in triton_launch.py, which
+standalone modules carry verbatim; this file adds what needs the compiler: generating the kernel
+sources from the rule's program.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import itertools
-import os
-
-import torch
-
-from .triton_gen import HYPER, Unsupported, generate_backward, generate_forward
+from .triton_gen import Unsupported, generate_backward, generate_forward
+from .triton_launch import launch, load_kernel
 
 _KERNELS: dict[str, object] = {}
 
 
-def _load_source(source: str, entry: str):
-    from memdsl.api import cache_dir
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    path = cache_dir() / f"triton_{digest}.py"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():  # atomic: concurrent processes never see a partial file
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(source)
-        os.replace(tmp, path)
-    spec = importlib.util.spec_from_file_location(f"memdsl_triton_{digest}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return getattr(mod, entry)
-
-
-def kernel_for(rule, sizes: dict[str, int], chunk: int, direction: str = "fwd"):
-    """The forward ("fwd") or backward ("bwd") kernel for this rule, sizes and chunk, generated on
-    first use (the backward only when a gradient is asked for) and cached on disk."""
-    from memdsl.driver import load
-
-    from .module import factor_outputs
-    key = f"{rule.key}-{sorted(sizes.items())}-{chunk}-{direction}"
-    if key not in _KERNELS:
-        program = load(rule.module.RULE_SOURCE, schedule={"chunk": rule.chunk} if rule.chunk else None)
-        factor_outputs(program)
-        if direction == "fwd":
-            _KERNELS[key] = _load_source(generate_forward(program, rule.spec, sizes, chunk), "memdsl_chunk_fwd")
-        else:
-            _KERNELS[key] = _load_source(generate_backward(program, rule.spec, sizes, chunk), "memdsl_chunk_bwd")
-    return _KERNELS[key]
-
-
-def kernel_sources(rule, sizes: dict[str, int], chunk: int) -> tuple[str, str]:
-    """The generated (forward, backward) Triton sources, for reading and for standalone modules."""
+def _program(rule):
     from memdsl.driver import load
 
     from .module import factor_outputs
     program = load(rule.module.RULE_SOURCE, schedule={"chunk": rule.chunk} if rule.chunk else None)
     factor_outputs(program)
+    return program
+
+
+def kernel_for(rule, sizes: dict[str, int], chunk: int, direction: str = "fwd"):
+    """The forward ("fwd") or backward ("bwd") kernel for this rule, sizes and chunk, generated on
+    first use (the backward only when a gradient is asked for) and cached on disk."""
+    key = f"{rule.key}-{sorted(sizes.items())}-{chunk}-{direction}"
+    if key not in _KERNELS:
+        program = _program(rule)
+        if direction == "fwd":
+            _KERNELS[key] = load_kernel(generate_forward(program, rule.spec, sizes, chunk), "memdsl_chunk_fwd")
+        else:
+            _KERNELS[key] = load_kernel(generate_backward(program, rule.spec, sizes, chunk), "memdsl_chunk_bwd")
+    return _KERNELS[key]
+
+
+def kernel_sources(rule, sizes: dict[str, int], chunk: int) -> tuple[str, str]:
+    """The generated (forward, backward) Triton sources, for reading and for standalone modules."""
+    program = _program(rule)
     return generate_forward(program, rule.spec, sizes, chunk), generate_backward(program, rule.spec, sizes, chunk)
 
 
-def _state_keys(spec) -> list[str]:
-    keys = [f"A.{p}" for p in spec["params"]]
-    if spec["optim"] == "momentum":
-        keys += [f"S.{p}" for p in spec["params"]]
-    return keys
-
-
-class TritonChunk(torch.autograd.Function):
-    """Forward and backward: the generated kernels. Inputs are fp32, contiguous, kernel layouts."""
-
-    @staticmethod
-    def forward(ctx, rule, chunk, sizes, save, n_gates, n_outers, cu_seqlens, *tensors):
-        fwd = kernel_for(rule, sizes, chunk, "fwd")
-        q, k, v, lr, mu, keep, scale = tensors[:7]
-        gates = tensors[7:7 + n_gates]
-        outers = tensors[7 + n_gates:7 + n_gates + n_outers]
-        states = tensors[7 + n_gates + n_outers:]
-        B, T, H, _ = q.shape
-        N, NC, cu = _programs(B, T, chunk, cu_seqlens, q.device)
-        # poisoned: an element the kernel fails to write stays NaN and fails every comparison
-        y = torch.full((B, T, H, v.shape[-1]), float("nan"), device=q.device, dtype=torch.float32)
-        new_states = [s.clone() for s in states]
-        saved = [s.new_empty((N, H, NC, *s.shape[2:])) if save else s for s in states]
-        fwd[(N * H,)](q, k, v, lr, mu, keep, scale, *gates, *outers, y, *new_states, *saved,
-                      cu, T, H, NC, C=chunk, VARLEN=cu_seqlens is not None, SAVE=save)
-        ctx.meta = (rule, chunk, sizes, n_gates, n_outers, cu_seqlens)
-        if save:
-            ctx.save_for_backward(q, k, v, lr, mu, keep, scale, *gates, *outers, *saved)
-        return (y, *new_states)
-
-    @staticmethod
-    def backward(ctx, dy, *dstates):
-        rule, chunk, sizes, n_gates, n_outers, cu_seqlens = ctx.meta
-        bwd = kernel_for(rule, sizes, chunk, "bwd")
-        q, k, v, lr, mu, keep, scale, *rest = ctx.saved_tensors
-        gates, outers, saved = rest[:n_gates], rest[n_gates:n_gates + n_outers], rest[n_gates + n_outers:]
-        B, T, H, _ = q.shape
-        N, NC, cu = _programs(B, T, chunk, cu_seqlens, q.device)
-        dy = torch.zeros((B, T, H, v.shape[-1]), device=q.device) if dy is None else dy.float().contiguous()
-        dstate = [torch.zeros(s.shape[:2] + s.shape[3:], device=s.device) if d is None else d.float().contiguous()
-                  .clone() for s, d in zip(saved, dstates, strict=True)]
-        dq, dk, dv = (torch.zeros_like(x) for x in (q, k, v))
-        dhyper = [torch.zeros_like(x) for x in (lr, mu, keep, scale)]
-        dgates = [torch.zeros_like(g) for g in gates]
-        douters = [torch.zeros((N, *o.shape), device=o.device) for o in outers]
-        bwd[(N * H,)](q, k, v, lr, mu, keep, scale, *gates, *outers, *saved, dy, *dstate,
-                      dq, dk, dv, *dhyper, *dgates, *douters, cu, T, H, NC, C=chunk, VARLEN=cu_seqlens is not None)
-        return (None, None, None, None, None, None, None, dq, dk, dv, *dhyper, *dgates,
-                *[d.sum(0) for d in douters], *dstate)
-
-
-def _programs(B: int, T: int, chunk: int, cu_seqlens, device):
-    """(sequences, most chunks in one sequence, the offsets tensor the kernel reads)."""
-    if cu_seqlens is None:
-        return B, -(-T // chunk), torch.zeros(1, dtype=torch.int32, device=device)
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    return len(lengths), max(1, -(-int(lengths.max()) // chunk)), cu_seqlens.to(torch.int32)
-
-
 def run_triton(rule, q, k, v, gates, params, state, chunk, cu_seqlens=None):
-    """The public Triton path of a compiled rule: [B, T, H, D] in, (y, state) out, differentiable.
-    With `cu_seqlens` (B = 1), the packed sequences run independently, one state each."""
-    chunk = int(chunk or rule.chunk)
-    impl, spec = rule.impl, rule.spec
-    sz = impl.sizes(k=k, v=v, q=q)
-    shapes = impl.fns["shapes"](sz)
-    B, T, H = q.shape[:3]
-    params = dict(params or {})
-    outers = impl._outers(params, H, shapes, q.device)
-    gates_bht = impl._gates(gates, B, T, H, shapes, q.device)  # [B, H, T]
-    N = B if cu_seqlens is None else len(cu_seqlens) - 1
-    if state is None:
-        state = impl.init_state(N, H, sizes=sz, device=q.device, params=params)
-    hyper = _hyper(impl, spec, gates_bht, outers, sz, T, chunk, q, cu_seqlens)
-    keys = _state_keys(spec)
-    tensors = [q.float().contiguous(), k.float().contiguous(), v.float().contiguous(), *hyper]
-    tensors += [gates_bht[n].transpose(1, 2).float().contiguous() for n in spec["gates"]]
-    tensors += [outers[n].float().contiguous() for n in spec["outers"]]
-    tensors += [state[key].float().contiguous() for key in keys]
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    sizes = {n: int(value) for n, value in sz.items()}
-    y, *new = TritonChunk.apply(rule, chunk, sizes, save, len(spec["gates"]), len(spec["outers"]), cu_seqlens,
-                                *tensors)
-    out_state = dict(state)
-    out_state.update(zip(keys, new, strict=True))
-    return y.to(q.dtype), out_state
+    """The Triton path of a compiled rule: [B, T, H, D] in, (y, state) out, differentiable."""
+    def get_kernel(direction: str, sizes: dict[str, int], c: int):
+        return kernel_for(rule, sizes, c, direction)
+    return launch(rule.impl, rule.spec, get_kernel, q, k, v, gates, params, state, chunk or rule.chunk, cu_seqlens)
 
 
-def _hyper(impl, spec, gates_bht, outers, sz, T, chunk, q, cu_seqlens) -> list[torch.Tensor]:
-    """lr, mu, keep, scale as [B, T, H] fp32 tensors (torch autograd differentiates their formulas).
-    Packed sequences get their own positions (TTT's 1/i scale restarts in every sequence)."""
-    spans = [(0, T)] if cu_seqlens is None else list(itertools.pairwise(cu_seqlens.tolist()))
-    parts: dict[str, list[torch.Tensor]] = {n: [] for n in HYPER}
-    like = q.transpose(1, 2).float()
-    for lo, hi in spans:
-        if hi == lo:
-            continue
-        hyp = impl.runtime.hyper_values({n: g[:, :, lo:hi].float() for n, g in gates_bht.items()},
-                                        {n: o.float() for n, o in outers.items()}, sz, hi - lo, chunk,
-                                        like[:, :, lo:hi])
-        keep, _ = impl.runtime.keep_rate(hyp)
-        values = {"lr": hyp[spec["lr"]], "mu": hyp[spec["decay"]] if spec["decay"] else None,
-                  "keep": keep, "scale": hyp[spec["scale"]] if spec["scale"] else None}
-        for n in HYPER:
-            value = values[n] if values[n] is not None else like[:, :, lo:hi, :1] * 0
-            parts[n].append(value[..., 0])
-    B, H = like.shape[:2]
-    return [torch.cat(parts[n], dim=2).transpose(1, 2).contiguous() if parts[n] else torch.zeros(B, T, H)
-            for n in HYPER]
-
-
-__all__ = ["Unsupported", "kernel_sources", "run_triton"]
+__all__ = ["Unsupported", "kernel_for", "kernel_sources", "run_triton"]

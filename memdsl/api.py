@@ -10,7 +10,6 @@ from __future__ import annotations
 import builtins
 import functools
 import hashlib
-import itertools
 import linecache
 import os
 import tempfile
@@ -135,35 +134,19 @@ class CompiledRule:
         convention: B = 1, sequence i is tokens cu[i]..cu[i+1]) every packed sequence runs from its own
         state ([N, H, ...]); y is [1, T, H, Dv] and the state has one entry per sequence."""
         if cu_seqlens is not None:
-            _check_cu_seqlens(cu_seqlens, q)
+            from codegen.triton_launch import check_cu_seqlens, run_packed
+            check_cu_seqlens(cu_seqlens, q)
         if backend == "triton" or (backend == "auto" and getattr(q, "is_cuda", False) and self.triton_reason() is None):
             from codegen.triton_run import run_triton
             if backend == "triton" and self.triton_reason() is not None:
                 raise ValueError(f"rule {self.name} has no Triton kernel yet: {self.triton_reason()}")
             return run_triton(self, q, k, v, gates, params, state, kw.get("chunk"), cu_seqlens)
         if cu_seqlens is not None:
-            return self._packed(q, k, v, gates, params, state, cu_seqlens, backend=backend, **kw)
+            def init_state():
+                return self.impl.init_state(1, q.shape[2], sizes=self.impl.sizes(k=k, v=v, q=q), device=q.device,
+                                            params=params)
+            return run_packed(self.impl, init_state, q, k, v, gates, params, state, cu_seqlens, backend=backend, **kw)
         return self.impl(q, k, v, gates, params, state, backend=backend, **kw)
-
-    def _packed(self, q, k, v, gates, params, state, cu_seqlens, **kw):
-        """The torch paths on packed sequences: one call per sequence (the reference for the kernels)."""
-        import torch
-        ys, states = [], []
-        bounds = cu_seqlens.tolist()
-        for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
-            own = None if state is None else {n: s[i:i + 1] for n, s in state.items()}
-            if hi == lo:  # an empty sequence keeps its state
-                own = own or self.impl.init_state(1, q.shape[2], sizes=self.impl.sizes(k=k, v=v, q=q),
-                                                  device=q.device, params=params)
-                states.append(own)
-                continue
-            sl = slice(lo, hi)
-            y, s = self.impl(q[:, sl], k[:, sl], v[:, sl], {n: g[:, sl] for n, g in (gates or {}).items()},
-                             params, own, **kw)
-            ys.append(y)
-            states.append(s)
-        y = torch.cat(ys, dim=1) if ys else q.new_zeros(*q.shape[:3], v.shape[-1])
-        return y, {n: torch.cat([s[n] for s in states]) for n in states[0]}
 
     def triton_reason(self) -> str | None:
         """None when the generated Triton kernels cover this rule; otherwise why not."""
@@ -202,14 +185,3 @@ def compile(path_or_source: str, chunk: int | None = None, **schedule) -> Compil
         _MEMO[key] = rule
     return rule
 
-
-def _check_cu_seqlens(cu_seqlens, q) -> None:
-    import torch
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point:
-        raise ValueError("cu_seqlens: expected a 1-D integer tensor of sequence offsets [0, ..., T]")
-    if q.shape[0] != 1:
-        raise ValueError(f"cu_seqlens: packed sequences need batch size 1, got q of shape {tuple(q.shape)}")
-    bounds = cu_seqlens.tolist()
-    ordered = all(a <= b for a, b in itertools.pairwise(bounds))
-    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != q.shape[1] or not ordered:
-        raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T={q.shape[1]}, got {bounds}")
