@@ -40,6 +40,9 @@ def evaluate(graph: TileGraph, inputs: dict[str, torch.Tensor], upto: int | None
             x = torch.where(a[0], a[1], a[2])
         elif tile.op == "expand":
             x = a[0].expand(tile.shape)
+        elif tile.op == "trinv":
+            eye = torch.eye(tile.shape[0], dtype=a[0].dtype)
+            x = torch.linalg.solve_triangular(eye + torch.where(a[1], a[0], 0.0), eye, upper=False)
         else:
             raise ValueError(f"unknown tile op {tile.op}")
         values.append(x)

@@ -13,6 +13,7 @@ Adjoint rules (g is the cotangent of the node's output):
     cumsum(a)      a += cumsum(g) in the opposite direction
     where(m, a, b) a += where(m, g, 0) ;  b += where(m, 0, g)
     expand(a)      a += reduce_to(g, shape(a))
+    X = trinv(L)   L += strictly_lower(-X^T g X^T)      (X = (I + L)^-1, so dX = -X dL X)
 """
 
 from __future__ import annotations
@@ -82,6 +83,11 @@ def backward(graph: TileGraph, seeds: list[tuple[int, int]], wrt: list[int]) -> 
                 accumulate(b, graph.reduce_to(graph.where(mask, zero, g), graph.shape(b)))
         elif node.op == "expand":
             accumulate(node.args[0], graph.reduce_to(g, graph.shape(node.args[0])))
+        elif node.op == "trinv":
+            a, strict = node.args
+            xt = graph.trans(i)
+            inner = graph.ew(-X[0], graph.dot(graph.dot(xt, g), xt))
+            accumulate(a, graph.where(strict, inner, graph.const(0.0)))
         else:
             raise ValueError(f"no adjoint for tile op {node.op}")
     out = {}

@@ -2,7 +2,7 @@
 
 A kernel owns one (batch, head) and walks its chunks; inside a chunk every value is a 2-D tile:
 token rows [C, n], scalars per token [C, 1], chunk constants [1, n] or [m, n], C×C coefficient
-matrices, boolean masks. Nine ops are enough for the anchored chunk program in dual form:
+matrices, boolean masks. Ten ops are enough for the anchored chunk program in dual form and the exact WY algorithm:
 
     input    a named tile loaded by the kernel (tokens, gates, state, masks)
     const    a number, shape [1, 1]
@@ -13,6 +13,7 @@ matrices, boolean masks. Nine ops are enough for the anchored chunk program in d
     cumsum   running sum along one axis, forward or reversed
     where    select by a boolean mask: where(mask, a, b)
     expand   broadcast to a larger shape
+    trinv    (I + L)^-1 for a strictly lower-triangular C×C tile L (the WY/UT transform)
 
 The forward kernel prints these nodes; `tile_grad.backward` appends their reverse-mode
 derivative to the same graph, and the backward kernel prints the whole thing. Nodes are
@@ -148,6 +149,13 @@ class TileGraph:
         if _broadcast([self.shape(a), tuple(shape)]) != tuple(shape):
             raise ValueError(f"cannot expand {self.shape(a)} to {shape}")
         return self.add(Tile("expand", (a,), tuple(shape)))
+
+    def trinv(self, a: int, strict: int) -> int:
+        """(I + L)^-1 where L = where(strict, a, 0) is strictly lower triangular (`strict`: the mask)."""
+        m, n = self.shape(a)
+        if m != n or strict not in self.boolean:
+            raise ValueError("trinv needs a square tile and a boolean strictly-lower mask")
+        return self.add(Tile("trinv", (a, strict), (m, n)))
 
     def reduce_to(self, a: int, shape: Shape) -> int:
         """Sum the axes along which `a` was broadcast from `shape` (the adjoint of broadcasting)."""

@@ -57,6 +57,18 @@ def print_tiles(graph: TileGraph, bound: dict[str, str], nodes: list[int], names
             rhs = f"tl.where({a[0]}, {a[1]}, {a[2]})"
         elif t.op == "expand":
             rhs = f"tl.broadcast_to({a[0]}, [{m}, {n}])"
+        elif t.op == "trinv":
+            # forward substitution, one row per step: X_r = e_r - sum_{j<r} L_rj X_j (rows j < r are final)
+            x, r = f"{prefix}{i}", f"{prefix}{i}_r"
+            lines += [f"{x}_L = tl.where({a[1]}, {a[0]}, 0.0)",
+                      f"{x}_id = tl.arange(0, {m})",
+                      f"{x} = tl.where({x}_id[:, None] == {x}_id[None, :], 1.0, 0.0)",
+                      f"for {r} in range(1, {m}):",
+                      f"    {x}_row = tl.sum(tl.where({x}_id[:, None] == {r}, {x}_L, 0.0), axis=0)",
+                      f"    {x}_sub = tl.sum({x}_row[:, None] * {x}, axis=0)",
+                      f"    {x} = tl.where({x}_id[:, None] == {r}, {x} - {x}_sub[None, :], {x})"]
+            names[i] = x
+            continue
         else:
             raise ValueError(f"unknown tile op {t.op}")
         names[i] = f"{prefix}{i}"

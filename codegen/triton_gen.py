@@ -13,9 +13,10 @@ Layouts the kernels read and write (the launcher in triton_run.py prepares them)
 Variable-length batches (`cu_seqlens`, flash-linear-attention's convention): B = 1, sequence i is
 tokens cu[i]..cu[i+1]; one program per (sequence, head); state and saved buffers are per sequence.
 
-Coverage of this slice (anything else runs on the torch path; `supported` says why): a single
-memory block of matrices and vectors, `gd` or `momentum` (with an optional position scale), a
-scalar `decay` retention, window 1, read after write, scalar gates, and power-of-two sizes ≥ 16.
+Coverage of this slice (anything else runs on the torch path; `supported` says why): the anchored
+dual form — a single memory block of matrices and vectors, `gd` or `momentum` (with an optional
+position scale), a scalar `decay` retention, window 1, read after write, scalar gates — and the
+exact WY algorithm of state-linear rules (wy_tiles.py); power-of-two sizes ≥ 16.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .chunk_tiles import Unsupported, build_chunk_graph
 from .tile_grad import backward
 from .tile_ir import TileGraph
 from .tile_triton import print_tiles
+from .wy_tiles import build_wy_graph
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 HYPER = {"lr": ("LR", 0.0), "mu": ("MU", 1.0), "keep": ("KEEP", 1.0), "scale": ("SCALE", 0.0)}
@@ -45,6 +47,14 @@ def _ident(name: str) -> str:
 
 def supported(p: Program, spec: dict) -> str | None:
     """None if the Triton slice covers this rule; otherwise why not."""
+    if spec["algorithm"] == "wy":
+        if spec["read_order"] != "after":
+            return "read before write"
+        if any(info["channels"] for info in spec["gates"].values()):
+            return "per-channel gates"
+        if any(r["kind"] != "decay" for r in spec["retain"]):
+            return "a retention other than a plain decay"
+        return None
     if not spec.get("dual") or spec["algorithm"] not in ("anchored", "linear"):
         return f"algorithm {spec['algorithm']} without the dual form"
     if spec["window"] != 1 or spec["window_weight"] is not None:
@@ -128,7 +138,8 @@ class _Layout:
 
 def _graph(p: Program, spec: dict, layout: _Layout, chunk: int) -> TileGraph:
     shapes = {n: layout.shape[n] for n in layout.shape}
-    return build_chunk_graph(p, spec, shapes, layout.sym, chunk)
+    build = build_wy_graph if spec["algorithm"] == "wy" else build_chunk_graph
+    return build(p, spec, shapes, layout.sym, chunk)
 
 
 def _check_sizes(sizes: dict[str, int], chunk: int) -> None:

@@ -50,11 +50,15 @@ def test_every_adjoint_rule_matches_autograd():
     h = g.cumsum(g.trans(f), axis=1)                       # trans, cumsum
     k = g.cumsum(h, axis=0, reverse=True)                  # reversed cumsum
     s = g.sum(g.expand(col, (5, 4)), axis=1)               # expand, sum
+    sq = g.input("sq", (4, 4))
+    strict = g.input("strict", (4, 4), boolean=True)
+    inv = g.dot(g.trinv(g.ew(0.3 * X[0], sq), strict), g.trans(row))  # trinv
     gen = torch.Generator().manual_seed(0)
     inputs = {n: torch.randn(g.shape(i), generator=gen, dtype=torch.float64) for n, i in g.inputs.items()
               if i not in g.boolean}
     inputs["mask"] = torch.rand(5, 4, generator=gen) > 0.4
-    _check_adjoints(g, inputs, [k, s, g.sum(f, axis=0)])
+    inputs["strict"] = torch.ones(4, 4).tril(-1).bool()
+    _check_adjoints(g, inputs, [k, s, g.sum(f, axis=0), inv])
 
 
 def test_constants_fold_and_unused_operands_drop():
@@ -85,10 +89,11 @@ def test_generated_chunk_backward_matches_autograd(path):
             inputs[name] = 0.6 + 0.4 * torch.rand(shape, generator=gen, dtype=torch.float64)
         elif name in ("lr", "scale") or name.startswith("tok_") and shape[1] == 1:
             inputs[name] = 0.05 + 0.3 * torch.rand(shape, generator=gen, dtype=torch.float64)
-        elif name not in ("lower", "valid", "is_last"):
+        elif name not in ("lower", "strict", "valid", "is_last"):
             inputs[name] = 0.5 * torch.randn(shape, generator=gen, dtype=torch.float64)
     rows = torch.arange(C)
     inputs["lower"] = rows[:, None] >= rows[None, :]
+    inputs["strict"] = rows[:, None] > rows[None, :]
     inputs["valid"] = (rows < T_valid)[:, None]
     inputs["is_last"] = (rows == T_valid - 1)[:, None]
     for name in list(inputs):  # padded rows hold what the kernel loads there: zeros, lr 0, keep 1

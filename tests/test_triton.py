@@ -14,7 +14,8 @@ import memdsl
 from memdsl.checking import make_inputs, rel_rms, run_with_grads
 from tests.conftest import RULES
 
-SUPPORTED = {"titans", "titans_linear", "ttt_linear", "ttt_mlp", "yaad", "linear_attention"}
+SUPPORTED = {"titans", "titans_linear", "ttt_linear", "ttt_mlp", "yaad", "linear_attention", "deltanet",
+             "gated_deltanet"}
 COVERED = [p for p in RULES if p.stem in SUPPORTED]
 
 
@@ -25,17 +26,23 @@ def test_the_kernel_slice_covers_what_it_says():
     assert reason and "dual" in reason
 
 
+def reference(rule) -> str:
+    """The torch chunk program a kernel reproduces: the exact WY algorithm or the anchored dual form."""
+    return "wy" if rule.algorithm == "wy" else "dual"
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)])
 @pytest.mark.parametrize("path", COVERED, ids=[p.stem for p in COVERED])
 def test_kernel_forward_equals_torch_chunk_program(path, dtype, tol):
     rule = memdsl.compile(str(path))
     tok, gates, params = make_inputs(rule, B=2, T=37, H=2, D=16, dtype=torch.float32)
-    y_ref, s_ref = rule(tok["q"], tok["k"], tok["v"], gates, params, chunk=16, backend="dual")
+    y_ref, s_ref = rule(tok["q"], tok["k"], tok["v"], gates, params, chunk=16, backend=reference(rule))
     cast = {n: t.to(dtype) for n, t in tok.items()}
     y, state = rule(cast["q"], cast["k"], cast["v"], gates, params, chunk=16, backend="triton")
     assert y.dtype == dtype and not torch.isnan(y).any()
     if dtype == torch.bfloat16:  # the reference sees the same rounded inputs
-        y_ref, s_ref = rule(*(cast[n].float() for n in ("q", "k", "v")), gates, params, chunk=16, backend="dual")
+        y_ref, s_ref = rule(*(cast[n].float() for n in ("q", "k", "v")), gates, params, chunk=16,
+                            backend=reference(rule))
     assert rel_rms(y.float(), y_ref) <= tol
     for key in s_ref:
         assert rel_rms(state[key], s_ref[key]) <= tol, key
@@ -49,10 +56,11 @@ def test_kernel_gradients_equal_torch(path, dtype, tol):
     tok = {n: t.to(dtype) for n, t in tok.items()}
     y, s, g = run_with_grads(rule, tok, gates, params, backend="triton", chunk=16)
     # references see the same rounded inputs: the torch chunk program in fp32 and in float64
-    f32 = run_with_grads(rule, {n: t.float() for n, t in tok.items()}, gates, params, backend="dual", chunk=16)
+    f32 = run_with_grads(rule, {n: t.float() for n, t in tok.items()}, gates, params, backend=reference(rule),
+                         chunk=16)
     as64 = {n: t.double() for n, t in tok.items()}
     f64 = run_with_grads(rule, as64, {n: t.double() for n, t in gates.items()},
-                         {n: t.double() for n, t in params.items()}, backend="dual", chunk=16)
+                         {n: t.double() for n, t in params.items()}, backend=reference(rule), chunk=16)
     y_ref, _, g_ref = f32
     assert y.dtype == dtype and rel_rms(y.float(), y_ref) <= tol
     assert set(g) == set(g_ref)
