@@ -257,12 +257,12 @@ class CompiledRuleModule:
         lr = hyp[spec["lr"]][..., 0]
         slope = torch.as_tensor(terms["wy.slope"], dtype=q.dtype).expand_as(lr)
         keep, _ = self.runtime.keep_rate(hyp)
-        log_keep = torch.zeros_like(lr) if keep is None else torch.log(keep[..., 0].clamp_min(1e-30))
+        keep = torch.ones_like(lr) if keep is None else keep[..., 0]
         key = terms["wy.key"].expand(*q.shape[:3], terms["wy.key"].shape[-1])
         query = terms["wy.query"].expand(*q.shape[:3], terms["wy.query"].shape[-1])
         offset = terms["wy.offset"].expand(*v.shape[:3], terms["wy.offset"].shape[-1])
         p = next(iter(spec["params"]))
-        y, S = wy_chunks(query, key, -lr.unsqueeze(-1) * offset, lr * slope, log_keep,  # noqa: F821
+        y, S = wy_chunks(query, key, -lr.unsqueeze(-1) * offset, lr * slope, keep,  # noqa: F821
                          state[f"A.{p}"].mT, chunk)
         return y, {f"A.{p}": S.mT}
 

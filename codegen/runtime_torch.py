@@ -109,17 +109,23 @@ def _split_all(rt, cuts, q, k, v, gates, hyp):
             {n: TimeSplit(g, cuts) for n, g in gates.items()}, hyp, hyp.get("__keep"), hyp.get("__rate"))
 
 
-def _log_ratio(logx):
-    """R[..., i, j] = exp(sum_{j < l <= i} logx_l) for j <= i, else 0. logx: [B, H, n, ch]."""
-    cum = logx.cumsum(dim=2)
-    diff = cum.unsqueeze(3) - cum.unsqueeze(2)  # [B, H, i, j, ch]
-    n = logx.shape[2]
-    mask = torch.ones(n, n, dtype=torch.bool, device=logx.device).tril()
-    return torch.exp(diff.masked_fill(~mask[:, :, None], -math.inf)), torch.exp(cum)
-
-
-def _safe_log(x):
-    return torch.log(x.clamp_min(1e-30))
+def _ratio(x):
+    """R[..., i, j, :] = prod_{j < l <= i} x_l for j <= i, else 0, and the running product prod_{l <= i} x_l.
+    x: [B, H, n, ch]. Positive factors (the usual case) multiply in log space, as the Triton kernels do, so
+    the two paths round alike. A factor <= 0 — a float32 sigmoid saturates to exactly 1 past x ≈ 17, so a
+    keep 1 - alpha becomes 0; or a rule whose keep can be negative — has no log: those chunks take the
+    products in linear space, where cumprod's backward is exact even at zeros (a log of a clamped factor
+    would silently drop the gradient, and a clamp would turn a negative keep into 1e-30)."""
+    n = x.shape[2]
+    idx = torch.arange(n, device=x.device)
+    tril = (idx[:, None] >= idx[None, :])[None, None, :, :, None]
+    if bool((x > 0).all()):
+        cum = torch.log(x).cumsum(dim=2)
+        diff = cum.unsqueeze(3) - cum.unsqueeze(2)  # [B, H, i, j, ch]
+        return torch.exp(diff.masked_fill(~tril, -math.inf)), torch.exp(cum)
+    after = (idx[None, :] > idx[:, None])[None, None, :, :, None]  # [j, l]: l > j
+    rows = torch.where(after, x.unsqueeze(2), torch.ones_like(x).unsqueeze(2))  # [B, H, j, l, ch]
+    return rows.cumprod(dim=3).transpose(2, 3) * tril, x.cumprod(dim=2)
 
 
 def clip_factor(sq, clip):
@@ -169,7 +175,9 @@ class Runtime:
         dims = tuple(range(-rank, 0))
         if kind == "lq":
             q = self.spec["lq"]
-            norm = a.abs().pow(q).sum(dim=dims, keepdim=True).pow(1.0 / q).clamp_min(1e-12)
+            # floor the sum before the root: at a zero state d(s^(1/q))/ds = inf would meet a zero gradient (NaN)
+            norm = a.abs().pow(q).sum(dim=dims, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+            norm = norm.pow(1.0 / q).clamp_min(1e-12)
             return a / norm.pow(q - 2)
         if kind == "softmax":
             return a.softmax(dim=-1)
@@ -332,8 +340,7 @@ class Runtime:
             sl = slice(s, e)
             lr = lr_all[:, :, sl]
             ones = torch.ones_like(lr[..., :1])
-            log_keep = _safe_log(keep[:, :, sl]) if keep is not None else torch.zeros_like(ones)
-            D, abar = _log_ratio(log_keep)  # D[i, j] = prod_{j<l<=i} keep_l ; abar_i = prod_{l<=i} keep_l
+            D, abar = _ratio(keep[:, :, sl] if keep is not None else ones)  # prod_{j<l<=i} keep_l, prod_{l<=i}
             env = self.token_env(k, v, q, gates, outers, slice(lo, e))
             for p in self.params:
                 w = self.project(A[p], p, self.threshold(hyp, p)).unsqueeze(2)
@@ -348,7 +355,7 @@ class Runtime:
             else:
                 G = {p: U[f"grad.{p}"] for p in self.params}
             if spec["optim"] == "momentum" or spec["optim"] == "muon":
-                Mmu, mbar = _log_ratio(_safe_log(hyp[spec["decay"]][:, :, sl]))
+                Mmu, mbar = _ratio(hyp[spec["decay"]][:, :, sl])
             if read_order == "chunk_start":  # reads use the chunk start: only the last row of A is needed
                 D, abar = D[:, :, -1:], abar[:, :, -1:]
             newA = {}
@@ -402,27 +409,26 @@ class Runtime:
 
 # ---- the exact WY/UT chunk algorithm for (gated) delta rules (MATH.md §9.3) ---------------------
 
-def wy_chunks(q, k, v_beta, beta, log_keep, S0, chunk):
+def wy_chunks(q, k, v_beta, beta, keep, S0, chunk):
     """Exact chunked delta rule. q, k: [B, H, T, dk]; v_beta = beta * target: [B, H, T, dv];
-    beta: [B, H, T]; log_keep: [B, H, T] (zeros: no decay); S0: [B, H, dk, dv] (S = W^T)."""
+    beta: [B, H, T]; keep: [B, H, T] (ones: no decay); S0: [B, H, dk, dv] (S = W^T)."""
     T = q.shape[2]
     S = S0
     outs = []
     for s in range(0, T, chunk):
         sl = slice(s, min(s + chunk, T))
-        Q, K, VB, b, lg = q[:, :, sl], k[:, :, sl], v_beta[:, :, sl], beta[:, :, sl], log_keep[:, :, sl]
+        Q, K, VB, b = q[:, :, sl], k[:, :, sl], v_beta[:, :, sl], beta[:, :, sl]
         n = Q.shape[2]
-        gam = lg.cumsum(-1)
-        tril = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-        Gam = torch.exp((gam.unsqueeze(-1) - gam.unsqueeze(-2)).masked_fill(~tril, -math.inf))
+        R, run = _ratio(keep[:, :, sl].unsqueeze(-1))
+        Gam, g, tail = R[..., 0], run[..., 0], R[:, :, -1, :, 0]  # prod_(j,i], prod_[0,i], prod_(i,n-1]
         L = ((b.unsqueeze(-1) * (K @ K.mT)) * Gam).tril(-1)
         eye = torch.eye(n, dtype=q.dtype, device=q.device)
         U = torch.linalg.solve_triangular(eye + L, VB, upper=False, unitriangular=True)
-        Wt = torch.linalg.solve_triangular(eye + L, b.unsqueeze(-1) * K * gam.exp().unsqueeze(-1), upper=False,
+        Wt = torch.linalg.solve_triangular(eye + L, b.unsqueeze(-1) * K * g.unsqueeze(-1), upper=False,
                                            unitriangular=True)
         Vn = U - Wt @ S
-        outs.append((Q * gam.exp().unsqueeze(-1)) @ S + ((Q @ K.mT) * Gam) @ Vn)
-        S = gam[..., -1:].exp().unsqueeze(-1) * S + (K * (gam[..., -1:] - gam).exp().unsqueeze(-1)).mT @ Vn
+        outs.append((Q * g.unsqueeze(-1)) @ S + ((Q @ K.mT) * Gam) @ Vn)
+        S = g[..., -1:].unsqueeze(-1) * S + (K * tail.unsqueeze(-1)).mT @ Vn
     return torch.cat(outs, dim=2), S
 
 
@@ -519,8 +525,7 @@ def chunk_dual(rt, q, k, v, gates, outers, state, sz, chunk, start=0, read_order
         n, lo = e - s, max(0, s - c + 1)
         sl = slice(s, e)
         lr = hyp[spec["lr"]][:, :, sl]
-        log_keep = _safe_log(keep[:, :, sl]) if keep is not None else torch.zeros_like(lr[..., :1])
-        D, abar = _log_ratio(log_keep)
+        D, abar = _ratio(keep[:, :, sl] if keep is not None else torch.ones_like(lr[..., :1]))
         env = rt.token_env(k, v, q, gates, outers, slice(lo, e))
         for p in rt.params:
             w = A[p].unsqueeze(2)
@@ -534,7 +539,7 @@ def chunk_dual(rt, q, k, v, gates, outers, state, sz, chunk, start=0, read_order
             Kc = hyp[spec["scale"]][:, :, sl][:, :, rows].unsqueeze(3) * tri[None, None, :, :, None] * lr.unsqueeze(2)
             tA = [(torch.ones_like(abar), None)]
         elif spec["optim"] == "momentum":
-            Mmu, mbar = _log_ratio(_safe_log(hyp[spec["decay"]][:, :, sl]))
+            Mmu, mbar = _ratio(hyp[spec["decay"]][:, :, sl])
             Kc = torch.einsum("bhilc,bhljc->bhijc", D, Mmu) * lr.unsqueeze(2)
             Ks = Mmu[:, :, rows] * lr.unsqueeze(2)
             f = torch.einsum("bhilc,bhlc->bhic", D, mbar)

@@ -61,13 +61,12 @@ def check_source(text: str, seconds: float = 30.0) -> str:
         text += "\n"  # memdsl.load takes a path or rule text; text without a newline would be a path
     with time_limit(seconds):
         try:
-            program = load(text)
-        except MemDSLError as err:
+            rule = CompiledRule(generate(load(text)), "fuzz")
+        except MemDSLError as err:  # from any stage: parse, build, passes or code generation
             assert err.span is not None, f"{err.code} without a position: {err.message}"
             rendered = err.render()
             assert f"error[{err.code}]" in rendered and "^" in rendered, rendered
             return f"rejected {err.code}"
-        rule = CompiledRule(generate(program), "fuzz")
         return f"compiled {rule.algorithm}: {quick_check(rule)}"
 
 

@@ -15,7 +15,7 @@ from memdsl.api import CompiledRule
 from memdsl.checking import compare_runs, make_inputs, run_with_grads
 from memdsl.driver import load
 from memdsl.errors import ValueRangeError
-from tests.conftest import RULE_IDS, RULES
+from tests.conftest import ROOT, RULE_IDS, RULES
 
 CLIP_RULES = ["deltanet", "titans", "titans_linear", "ttt_linear", "omeganet", "atlas", "moneta", "memora",
               "linear_attention"]
@@ -143,3 +143,49 @@ def test_check_finite_names_a_bad_input(where):
                                                   "gate": r"input gate eta is not finite",
                                                   "param": r"input params\['W1'\] is not finite"}[where]):
         rule(tok["q"], tok["k"], tok["v"], gates, params, check_finite=True)
+
+
+def _saturated(gates, mode, seed=1):
+    """Gates at exactly 0 and 1: what float32 sigmoids give past |x| ≈ 17 (keeps of 0, decays of 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {n: {"zeros": torch.zeros_like(g), "ones": torch.ones_like(g),
+                "mixed": (torch.rand(g.shape, generator=gen) > 0.5).to(g.dtype)}[mode] for n, g in gates.items()}
+
+
+def _assert_runs_close(got, ref, what):
+    for name, (a, b) in {"y": (got[0], ref[0]), **{f"state.{k}": (got[1][k], ref[1][k]) for k in ref[1]},
+                         **{f"grad.{k}": (got[2][k], ref[2][k]) for k in ref[2]}}.items():
+        assert torch.isfinite(b).all() and torch.isfinite(a).all(), f"{what}: {name} is not finite"
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9 * max(b.abs().max().item(), 1.0),
+                                   msg=lambda m, name=name: f"{what}: {name}: {m}")
+
+
+@pytest.mark.parametrize("path, mode", [(p, "mixed") for p in RULES] + [(ROOT / "rules" / "moneta.mem", "zeros")],
+                         ids=[f"{i}-mixed" for i in RULE_IDS] + ["moneta-zeros"])
+def test_saturated_gates_keep_every_gradient(path, mode):
+    # Regression: chunk products were exp(cumsum(log(clamp(keep, 1e-30)))), so a keep of exactly 0 lost its
+    # gradient (d alpha was 0 instead of -A); and the lq projection of a zero state had NaN gradients.
+    rule = memdsl.compile(str(path))
+    tok, gates, params = make_inputs(rule, B=1, T=12, H=1, D=3)
+    gates = _saturated(gates, mode)
+    ref = run_with_grads(rule, tok, gates, params, backend="anchored_loop", chunk=4)
+    _assert_runs_close(run_with_grads(rule, tok, gates, params, backend="chunk", chunk=4), ref, "chunk")
+    if rule.spec["dual"]:
+        _assert_runs_close(run_with_grads(rule, tok, gates, params, backend="dual", chunk=4), ref, "dual")
+    if rule.algorithm == "wy":
+        _assert_runs_close(run_with_grads(rule, tok, gates, params, backend="wy", chunk=4),
+                           run_with_grads(rule, tok, gates, params, backend="loop"), "wy")
+
+
+@pytest.mark.parametrize("name, retain", [("titans_linear", "retain decay(alpha - 0.5)"),
+                                          ("gated_deltanet", "retain decay(alpha - 0.5, grad_at = decayed)")])
+def test_negative_keeps_are_multiplied_not_clamped(name, retain):
+    # Regression: a keep <= 0 was clamped to 1e-30 inside the chunk products; the loop multiplies by it
+    src = re.sub(r"retain .*", retain, open(f"rules/{name}.mem").read())
+    rule = in_memory(src)
+    tok, gates, params = make_inputs(rule, B=1, T=12, H=1, D=3)
+    ref = run_with_grads(rule, tok, gates, params, backend="anchored_loop", chunk=4)
+    _assert_runs_close(run_with_grads(rule, tok, gates, params, backend="chunk", chunk=4), ref, "chunk")
+    if rule.algorithm == "wy":
+        _assert_runs_close(run_with_grads(rule, tok, gates, params, backend="wy", chunk=4),
+                           run_with_grads(rule, tok, gates, params, backend="loop"), "wy")
