@@ -1,9 +1,11 @@
 """GPU benchmark (run by benchmarks/gpu_check.sh on an H200): medians by triton.testing.do_bench.
 
 For each shape (B, T, H, D) in (8, 2048, 16, 64), (2, 8192, 16, 128), (1, 32768, 16, 128):
-memdsl Triton forward vs memdsl torch chunk program for Titans (MLP memory, momentum), Titans
-linear and TTT-Linear; flash-linear-attention's `chunk_ttt_linear` and `chunk_gated_delta_rule`
-and titans-pytorch when their wheels are installed (a row says why when a peer is missing).
+fwd and fwd+bwd medians of memdsl's generated Triton kernels (forward and generated backward) vs
+memdsl's torch chunk program, for TTT-Linear, the gated delta rule (WY), Titans (MLP memory,
+momentum) and Titans linear; ATLAS on the torch path (it has no kernel yet); the peers
+flash-linear-attention `chunk_ttt_linear` / `chunk_gated_delta_rule` and titans-pytorch's
+NeuralMemory when their wheels are installed (a row says why when a peer is missing or fails).
 Achieved TFLOP/s (torch FlopCounterMode on the torch program) against a measured bf16 matmul rate.
 Writes JSON to --out and prints a markdown table last.
 """
@@ -38,6 +40,25 @@ def bf16_peak() -> float:
     return 2 * 8192**3 / (ms * 1e-3)
 
 
+RULES = [("ttt_linear", 16), ("gated_deltanet", 64), ("titans", 64), ("titans_linear", 16), ("atlas", 64)]
+
+
+def timed_row(label, shape, backend, fwd, fwd_bwd, flops=None, peak=None) -> dict:
+    row = {"rule": label, "shape": shape, "backend": backend}
+    try:
+        row["fwd_ms"] = bench(fwd)
+        if fwd_bwd is not None:
+            row["fwd_bwd_ms"] = bench(fwd_bwd)
+        if flops:
+            row["tflops"] = flops / (row["fwd_ms"] * 1e-3) / 1e12
+            row["peak_fraction"] = row["tflops"] * 1e12 / peak
+    except Exception as err:  # a row that failed says why; the script goes on
+        row["error"] = repr(err)[:200]
+    finally:
+        torch.cuda.empty_cache()
+    return row
+
+
 def memdsl_rows(name, shape, chunk, peak, deadline):
     B, T, H, D = shape
     rule = memdsl.compile(str(ROOT / "rules" / f"{name}.mem"))
@@ -45,45 +66,85 @@ def memdsl_rows(name, shape, chunk, peak, deadline):
     tok = {n: t.cuda().to(torch.bfloat16) for n, t in tok.items()}
     gates = {n: g.cuda() for n, g in gates.items()}
     params = {n: p.cuda() for n, p in params.items()}
+    torch_path = {"wy": "wy", "loop": "loop"}.get(rule.algorithm, "dual" if rule.spec.get("dual") else "chunk")
+    backends = ([] if rule.triton_reason() else ["triton"]) + [torch_path]
+    flops = None
+    try:
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            rule(tok["q"].float(), tok["k"].float(), tok["v"].float(), gates, params, chunk=chunk, backend=torch_path)
+        flops = fc.get_total_flops()
+    except Exception:  # counting is a nicety; a failure leaves the column empty
+        pass
     rows = []
-    for backend in ("triton", "dual"):
+    for backend in backends:
         if time.time() > deadline:
             rows.append({"rule": name, "shape": shape, "backend": backend, "error": "time budget spent"})
             continue
-        try:
-            def fwd(backend=backend):
-                with torch.no_grad():
-                    rule(tok["q"], tok["k"], tok["v"], gates, params, chunk=chunk, backend=backend)
 
-            def fwd_bwd(backend=backend):
-                leaves = {n: t.detach().requires_grad_() for n, t in tok.items()}
-                y, _ = rule(leaves["q"], leaves["k"], leaves["v"], gates, params, chunk=chunk, backend=backend)
-                y.float().sum().backward()
-            f_ms, fb_ms = bench(fwd), bench(fwd_bwd)
-            with FlopCounterMode(display=False) as fc:
-                rule(tok["q"].float(), tok["k"].float(), tok["v"].float(), gates, params, chunk=chunk,
-                     backend="dual")
-            tflops = fc.get_total_flops() / (f_ms * 1e-3) / 1e12
-            rows.append({"rule": name, "shape": shape, "backend": backend, "fwd_ms": f_ms, "fwd_bwd_ms": fb_ms,
-                         "tflops": tflops, "peak_fraction": tflops * 1e12 / peak})
-        except Exception as err:  # a row that failed says why; the script goes on
-            rows.append({"rule": name, "shape": shape, "backend": backend, "error": repr(err)[:200]})
+        def fwd(backend=backend):
+            with torch.no_grad():
+                rule(tok["q"], tok["k"], tok["v"], gates, params, chunk=chunk, backend=backend)
+
+        def fwd_bwd(backend=backend):
+            leaves = {n: t.detach().requires_grad_() for n, t in tok.items()}
+            y, _ = rule(leaves["q"], leaves["k"], leaves["v"], gates, params, chunk=chunk, backend=backend)
+            y.float().sum().backward()
+        rows.append(timed_row(f"memdsl {name} C={chunk}", shape, backend, fwd, fwd_bwd, flops, peak))
     return rows
 
 
 def peer_rows(shape):
+    B, T, H, D = shape
     rows = []
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    k = torch.nn.functional.normalize(k.float(), dim=-1).to(torch.bfloat16)
+
+    def leaves(*xs):
+        return [x.detach().requires_grad_() for x in xs]
     try:
-        import fla.ops.gated_delta_rule as gdr
-        B, T, H, D = shape
-        q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        k = torch.nn.functional.normalize(k, dim=-1)
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
         g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device="cuda"))
         beta = torch.rand(B, T, H, device="cuda", dtype=torch.bfloat16)
-        rows.append({"rule": "fla chunk_gated_delta_rule", "shape": shape, "backend": "fla",
-                     "fwd_ms": bench(lambda: gdr.chunk_gated_delta_rule(q, k, v, g, beta))})
+
+        def gdr_fwd_bwd():
+            a, b, c = leaves(q, k, v)
+            chunk_gated_delta_rule(a, b, c, g, beta)[0].float().sum().backward()
+        rows.append(timed_row("fla chunk_gated_delta_rule", shape, "fla",
+                              lambda: chunk_gated_delta_rule(q, k, v, g, beta), gdr_fwd_bwd))
     except Exception as err:
         rows.append({"rule": "fla chunk_gated_delta_rule", "shape": shape, "backend": "fla", "error": repr(err)[:200]})
+    try:
+        from fla.ops.ttt import chunk_ttt_linear
+        w = torch.ones(H, D, device="cuda", dtype=torch.bfloat16)
+        b = torch.zeros(H, D, device="cuda", dtype=torch.bfloat16)
+        eta = torch.full((B, T, H, 1), 0.1, device="cuda", dtype=torch.bfloat16)
+
+        def ttt_fwd():
+            with torch.no_grad():
+                chunk_ttt_linear(q, k, v, w, b, eta, chunk_size=16)
+
+        def ttt_fwd_bwd():
+            a, bb, c = leaves(q, k, v)
+            chunk_ttt_linear(a, bb, c, w, b, eta, chunk_size=16)[0].float().sum().backward()
+        rows.append(timed_row("fla chunk_ttt_linear", shape, "fla", ttt_fwd, ttt_fwd_bwd))
+    except Exception as err:
+        rows.append({"rule": "fla chunk_ttt_linear", "shape": shape, "backend": "fla", "error": repr(err)[:200]})
+    try:
+        from titans_pytorch import MemoryMLP, NeuralMemory
+        mem = NeuralMemory(dim=H * D, heads=H, dim_head=D, chunk_size=64,
+                           model=MemoryMLP(D, depth=2, expansion_factor=4.0)).cuda()
+        x = torch.randn(B, T, H * D, device="cuda")
+
+        def tp_fwd():
+            with torch.no_grad():
+                mem(x)
+
+        def tp_fwd_bwd():
+            mem(x.detach().requires_grad_())[0].sum().backward()
+        rows.append(timed_row("titans-pytorch NeuralMemory C=64", shape, "titans-pytorch", tp_fwd, tp_fwd_bwd))
+    except Exception as err:
+        rows.append({"rule": "titans-pytorch NeuralMemory", "shape": shape, "backend": "titans-pytorch",
+                     "error": repr(err)[:200]})
     return rows
 
 
@@ -96,9 +157,10 @@ def main() -> None:
     peak = bf16_peak()
     rows = []
     for shape in SHAPES:
-        for name in ("titans", "titans_linear", "ttt_linear"):
-            rows += memdsl_rows(name, shape, 64 if name == "titans" else 16, peak, deadline)
-        rows += peer_rows(shape)
+        for name, chunk in RULES:
+            rows += memdsl_rows(name, shape, chunk, peak, deadline)
+        if time.time() < deadline:
+            rows += peer_rows(shape)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"bf16_peak_tflops": peak / 1e12, "rows": rows,
                                           "device": torch.cuda.get_device_name(),
