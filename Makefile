@@ -27,7 +27,7 @@ golden: setup  ## regenerate golden files (review the diff before committing)
 	MEMDSL_REGEN_GOLDEN=1 $(BIN)/python -m pytest -q tests/test_golden.py
 
 FUZZ_EXAMPLES ?= 10000
-fuzz: setup  ## the long fuzz run: FUZZ_EXAMPLES cases per property (3 properties), statistics at the end
+fuzz: setup  ## the long fuzz run: FUZZ_EXAMPLES/2 generated + 3*FUZZ_EXAMPLES/2 mutated rules + FUZZ_EXAMPLES texts
 	MEMDSL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) nice $(BIN)/python -m pytest -q -n 2 -p no:cacheprovider \
 		--hypothesis-show-statistics tests/test_fuzz.py -k "cleanly"
 
