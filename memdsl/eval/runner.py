@@ -84,7 +84,8 @@ class Table:
                 vals = [r["value"] for r in rs if (r["metric"], r["x"]) == (m, x)]
                 cells.append(_mean_std(vals, 3) if vals else "")
             lines.append(f"| {' | '.join(cells)} |")
-        cmd = "memdsl eval " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:])
+        argv = sys.argv[sys.argv.index("eval") + 1:] if "eval" in sys.argv else [*a.rules, "--task", task, "..."]
+        cmd = "memdsl eval " + " ".join(argv)
         meta = (f"command: `{cmd}`  \nmachine: {_cpu()}, torch "
                 f"{torch.__version__}, {a.threads} thread(s); wall time {(time.time() - started) / 60:.1f} min  \n"
                 f"model: width {a.widths}, {a.heads} heads, {a.layers} layers, batch {a.batch}, lr {a.lr}, "
