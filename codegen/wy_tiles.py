@@ -43,6 +43,8 @@ def build_wy_graph(p: Program, spec: dict, shapes: dict[str, list[int]], sizes: 
     names = ("wy.slope", "wy.offset", "wy.key", "wy.query")
     got = low.emit([ir.outputs[n] for n in names])
     slope, offset, key, query = (low.as_rows(got[ir.outputs[n]], shapes_of(t, got[ir.outputs[n]][0])) for n in names)
+    if got[ir.outputs["wy.slope"]][1] == "const":  # e.g. 1 for an l2 loss / 2: folds into b = lr
+        slope = got[ir.outputs["wy.slope"]][0]
 
     if spec["retain"]:
         cum = t.cumsum(t.ew(_safe_log(X[0]), t.input("keep", (C, 1))), axis=0)

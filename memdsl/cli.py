@@ -79,6 +79,31 @@ def _with_kernels(text: str, args, schedule: dict) -> str:
     return add_kernels(text, kernels)
 
 
+def _cmd_kernel(args) -> str:
+    """The generated Triton kernel of a rule (or its tile graph): what runs on a GPU, as text."""
+    from codegen.triton_gen import Unsupported, _graph, _Layout, generate_backward, generate_forward
+
+    from .api import compile as compile_rule
+    from .driver import load
+    rule = compile_rule(args.file, **({"chunk": args.chunk} if args.chunk else {}))
+    chunk = int(args.chunk or rule.chunk)
+    try:
+        given = {n.strip(): int(x) for n, x in (item.split("=") for item in args.sizes.split(","))}
+    except ValueError:
+        raise ValueError(f"--sizes {args.sizes!r}: expected sizes like d=64 or d=64,h=256") from None
+    sizes = {n: int(x) for n, x in rule.impl.sizes(sizes=given).items()}
+    from codegen.module import factor_outputs
+    program = load(rule.module.RULE_SOURCE, schedule={"chunk": rule.chunk} if rule.chunk else None)
+    factor_outputs(program)
+    try:
+        if args.tiles:
+            return str(_graph(program, rule.spec, _Layout(program, rule.spec, sizes), chunk))
+        generate = generate_backward if args.backward else generate_forward
+        return generate(program, rule.spec, sizes, chunk)
+    except Unsupported as why:
+        raise ValueError(f"rule {rule.name}: no Triton kernel for sizes {sizes}, chunk {chunk}: {why}") from None
+
+
 def _cmd_check(args) -> str:
     import torch
 
@@ -144,6 +169,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--triton", action="append", metavar="SIZES",
                    help="also carry the generated Triton kernels (fwd + bwd) for these sizes, e.g. d=64; repeatable")
     p.set_defaults(run=_cmd_compile)
+
+    p = sub.add_parser("kernel", help="print the generated Triton kernel (forward, --backward) or its tile graph")
+    p.add_argument("file")
+    p.add_argument("--sizes", default="d=64", help="free sizes, e.g. d=64 (default)")
+    p.add_argument("--chunk", type=int, help="override the schedule's chunk size")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--backward", action="store_true", help="the generated backward kernel")
+    g.add_argument("--tiles", action="store_true", help="the chunk's tile graph (SSA), before printing")
+    p.set_defaults(run=_cmd_kernel)
 
     p = sub.add_parser("check", help="run every backend on random data; print errors per output and gradient")
     p.add_argument("file")

@@ -81,3 +81,16 @@ def test_help_on_each_command():
     for cmd in ("parse", "ir", "grad", "passes"):
         res = subprocess.run([sys.executable, "-m", "memdsl.cli", cmd, "--help"], capture_output=True, text=True)
         assert res.returncode == 0 and "usage: memdsl" in res.stdout
+
+
+def test_kernel_command_prints_generated_kernels_and_tiles(capsys):
+    from memdsl.cli import main
+    assert main(["kernel", "rules/ttt_linear.mem", "--sizes", "d=16"]) == 0
+    assert "def memdsl_chunk_fwd(" in capsys.readouterr().out
+    assert main(["kernel", "rules/gated_deltanet.mem", "--sizes", "d=16", "--backward"]) == 0
+    out = capsys.readouterr().out
+    assert "def memdsl_chunk_bwd(" in out and "for t" in out  # the WY inverse's substitution loop
+    assert main(["kernel", "rules/titans.mem", "--sizes", "d=16", "--tiles"]) == 0
+    assert "= dot(" in capsys.readouterr().out
+    assert main(["kernel", "rules/atlas.mem"]) == 2
+    assert "no Triton kernel" in capsys.readouterr().err
