@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -46,3 +47,13 @@ def test_tnt_stage_two_example_runs():
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "stage 2" in res.stdout
+
+
+def test_torchrun_example_trains_fsdp_with_context_parallel_shards():
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "examples" / "05_torchrun.py"), "--parallel", "fsdp", "--context", "2", "--steps", "2",
+           "--batch", "2", "--seq", "64", "--d-model", "16", "--layers", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert "step 1: loss" in res.stdout and "1 data x 2 context" in res.stdout
