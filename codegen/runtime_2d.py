@@ -207,11 +207,13 @@ def transfer(kt, kv):
     diff = cum.unsqueeze(3) - cum.unsqueeze(2)  # [B, H, i, j, nv]
     mask = torch.ones(nt, nt, dtype=torch.bool, device=kt.device).tril()
     D = torch.exp(diff.masked_fill(~mask[:, :, None], -math.inf))  # D[i, j, v] = prod_{j < l <= i} kt[l, v]
+    D = D.permute(0, 1, 4, 2, 3).contiguous()  # [B, H, nv, i, j]: a strided last axis sends bmm to a slow path
     eye = torch.eye(n, dtype=kt.dtype, device=kt.device).reshape(nv, nt, n)
     rows, prev = [], None
-    for v in range(nv):
-        src = eye[v] if prev is None else kv[:, :, :, v].unsqueeze(-1) * prev + eye[v]
-        prev = D[..., v] @ src
+    # unbind once: indexing per variate would make the backward allocate a full-size zero gradient each time
+    for v, (Dv, kvv) in enumerate(zip(D.unbind(2), kv.unbind(3), strict=True)):
+        src = eye[v] if prev is None else kvv.unsqueeze(-1) * prev + eye[v]
+        prev = Dv @ src
         rows.append(prev)
     return torch.cat(rows, dim=2)
 

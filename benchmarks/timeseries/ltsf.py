@@ -1,0 +1,195 @@
+"""Long-term forecasting on the ETT data with memdsl rules: data (the Time-Series-Library protocol of
+../shared/data/README.md), forecasters around a 2-D rule or a 1-D rule per variate, training, evaluation.
+
+Protocol: ETTh splits at rows [0, 8640, 11520, 14400]; validation and test windows start `lookback` rows
+earlier; standard scaling fitted on the training rows only; every window with stride 1; MSE and MAE on the
+normalised scale over all channels. The model normalises each input window (RevIN-style, as iTransformer
+and PatchTST do) and predicts in that frame; errors are measured after undoing it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import pathlib
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+DATA = ROOT.parent / "shared" / "data" / "ltsf"
+BORDERS = {"ETTh1": (0, 8640, 11520, 14400), "ETTh2": (0, 8640, 11520, 14400)}
+
+
+def data_path(name: str = "ETTh1") -> pathlib.Path | None:
+    """The csv.gz file, or None when ../shared/data is absent (callers skip)."""
+    path = DATA / f"{name}.csv.gz"
+    return path if path.exists() else None
+
+
+def load_splits(name: str = "ETTh1", lookback: int = 96) -> dict[str, np.ndarray]:
+    """{"train", "val", "test"}: float32 arrays [rows, variates], scaled with the training rows' mean/std."""
+    path = data_path(name)
+    if path is None:
+        raise FileNotFoundError(f"{DATA / name}.csv.gz is missing; see README.md (Data) for the originals")
+    with gzip.open(path, "rt") as f:
+        rows = [line.rstrip("\n").split(",")[1:] for line in f][1:]
+    x = np.asarray(rows, dtype=np.float64)
+    b = BORDERS[name]
+    mean, std = x[b[0]:b[1]].mean(0), x[b[0]:b[1]].std(0)
+    x = ((x - mean) / std).astype(np.float32)
+    return {"train": x[b[0]:b[1]], "val": x[b[1] - lookback:b[2]], "test": x[b[2] - lookback:b[3]]}
+
+
+def windows(series: np.ndarray, lookback: int, horizon: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All stride-1 windows: inputs [N, lookback, V] and targets [N, horizon, V]."""
+    n = len(series) - lookback - horizon + 1
+    idx = np.arange(n)[:, None]
+    x = series[idx + np.arange(lookback)[None]]
+    y = series[idx + lookback + np.arange(horizon)[None]]
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+# ---- models ---------------------------------------------------------------------------------------
+
+_ACT = {"sigmoid": torch.sigmoid, "softplus": nn.functional.softplus, "exp": torch.exp,
+        "identity": lambda x: x, "tanh": torch.tanh, "silu": nn.functional.silu}
+
+
+class RuleMixer(nn.Module):
+    """One residual token mixer around a memdsl rule: q, k, v and gate projections, the rule, an output
+    projection. 2-D rules see the grid [B, T, V, d]; a 1-D rule runs on each variate's sequence alone."""
+
+    def __init__(self, rule_path: str, d_model: int, n_heads: int, tile: tuple[int, int] | None = None,
+                 gate_bias: dict[str, list[float]] | None = None):
+        super().__init__()
+        from memdsl.driver import load_ast
+        from memdsl.twod import compile_2d, is_2d
+        self.two_d = is_2d(load_ast(rule_path)[0])
+        if self.two_d:
+            self.rule = compile_2d(rule_path, tile=tile)
+            gates, memory = self.rule.spec1d["gates"], self.rule.init_memory
+        else:
+            import memdsl
+            self.rule = memdsl.compile(rule_path)
+            gates = self.rule.spec["gates"]
+            memory = None
+        self.H, self.dh = n_heads, d_model // n_heads
+        self.gate_names = sorted(gates)
+        self.acts = [_ACT[gates[g]["activation"]] for g in self.gate_names]
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.gates = nn.Linear(d_model, n_heads * len(self.gate_names))
+        with torch.no_grad():  # per-head gate biases: where each head's steps start (e.g. Chimera's two heads)
+            bias = self.gates.bias.view(len(self.gate_names), n_heads)
+            bias.zero_()
+            for i, g in enumerate(self.gate_names):
+                if gate_bias and g in gate_bias:
+                    bias[i] = torch.tensor(gate_bias[g])
+        self.out = nn.Linear(d_model, d_model, bias=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.memory = nn.ParameterDict()
+        if memory is not None:  # learned initial memory per head
+            sz = {"d": self.dh}
+            for name, w in memory(n_heads, self.rule.module.sizes(sz), {}, torch.float32, None).items():
+                self.memory[name] = nn.Parameter(w.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, V, d]
+        B, T, V, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, V, 3, self.H, self.dh).unbind(3)
+        q, k = nn.functional.normalize(q, dim=-1), nn.functional.normalize(k, dim=-1)
+        g = self.gates(x).view(B, T, V, len(self.gate_names), self.H)
+        gates = {n: act(g[..., i, :]) for i, (n, act) in enumerate(zip(self.gate_names, self.acts, strict=True))}
+        if self.two_d:
+            y, _ = self.rule(q, k, v, gates, dict(self.memory.items()))
+        else:  # per variate: [B * V, T, H, dh]
+            def fold(t):
+                return t.transpose(1, 2).reshape(B * V, T, *t.shape[3:])
+            y, _ = self.rule(fold(q), fold(k), fold(v), {n: fold(t) for n, t in gates.items()})
+            y = y.reshape(B, V, T, self.H, self.dh).transpose(1, 2)
+        return self.norm(x + self.out(y.reshape(B, T, V, -1)))
+
+
+class Forecaster(nn.Module):
+    """Window-normalised input -> cell embedding (value, variate, time) -> mixers -> per-variate linear head,
+    plus a per-variate linear map of the input window (the DLinear-style path; `mixers=[]` is that alone)."""
+
+    def __init__(self, lookback: int, horizon: int, n_vars: int, d_model: int, mixers: list[nn.Module]):
+        super().__init__()
+        self.value = nn.Linear(1, d_model)
+        self.var_emb = nn.Parameter(torch.randn(n_vars, d_model) * 0.02)
+        self.time_emb = nn.Parameter(torch.randn(lookback, d_model) * 0.02)
+        self.mixers = nn.ModuleList(mixers)
+        self.head = nn.Linear(lookback * d_model, horizon) if mixers else None
+        self.linear = nn.Linear(lookback, horizon)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, V] -> [B, horizon, V]
+        mu = x.mean(1, keepdim=True)
+        sd = torch.sqrt(x.var(1, keepdim=True, unbiased=False) + 1e-5)
+        xn = (x - mu) / sd
+        out = self.linear(xn.transpose(1, 2))
+        if self.mixers:
+            h = self.value(xn.unsqueeze(-1)) + self.var_emb[None, None] + self.time_emb[None, :, None]
+            for m in self.mixers:
+                h = m(h)
+            B, L, V, d = h.shape
+            out = out + self.head(h.transpose(1, 2).reshape(B, V, L * d))
+        return out.transpose(1, 2) * sd + mu
+
+
+MODELS = {
+    # name: (rule file, per-head gate biases before the activation); two heads per layer
+    "chimera": ("rules/chimera.mem", {"dt": [-4.0, 0.0], "dv": [0.0, 0.0]}),   # head 0 small Δ1, head 1 large
+    "mamba2d": ("rules/mamba2d.mem", {"dt": [-4.0, 0.0], "dv": [0.0, 0.0]}),
+    "hydra": ("rules/hydra.mem", {"eta": [-2.0, -2.0], "dt": [-4.0, 0.0], "dv": [0.0, 0.0]}),
+    "gated_deltanet_per_variate": ("rules/gated_deltanet.mem", {"beta": [-1.0, -1.0], "alpha": [3.0, 3.0]}),
+    "linear": (None, None),
+}
+
+
+def build_model(name: str, lookback: int, horizon: int, n_vars: int, d_model: int = 16, n_heads: int = 2,
+                tile: tuple[int, int] | None = None) -> Forecaster:
+    path, bias = MODELS[name]
+    mixers = [] if path is None else [RuleMixer(str(ROOT / path), d_model, n_heads, tile, bias)]
+    return Forecaster(lookback, horizon, n_vars, d_model, mixers)
+
+
+def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, steps: int, batch: int = 32,
+                   lr: float = 1e-3, seed: int = 0, log=print, test_limit: int | None = None) -> dict[str, float]:
+    """A fixed budget of Adam steps on random training windows; MSE/MAE on every test window."""
+    torch.manual_seed(seed)
+    xtr, ytr = windows(splits["train"], lookback, horizon)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(len(xtr), (batch,), generator=gen)
+        loss = nn.functional.mse_loss(model(xtr[idx]), ytr[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % max(1, steps // 5) == 0:
+            log(f"  step {step:5d}  train mse {loss.item():.4f}  {time.perf_counter() - t0:.0f}s")
+    train_s = time.perf_counter() - t0
+    mse, mae = evaluate(model, splits["test"], lookback, horizon, limit=test_limit)
+    return {"mse": mse, "mae": mae, "train_s": train_s, "eval_s": time.perf_counter() - t0 - train_s}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, series: np.ndarray, lookback: int, horizon: int, batch: int = 256,
+             limit: int | None = None) -> tuple[float, float]:
+    """MSE and MAE over every test window (or the first `limit`, for quick checks only)."""
+    model.eval()
+    x, y = windows(series, lookback, horizon)
+    x, y = x[:limit], y[:limit]
+    se = ae = 0.0
+    for i in range(0, len(x), batch):
+        p = model(x[i:i + batch])
+        se += (p - y[i:i + batch]).pow(2).sum().item()
+        ae += (p - y[i:i + batch]).abs().sum().item()
+    n = y.numel()
+    return se / n, ae / n
