@@ -145,8 +145,11 @@ def _ratio_matrix(t: TileGraph, cum: int) -> int:
     return t.where(lower, t.ew(sp.exp(X[0]), diff), zero)
 
 
-def build_chunk_graph(p: Program, spec: dict, shapes: dict[str, list[int]], sizes: dict, C: int) -> TileGraph:
-    """The forward tile graph of one chunk (outputs y, A_<p>, S_<p>)."""
+def build_chunk_graph(p: Program, spec: dict, shapes: dict[str, list[int]], sizes: dict, C: int,
+                      read_order: str = "after") -> TileGraph:
+    """The forward tile graph of one chunk (outputs y, A_<p>, S_<p>). `read_order`: the read sees the
+    state after its own token ("after"), before it ("before"), or at the chunk start (TNT's global
+    memory, "chunk_start")."""
     ir = p.graph
     t = TileGraph()
     mats = [x.name for x in p.params if len(x.shape) == 2]
@@ -203,31 +206,45 @@ def build_chunk_graph(p: Program, spec: dict, shapes: dict[str, list[int]], size
         Kc = t.mul(D, lr_row)
 
     # ---- the read: every matrix as a dual weight ----------------------------------------------
+    # coefficients of the state each position reads: A_i ("after") or A_{i-1} ("before": every
+    # coefficient shifted down one row; row 0 reads A0 itself)
+    ra, rf, rK = abar, f, Kc
+    if read_order == "before":
+        down = t.where(t.input("shift", (C, C), boolean=True), t.const(1.0), zero)
+        first = t.where(t.input("first", (C, 1), boolean=True), t.const(1.0), zero)
+        if t.nodes[abar].op != "const":
+            ra = t.add2(t.dot(down, abar), first)
+        rf = t.dot(down, f) if f is not None else None
+        rK = t.dot(down, Kc)
+
     def dual(n: str):
         def apply(x: int) -> int:
-            out = t.mul(abar, t.dot(x, t.trans(A[n])))
-            if f is not None:
-                out = t.add2(out, t.mul(f, t.dot(x, t.trans(S[n]))))
+            out = t.mul(ra, t.dot(x, t.trans(A[n])))
+            if rf is not None:
+                out = t.add2(out, t.mul(rf, t.dot(x, t.trans(S[n]))))
             for a, b in pairs[n]:
-                out = t.sub(out, t.dot(t.mul(Kc, t.dot(x, t.trans(b))), a))
+                out = t.sub(out, t.dot(t.mul(rK, t.dot(x, t.trans(b))), a))
             return out
         return apply
 
     read_bind = dict(bind)
     duals = {}
-    for nid in ir.g.nodes:
-        node = ir.node(nid)
-        if node.op == "input" and node.attr("name") in mats:
-            read_bind[node.attr("name")] = (A[node.attr("name")], "dual")
-            duals[nid] = dual(node.attr("name"))
-    for n in vecs:
-        r = t.mul(abar, A[n])
-        if f is not None:
-            r = t.add2(r, t.mul(f, S[n]))
-        read_bind[n] = (low.mask(t.sub(r, t.dot(Kc, rows_u[n]))), "tok")
+    if read_order == "chunk_start":  # every position reads the chunk-start state: plain products
+        read_bind.update({n: (A[n], "const") for n in A})
+    else:
+        for nid in ir.g.nodes:
+            node = ir.node(nid)
+            if node.op == "input" and node.attr("name") in mats:
+                read_bind[node.attr("name")] = (A[node.attr("name")], "dual")
+                duals[nid] = dual(node.attr("name"))
+        for n in vecs:
+            r = t.mul(ra, A[n])
+            if rf is not None:
+                r = t.add2(r, t.mul(rf, S[n]))
+            read_bind[n] = (low.mask(t.sub(r, t.dot(rK, rows_u[n]))), "tok")
     reader = _Lower(t, ir, sizes, C, read_bind, duals)
     y, _ = reader.emit([ir.outputs["read"]])[ir.outputs["read"]]
-    t.outputs["y"] = y
+    t.outputs["y"] = low.mask(y)
 
     # ---- the end-of-chunk state -----------------------------------------------------------------
     def last_row(x: int) -> int:  # row `last` of a tile, as a [1, n] row

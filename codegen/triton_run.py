@@ -22,16 +22,15 @@ def _program(rule):
     return program
 
 
-def kernel_for(rule, sizes: dict[str, int], chunk: int, direction: str = "fwd"):
-    """The forward ("fwd") or backward ("bwd") kernel for this rule, sizes and chunk, generated on
-    first use (the backward only when a gradient is asked for) and cached on disk."""
-    key = f"{rule.key}-{sorted(sizes.items())}-{chunk}-{direction}"
+def kernel_for(rule, sizes: dict[str, int], chunk: int, direction: str = "fwd", read_order: str | None = None):
+    """The forward ("fwd") or backward ("bwd") kernel for this rule, sizes, chunk and read order,
+    generated on first use (the backward only when a gradient is asked for) and cached on disk."""
+    read_order = read_order or rule.spec["read_order"]
+    key = f"{rule.key}-{sorted(sizes.items())}-{chunk}-{direction}-{read_order}"
     if key not in _KERNELS:
-        program = _program(rule)
-        if direction == "fwd":
-            _KERNELS[key] = load_kernel(generate_forward(program, rule.spec, sizes, chunk), "memdsl_chunk_fwd")
-        else:
-            _KERNELS[key] = load_kernel(generate_backward(program, rule.spec, sizes, chunk), "memdsl_chunk_bwd")
+        generate = generate_forward if direction == "fwd" else generate_backward
+        source = generate(_program(rule), rule.spec, sizes, chunk, read_order=read_order)
+        _KERNELS[key] = load_kernel(source, f"memdsl_chunk_{direction}")
     return _KERNELS[key]
 
 
@@ -41,10 +40,10 @@ def kernel_sources(rule, sizes: dict[str, int], chunk: int) -> tuple[str, str]:
     return generate_forward(program, rule.spec, sizes, chunk), generate_backward(program, rule.spec, sizes, chunk)
 
 
-def run_triton(rule, q, k, v, gates, params, state, chunk, cu_seqlens=None):
+def run_triton(rule, q, k, v, gates, params, state, chunk, cu_seqlens=None, read_order=None):
     """The Triton path of a compiled rule: [B, T, H, D] in, (y, state) out, differentiable."""
     def get_kernel(direction: str, sizes: dict[str, int], c: int):
-        return kernel_for(rule, sizes, c, direction)
+        return kernel_for(rule, sizes, c, direction, read_order)
     return launch(rule.impl, rule.spec, get_kernel, q, k, v, gates, params, state, chunk or rule.chunk, cu_seqlens)
 
 

@@ -23,7 +23,10 @@ from .chunk_tiles import _Lower, _ratio_matrix, _safe_log
 from .tile_ir import TileGraph, X
 
 
-def build_wy_graph(p: Program, spec: dict, shapes: dict[str, list[int]], sizes: dict, C: int) -> TileGraph:
+def build_wy_graph(p: Program, spec: dict, shapes: dict[str, list[int]], sizes: dict, C: int,
+                   read_order: str = "after") -> TileGraph:
+    if read_order != "after":
+        raise ValueError("the WY chunk graph reads after write")
     ir = p.graph
     t = TileGraph()
     zero = t.const(0.0)

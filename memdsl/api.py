@@ -115,6 +115,7 @@ class CompiledRule:
         self.module = mod
         self.spec = mod.SPEC
         self.impl = mod.RULE
+        self._triton_reasons: dict[str, str | None] = {}
 
     @property
     def name(self) -> str:
@@ -136,11 +137,16 @@ class CompiledRule:
         if cu_seqlens is not None:
             from codegen.triton_launch import check_cu_seqlens, run_packed
             check_cu_seqlens(cu_seqlens, q)
-        if backend == "triton" or (backend == "auto" and getattr(q, "is_cuda", False) and self.triton_reason() is None):
+        read_order = kw.get("read_order")
+        unknown = set(kw) - {"chunk", "read_order"}  # options only the torch paths have (sizes, check_finite)
+        if backend == "triton" or (backend == "auto" and getattr(q, "is_cuda", False) and not unknown
+                                   and self.triton_reason(read_order) is None):
             from codegen.triton_run import run_triton
-            if backend == "triton" and self.triton_reason() is not None:
-                raise ValueError(f"rule {self.name} has no Triton kernel yet: {self.triton_reason()}")
-            return run_triton(self, q, k, v, gates, params, state, kw.get("chunk"), cu_seqlens)
+            if self.triton_reason(read_order) is not None:
+                raise ValueError(f"rule {self.name} has no Triton kernel yet: {self.triton_reason(read_order)}")
+            if unknown:
+                raise ValueError(f"the Triton path takes chunk and read_order, not {sorted(unknown)}")
+            return run_triton(self, q, k, v, gates, params, state, kw.get("chunk"), cu_seqlens, read_order)
         if cu_seqlens is not None:
             def init_state():
                 return self.impl.init_state(1, q.shape[2], sizes=self.impl.sizes(k=k, v=v, q=q), device=q.device,
@@ -148,12 +154,13 @@ class CompiledRule:
             return run_packed(self.impl, init_state, q, k, v, gates, params, state, cu_seqlens, backend=backend, **kw)
         return self.impl(q, k, v, gates, params, state, backend=backend, **kw)
 
-    def triton_reason(self) -> str | None:
-        """None when the generated Triton kernels cover this rule; otherwise why not."""
-        if not hasattr(self, "_triton_reason"):
+    def triton_reason(self, read_order: str | None = None) -> str | None:
+        """None when the generated Triton kernels cover this rule (read at `read_order`); else why not."""
+        read_order = read_order or self.spec["read_order"]
+        if read_order not in self._triton_reasons:
             from codegen.triton_gen import supported
-            self._triton_reason = supported(load(self.module.RULE_SOURCE), self.spec)
-        return self._triton_reason
+            self._triton_reasons[read_order] = supported(load(self.module.RULE_SOURCE), self.spec, read_order)
+        return self._triton_reasons[read_order]
 
     def init_state(self, B: int, H: int, d: int | None = None, **kw):
         return self.impl.init_state(B, H, d, **kw)

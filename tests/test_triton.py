@@ -163,3 +163,43 @@ def test_compile_refuses_kernels_it_cannot_generate(capsys):
     from memdsl.cli import main
     assert main(["compile", "rules/atlas.mem", "--triton", "d=16"]) == 2
     assert "no Triton kernel" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, read_order, ref", [
+    ("titans", "before", "dual"), ("titans", "chunk_start", "dual"), ("ttt_linear", "before", "dual"),
+    ("titans_linear", "chunk_start", "dual")])
+def test_read_orders(name, read_order, ref):
+    """Reads before write and at the chunk start (TNT's global memory), forward and backward."""
+    rule = memdsl.compile(f"rules/{name}.mem")
+    assert rule.triton_reason(read_order) is None
+    tok, gates, params = make_inputs(rule, B=1, T=37, H=2, D=16, dtype=torch.float32)
+    y, s, g = run_with_grads(rule, tok, gates, params, backend="triton", chunk=16, read_order=read_order)
+    y_ref, s_ref, g_ref = run_with_grads(rule, tok, gates, params, backend=ref, chunk=16, read_order=read_order)
+    assert rel_rms(y, y_ref) <= 1e-5
+    for key in g_ref:
+        if g_ref[key].abs().sum() > 0:
+            assert rel_rms(g[key], g_ref[key]) <= 1e-5, key
+    assert "read before write" in memdsl.compile("rules/deltanet.mem").triton_reason("before")
+    assert "chunk-start" in memdsl.compile("rules/deltanet.mem").triton_reason("chunk_start")
+
+
+def test_tnt_hierarchy_runs_on_the_kernels():
+    """TNT on the Triton path: the global memory reads its chunk-start state, the locals are shards
+    folded on the batch axis — forward and gradients equal the torch chunk program."""
+    from memdsl.tnt import TNTSchedule, tnt_forward
+    rule = memdsl.compile("rules/titans.mem")
+    schedule = TNTSchedule(32, ((16, 32),))
+    tok, gates, params = make_inputs(rule, B=1, T=70, H=2, D=16, dtype=torch.float32)
+    gates = {**gates, **{f"local0.{n}": g.flip(1) for n, g in gates.items()}}
+    params = {**params, **{f"local0.{n}": p * 0.5 for n, p in params.items()}}
+    runs = {}
+    for backend in ("triton", "dual"):
+        leaves = {n: t.clone().requires_grad_() for n, t in {**tok, **gates}.items()}
+        y = tnt_forward(rule, [rule], leaves["q"], leaves["k"], leaves["v"], {n: leaves[n] for n in gates}, params,
+                        schedule, backend=backend)
+        ct = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+        runs[backend] = (y, dict(zip(leaves, torch.autograd.grad((y * ct).sum(), list(leaves.values())),
+                                     strict=True)))
+    assert rel_rms(runs["triton"][0], runs["dual"][0]) <= 1e-5
+    for n, g in runs["dual"][1].items():
+        assert rel_rms(runs["triton"][1][n], g) <= 1e-5, n
