@@ -67,7 +67,9 @@ def test_two_ranks_match_one():
 
 
 def test_four_ranks_match_one():
-    _check(_launch("four", 4))
+    results = _launch("four", 4)
+    assert {"curve.ddp.tnt", "curve.fsdp.plain", "tnt.state.A.W1"} <= set(results[0]) | set(results[3])
+    _check(results)
 
 
 # ---- the worker -----------------------------------------------------------------------------------------------
@@ -225,15 +227,18 @@ def _curve(model, mesh, steps: int = 3) -> list[float]:
 
 
 def _train_case(mode, kind, metrics, context):
+    import torch.distributed as dist
+
     from memdsl.distributed import data_parallel, enable_context_parallel, make_mesh
 
-    ref = _curve(_tiny_lm(kind == "tnt"), None)
-    assert len(set(ref)) == len(ref), "the reference loss did not move"
     mesh = make_mesh(context)
     model = _tiny_lm(kind == "tnt")
     enable_context_parallel(model, mesh.get_group("context"))
     got = _curve(data_parallel(model, mode), mesh)
-    metrics[f"curve.{mode}.{kind}"] = max(abs(a - b) / abs(b) for a, b in zip(got, ref, strict=True))
+    if dist.get_rank() == 0:  # every rank reports the same all-reduced curve: one reference is enough
+        ref = _curve(_tiny_lm(kind == "tnt"), None)
+        assert len(set(ref)) == len(ref), "the reference loss did not move"
+        metrics[f"curve.{mode}.{kind}"] = max(abs(a - b) / abs(b) for a, b in zip(got, ref, strict=True))
 
 
 def _worker(job: str, out: str) -> None:
