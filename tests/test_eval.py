@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ import torch
 from memdsl.cli import main
 from memdsl.eval.corpus import load_corpus, split_corpus
 from memdsl.eval.model import EvalModel, ModelConfig, ModelSpec, lr_gates, parse_spec
+from memdsl.eval.plots import replot
+from memdsl.eval.runner import _mean_std
 from memdsl.eval.tasks import IGNORE, MQAR, NIAH, lm_batch
 from memdsl.eval.train import train
 from memdsl.tnt import TNTSchedule
@@ -108,6 +111,12 @@ def test_set_chunk_changes_an_anchored_model_and_refuses_tnt():
         tnt.set_chunk(2)
 
 
+def test_table_cells_count_diverged_runs():
+    assert _mean_std([1.0, 2.0], 1) == "1.5 ± 0.7"
+    assert _mean_std([float("nan"), 1.0, 2.0], 1) == "1.5 ± 0.7 (1 non-finite)"
+    assert _mean_std([float("inf")], 1) == "nan (1 non-finite)"
+
+
 def _rows(path):
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -122,6 +131,9 @@ def test_eval_command_smoke(tmp_path, capsys):
     assert [r["model"] for r in rows] == ["gated_deltanet", "tnt-titans G8 L{4} +S2 L{2}"]
     assert all(0 <= float(r["value"]) <= 1 and r["steps"] == "4" for r in rows)
     assert "| gated_deltanet |" in (tmp_path / "mqar.md").read_text()
+    if importlib.util.find_spec("matplotlib"):
+        (tmp_path / "mqar.png").unlink()
+        assert replot(tmp_path, "mqar")[0].exists()
     assert main(["eval", f"{RULES}/titans.mem", "--task", "chunk", "--seq-len", "16", "--train-chunk", "4",
                  "--eval-chunks", "2,4,16", *common]) == 0
     rows = _rows(tmp_path / "chunk.csv")

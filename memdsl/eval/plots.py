@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def plot_task(task: str, rows: list[dict], curves: list[tuple], out: Path) -> li
             for r in rows:
                 if r["model"] == model:
                     pts.setdefault(float(r["state"] if task == "mqar" else r["x"]), []).append(r["value"])
-            xs = sorted(pts)
+            pts = {x: [v for v in vs if math.isfinite(v)] for x, vs in pts.items()}  # diverged runs: see the table
+            xs = sorted(x for x, vs in pts.items() if vs)
             means = [statistics.mean(pts[x]) for x in xs]
             errs = [statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0.0 for x in xs]
             ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, label=model)
@@ -58,7 +60,7 @@ def plot_task(task: str, rows: list[dict], curves: list[tuple], out: Path) -> li
         by_model.setdefault((model, width), []).append(curve)
     for (model, width), cs in by_model.items():
         n = min(len(c) for c in cs)
-        mean = [statistics.mean(c[i] for c in cs) for i in range(n)]
+        mean = [statistics.mean([v for v in (c[i] for c in cs) if math.isfinite(v)] or [math.nan]) for i in range(n)]
         label = model if len({w for _, w in by_model}) == 1 else f"{model} w{width}"
         ax.plot(_smooth(mean), label=label, lw=1)
     ax.set_xlabel("training step")
@@ -70,3 +72,20 @@ def plot_task(task: str, rows: list[dict], curves: list[tuple], out: Path) -> li
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return written + [path]
+
+
+def replot(out: Path, task: str) -> list[Path]:
+    """Redraw a task's plots from its CSV files (`python -m memdsl.eval.plots DIR TASK`)."""
+    import csv
+    with open(out / f"{task}.csv") as f:
+        rows = [{**r, "state": int(r["state"]), "value": float(r["value"])} for r in csv.DictReader(f)]
+    curves: dict[tuple, list[float]] = {}
+    with open(out / f"{task}_curves.csv") as f:
+        for r in csv.DictReader(f):
+            curves.setdefault((r["model"], int(r["width"]), int(r["seed"])), []).append(float(r["loss"]))
+    return plot_task(task, rows, [(*key, c) for key, c in curves.items()], out)
+
+
+if __name__ == "__main__":
+    import sys
+    print(replot(Path(sys.argv[1]), sys.argv[2]))

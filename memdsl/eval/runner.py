@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import platform
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,7 +55,7 @@ class Table:
                           "skipped": res.skipped, "seconds": round(res.seconds, 1), "metric": metric, "x": x,
                           "value": round(value, 5)})
 
-    def write(self, out: Path, task: str, started: float) -> list[Path]:
+    def write(self, out: Path, task: str, started: float, plots: bool = True) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / f"{task}.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(self.rows[0]))
@@ -65,8 +67,14 @@ class Table:
             for model, width, seed, curve in self.curves:
                 w.writerows([model, width, seed, i, round(v, 5)] for i, v in enumerate(curve))
         (out / f"{task}.md").write_text(self.markdown(task, started))
+        if not plots:
+            return []
         from .plots import plot_task
-        return plot_task(task, self.rows, self.curves, out)
+        try:
+            return plot_task(task, self.rows, self.curves, out)
+        except Exception:  # the tables are the result; a plot that fails must not lose them
+            traceback.print_exc()
+            return []
 
     def markdown(self, task: str, started: float) -> str:
         a = self.args
@@ -104,9 +112,14 @@ def _cpu() -> str:
 
 
 def _mean_std(vals: list[float], digits: int) -> str:
-    if len(vals) == 1:
-        return f"{vals[0]:.{digits}f}"
-    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+    """Mean ± sample std of the finite values, and how many were not finite (a diverged run)."""
+    ok = [v for v in vals if math.isfinite(v)]
+    bad = f" ({len(vals) - len(ok)} non-finite)" if len(ok) < len(vals) else ""
+    if not ok:
+        return "nan" + bad
+    if len(ok) == 1:
+        return f"{ok[0]:.{digits}f}{bad}"
+    return f"{statistics.mean(ok):.{digits}f} ± {statistics.stdev(ok):.{digits}f}{bad}"
 
 
 def _run_one(args, spec: ModelSpec, cfg: ModelConfig, seed: int, batches: Iterator, max_seconds: float,
@@ -171,11 +184,19 @@ def run(args: argparse.Namespace) -> str:
     seq = args.seq_len or (64 if args.task == "mqar" else 128)
     share = 60 * args.budget_minutes / (len(specs) * len(widths) * args.seeds)
     table, started = Table(args, specs), time.time()
+    out = Path(args.out)
     for spec in specs:
         for width in widths:
             for seed in range(args.seeds):
-                TASKS[args.task](args, spec, width, seed, seq, share, table)
-    out = Path(args.out)
+                try:
+                    TASKS[args.task](args, spec, width, seed, seq, share, table)
+                except Exception:  # a long table outlives one failing run; the log keeps the traceback
+                    print(f"run {spec.label} width {width} seed {seed} failed:", file=sys.stderr)
+                    traceback.print_exc()
+                if table.rows:
+                    table.write(out, args.task, started, plots=False)  # partial results survive a crash
+    if not table.rows:
+        raise RuntimeError("every run failed (tracebacks above)")
     pngs = table.write(out, args.task, started)
     written = [out / f"{args.task}.{e}" for e in ("md", "csv")] + [out / f"{args.task}_curves.csv"] + pngs
     return (out / f"{args.task}.md").read_text() + "\nwrote " + ", ".join(map(str, written))
