@@ -148,3 +148,25 @@ def test_bad_calls_say_what_is_wrong():
         rule(q, k, v, gates, backend="chunk")
     with pytest.raises(ValueError, match="1-D"):
         compile_2d(str(ROOT / "rules" / "titans.mem"))
+
+
+def test_memdsl_compile_refuses_a_2d_rule():
+    """The 1-D module would silently drop the axes; the error names the 2-D entry point."""
+    import memdsl
+    from memdsl.errors import UnsupportedError
+    with pytest.raises(UnsupportedError, match="2-D"):
+        memdsl.compile(str(ROOT / "rules" / "chimera.mem"))
+
+
+ETTH1 = ROOT.parent / "shared" / "data" / "ltsf" / "ETTh1.csv.gz"
+
+
+@pytest.mark.skipif(not ETTH1.exists(), reason="needs ../shared/data/ltsf/ETTh1.csv.gz")
+def test_forecast_example_beats_the_naive_forecast():
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "06_forecast.py"), "--rule", "mamba2d",
+                          "--steps", "4", "--batch", "4", "--test-limit", "64"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert res.stdout.rstrip().endswith("ok")
