@@ -38,6 +38,20 @@ class Unsupported(Exception):
     """This rule (or these sizes) is outside the Triton slice: the caller uses the torch path."""
 
 
+def pad(n: int) -> int:
+    """The tile width of a logical size: the next power of two (Triton tiles are powers of two)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def tile_shape_of(shape: list[int], rows: int | None = None) -> tuple[int, int]:
+    """A tensor's tile: token rows [rows, width], or a chunk constant [m, n] / [1, n] / [1, 1]."""
+    if rows is not None:
+        return (rows, pad(shape[0]) if shape else 1)
+    if len(shape) == 2:
+        return (pad(shape[0]), pad(shape[1]))
+    return (1, pad(shape[0]) if shape else 1)
+
+
 def _safe_log(x: sp.Expr) -> sp.Expr:
     return sp.log(sp.Max(x, TINY))
 
@@ -59,6 +73,12 @@ class _Lower:
     def mask(self, i: int) -> int:
         zero = self.t.const(0.0)
         return self.t.where(self.valid, i, zero)
+
+    def mask_cols(self, i: int, n: int) -> int:
+        """Zero the padding columns of a logical width-n value (an expression of zeros need not be 0)."""
+        if pad(n) == n:
+            return i
+        return self.t.where(self.t.mask("cols", n, pad(n)), i, self.t.const(0.0))
 
     def emit(self, outputs: list[int]) -> dict[int, tuple[int, str]]:
         for nid in self.ir.topo(outputs):
@@ -87,9 +107,12 @@ class _Lower:
         if node.op == "outer":
             self.val[nid], self.kind[nid] = (args[0], args[1]), "outer"
             return
+        width = self.n(node.shape[0]) if len(node.shape) == 1 else None
         if node.op in ELEMENTWISE:
             expr = sympy_form(node.op, X[:len(ops)], dict(node.attrs)).subs(self.sizes)
             out = t.ew(expr, *args)
+            if width is not None:
+                out = self.mask_cols(out, width)
         elif node.op in ("sum", "norm"):
             if len(ir.node(ops[0]).shape) != 1:
                 raise Unsupported("a reduction over a matrix")
@@ -114,9 +137,20 @@ class _Lower:
                 raise Unsupported("a transposed product with a per-token matrix")
             out = t.dot(x, w) if kinds[1] == "tok" else t.sum(t.mul(w, t.trans(x)), axis=0)
         elif node.op == "broadcast":
-            width = self.n(node.shape[0]) if node.shape else 1
             rows = self.C if kind == "tok" else 1
-            out = t.expand(args[0], (rows, width))
+            out = self.mask_cols(t.expand(args[0], (rows, pad(width or 1))), width or 1)
+        elif node.op == "concat":  # each block placed at its column offset by a 0/1 matrix product
+            out, off = None, 0
+            for o, x in zip(ops, args, strict=True):
+                n_o = self.n(ir.node(o).shape[0])
+                place = t.where(t.mask("place", off, n_o, t.shape(x)[1], pad(width)), t.const(1.0), t.const(0.0))
+                term = t.dot(x, place)
+                out = term if out is None else t.add2(out, term)
+                off += n_o
+        elif node.op == "kron":
+            if any(pad(self.n(ir.node(o).shape[0])) != self.n(ir.node(o).shape[0]) for o in ops):
+                raise Unsupported("a Kronecker product of vectors whose size is not a power of two")
+            out = t.kron(*args)
         else:
             raise Unsupported(f"op {node.op}")
         if kind == "tok":
@@ -158,10 +192,7 @@ def build_chunk_graph(p: Program, spec: dict, shapes: dict[str, list[int]], size
     zero = t.const(0.0)
 
     def tile_shape(name: str, rows: int | None = None) -> tuple[int, int]:
-        s = shapes[name]
-        if rows is not None:
-            return (rows, s[0] if s else 1)
-        return (s[0], s[1]) if len(s) == 2 else (1, s[0] if s else 1)
+        return tile_shape_of(shapes[name], rows)
 
     lower = t.input("lower", (C, C), boolean=True)
     t.input("valid", (C, 1), boolean=True)

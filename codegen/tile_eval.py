@@ -18,7 +18,9 @@ def evaluate(graph: TileGraph, inputs: dict[str, torch.Tensor], upto: int | None
     n = len(graph.nodes) if upto is None else upto
     for tile in graph.nodes[:n]:
         a = [values[i] for i in tile.args]
-        if tile.op == "input":
+        if tile.op == "input" and tile.attrs[0] in graph.mask_defs and tile.attrs[0] not in inputs:
+            x = mask_value(graph.mask_defs[tile.attrs[0]])
+        elif tile.op == "input":
             x = inputs[tile.attrs[0]]
             if tuple(x.shape) != tile.shape:
                 raise ValueError(f"input {tile.attrs[0]}: shape {tuple(x.shape)}, expected {tile.shape}")
@@ -40,6 +42,14 @@ def evaluate(graph: TileGraph, inputs: dict[str, torch.Tensor], upto: int | None
             x = torch.where(a[0], a[1], a[2])
         elif tile.op == "expand":
             x = a[0].expand(tile.shape)
+        elif tile.op == "kron":
+            x = (a[0][:, :, None] * a[1][:, None, :]).reshape(tile.shape)
+        elif tile.op == "kron_da":
+            g, b = a
+            x = (g.reshape(g.shape[0], -1, b.shape[1]) * b[:, None, :]).sum(2)
+        elif tile.op == "kron_db":
+            g, a0 = a
+            x = (g.reshape(g.shape[0], a0.shape[1], -1) * a0[:, :, None]).sum(1)
         elif tile.op == "trinv":
             eye = torch.eye(tile.shape[0], dtype=a[0].dtype)
             x = torch.linalg.solve_triangular(eye + torch.where(a[1], a[0], 0.0), eye, upper=False)
@@ -47,3 +57,14 @@ def evaluate(graph: TileGraph, inputs: dict[str, torch.Tensor], upto: int | None
             raise ValueError(f"unknown tile op {tile.op}")
         values.append(x)
     return values
+
+
+def mask_value(definition: tuple) -> torch.Tensor:
+    """The boolean tile of a mask definition (see TileGraph.mask)."""
+    kind, *args = definition
+    if kind == "cols":
+        n, width = args
+        return (torch.arange(width) < n)[None, :]
+    off, n, p_in, p_out = args
+    i, j = torch.arange(p_in)[:, None], torch.arange(p_out)[None, :]
+    return (j == i + off) & (i < n)

@@ -14,6 +14,7 @@ Adjoint rules (g is the cotangent of the node's output):
     where(m, a, b) a += where(m, g, 0) ;  b += where(m, 0, g)
     expand(a)      a += reduce_to(g, shape(a))
     X = trinv(L)   L += strictly_lower(-X^T g X^T)      (X = (I + L)^-1, so dX = -X dL X)
+    kron(a, b)     a += kron_da(g, b) ;  b += kron_db(g, a)
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ def backward(graph: TileGraph, seeds: list[tuple[int, int]], wrt: list[int]) -> 
                 accumulate(b, graph.reduce_to(graph.where(mask, zero, g), graph.shape(b)))
         elif node.op == "expand":
             accumulate(node.args[0], graph.reduce_to(g, graph.shape(node.args[0])))
+        elif node.op == "kron":
+            a, b = node.args
+            accumulate(a, graph.kron_da(g, b, graph.shape(a)[1]))
+            accumulate(b, graph.kron_db(g, a, graph.shape(b)[1]))
         elif node.op == "trinv":
             a, strict = node.args
             xt = graph.trans(i)

@@ -2,7 +2,7 @@
 
 A kernel owns one (batch, head) and walks its chunks; inside a chunk every value is a 2-D tile:
 token rows [C, n], scalars per token [C, 1], chunk constants [1, n] or [m, n], C×C coefficient
-matrices, boolean masks. Ten ops are enough for the anchored chunk program in dual form and the exact WY algorithm:
+matrices, boolean masks. A dozen ops are enough for the anchored chunk program in dual form and the exact WY algorithm:
 
     input    a named tile loaded by the kernel (tokens, gates, state, masks)
     const    a number, shape [1, 1]
@@ -14,6 +14,13 @@ matrices, boolean masks. Ten ops are enough for the anchored chunk program in du
     where    select by a boolean mask: where(mask, a, b)
     expand   broadcast to a larger shape
     trinv    (I + L)^-1 for a strictly lower-triangular C×C tile L (the WY/UT transform)
+    kron     row-wise Kronecker product [r, n] x [r, m] -> [r, n*m] (polynomial features), with
+             its two adjoints kron_da, kron_db
+
+Tile widths are powers of two (≥ 16 where a product needs it): a logical size that is not — the
+1 + d + d^2 of polynomial features — is padded, and a column mask keeps the padding at zero.
+Masks the kernel builds from indices (column masks, placement matrices of a concat) are inputs
+with a definition (`mask_defs`), printed once before the chunk loop.
 
 The forward kernel prints these nodes; `tile_grad.backward` appends their reverse-mode
 derivative to the same graph, and the backward kernel prints the whole thing. Nodes are
@@ -63,6 +70,7 @@ class TileGraph:
         self.inputs: dict[str, int] = {}
         self.outputs: dict[str, int] = {}
         self.boolean: set[int] = set()
+        self.mask_defs: dict[str, tuple] = {}
 
     def add(self, tile: Tile) -> int:
         if tile in self._index:
@@ -81,6 +89,14 @@ class TileGraph:
         if boolean:
             self.boolean.add(i)
         return i
+
+    def mask(self, kind: str, *args: int) -> int:
+        """A boolean tile built from indices: ("cols", n, P) is [1, P] with j < n; ("place", off, n, P_in,
+        P_out) is [P_in, P_out] with j == i + off and i < n (puts a width-n block at column off)."""
+        name = "_".join(["m" + kind, *map(str, args)])
+        shape = (1, args[1]) if kind == "cols" else (args[2], args[3])
+        self.mask_defs[name] = (kind, *args)
+        return self.input(name, shape, boolean=True)
 
     def const(self, value: float) -> int:
         return self.add(Tile("const", (), (1, 1), (float(value),)))
@@ -156,6 +172,18 @@ class TileGraph:
         if m != n or strict not in self.boolean:
             raise ValueError("trinv needs a square tile and a boolean strictly-lower mask")
         return self.add(Tile("trinv", (a, strict), (m, n)))
+
+    def kron(self, a: int, b: int) -> int:
+        (ra, n), (rb, m) = self.shape(a), self.shape(b)
+        return self.add(Tile("kron", (a, b), (max(ra, rb), n * m)))
+
+    def kron_da(self, g: int, b: int, n: int) -> int:
+        """sum_j g[:, i*m + j] b[:, j]: the adjoint of kron in its first operand (width n)."""
+        return self.add(Tile("kron_da", (g, b), (self.shape(g)[0], n)))
+
+    def kron_db(self, g: int, a: int, m: int) -> int:
+        """sum_i g[:, i*m + j] a[:, i]: the adjoint of kron in its second operand (width m)."""
+        return self.add(Tile("kron_db", (g, a), (self.shape(g)[0], m)))
 
     def reduce_to(self, a: int, shape: Shape) -> int:
         """Sum the axes along which `a` was broadcast from `shape` (the adjoint of broadcasting)."""

@@ -57,6 +57,15 @@ def print_tiles(graph: TileGraph, bound: dict[str, str], nodes: list[int], names
             rhs = f"tl.where({a[0]}, {a[1]}, {a[2]})"
         elif t.op == "expand":
             rhs = f"tl.broadcast_to({a[0]}, [{m}, {n}])"
+        elif t.op == "kron":
+            (r, n1), (_, n2) = graph.shape(t.args[0]), graph.shape(t.args[1])
+            rhs = f"tl.reshape({a[0]}[:, :, None] * {a[1]}[:, None, :], [{m}, {n1 * n2}])"
+        elif t.op == "kron_da":
+            width = graph.shape(t.args[1])[1]
+            rhs = f"tl.sum(tl.reshape({a[0]}, [{m}, {n}, {width}]) * {a[1]}[:, None, :], axis=2)"
+        elif t.op == "kron_db":
+            width = graph.shape(t.args[1])[1]
+            rhs = f"tl.sum(tl.reshape({a[0]}, [{m}, {width}, {n}]) * {a[1]}[:, :, None], axis=1)"
         elif t.op == "trinv":
             # forward substitution, one row per step: X_r = e_r - sum_{j<r} L_rj X_j (rows j < r are final)
             x, r = f"{prefix}{i}", f"{prefix}{i}_r"
@@ -77,3 +86,14 @@ def print_tiles(graph: TileGraph, bound: dict[str, str], nodes: list[int], names
             rhs = f"tl.broadcast_to({rhs}, [{m}, {n}])"
         lines.append(f"{names[i]} = {rhs}")
     return lines
+
+
+def mask_code(name: str, definition: tuple) -> str:
+    """The statement defining a mask input (see TileGraph.mask)."""
+    kind, *args = definition
+    if kind == "cols":
+        n, width = args
+        return f"{name} = (tl.arange(0, {width}) < {n})[None, :]"
+    off, n, p_in, p_out = args
+    return (f"{name} = (tl.arange(0, {p_out})[None, :] == tl.arange(0, {p_in})[:, None] + {off}) & "
+            f"(tl.arange(0, {p_in})[:, None] < {n})")

@@ -28,10 +28,10 @@ import sympy as sp
 
 from memdsl.program import Program
 
-from .chunk_tiles import Unsupported, build_chunk_graph
+from .chunk_tiles import Unsupported, build_chunk_graph, tile_shape_of
 from .tile_grad import backward
 from .tile_ir import TileGraph
-from .tile_triton import print_tiles
+from .tile_triton import mask_code, print_tiles
 from .wy_tiles import build_wy_graph
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -66,9 +66,11 @@ def supported(p: Program, spec: dict, read_order: str | None = None) -> str | No
         return "a retention other than a plain decay"
     if any(info["channels"] for info in spec["gates"].values()):
         return "per-channel gates"
-    ops = {p.graph.node(n).op for n in p.graph.g.nodes}
-    if ops & {"concat", "kron", "slice", "unflatten", "flatten"}:
-        return "feature maps built with concat/kron (polynomial features)"
+    # only what the kernel computes: the params' gradients and the read (not, say, d loss / d k)
+    roots = [p.graph.outputs[f"grad.{t.name}"] for t in p.params] + [p.graph.outputs["read"]]
+    ops = {p.graph.node(n).op for n in p.graph.topo(roots)}
+    if ops & {"slice", "unflatten", "flatten"}:
+        return "feature maps built with slice/flatten"
     return None
 
 
@@ -86,16 +88,37 @@ class _Layout:
         self.states = [f"A_{n}" for n in self.params] + ([f"S_{n}" for n in self.params] if self.momentum else [])
 
     def tile_of(self, name: str) -> tuple[int, int]:
+        return tile_shape_of(self.shape[name])
+
+    def logical(self, name: str) -> tuple[int, int]:
         s = self.shape[name]
         return (s[0], s[1]) if len(s) == 2 else (1, s[0] if s else 1)
 
     def idx(self, name: str) -> str:
-        m, n = self.tile_of(name)
-        return f"tl.arange(0, {m})[:, None] * {n} + tl.arange(0, {n})[None, :]"
+        (pm, pn), (_, n) = self.tile_of(name), self.logical(name)
+        return f"tl.arange(0, {pm})[:, None] * {n} + tl.arange(0, {pn})[None, :]"
 
     def numel(self, name: str) -> int:
-        m, n = self.tile_of(name)
+        m, n = self.logical(name)
         return m * n
+
+    def bounds(self, name: str) -> str | None:
+        """The in-bounds mask of a padded tile (None when the tile is the tensor's exact shape)."""
+        (pm, pn), (m, n) = self.tile_of(name), self.logical(name)
+        parts = []
+        if pm != m:
+            parts.append(f"(tl.arange(0, {pm}) < {m})[:, None]")
+        if pn != n:
+            parts.append(f"(tl.arange(0, {pn}) < {n})[None, :]")
+        return " & ".join(parts) or None
+
+    def load(self, address: str, name: str) -> str:
+        mask = self.bounds(name)
+        return f"tl.load({address}, mask={mask}, other=0.0)" if mask else f"tl.load({address})"
+
+    def store(self, address: str, name: str, value: str) -> str:
+        mask = self.bounds(name)
+        return f"tl.store({address}, {value}, mask={mask})" if mask else f"tl.store({address}, {value})"
 
     def state_ptr(self, ptr: str, state: str) -> str:
         p = state[2:]
@@ -126,7 +149,7 @@ class _Layout:
         return lines
 
     def load_outers(self) -> list[str]:
-        return [f"out_{n} = tl.load(O_{n} + pid_h * {self.numel(n)} + {self.idx(n)})" for n in self.outers]
+        return [f"out_{n} = {self.load(f'O_{n} + pid_h * {self.numel(n)} + {self.idx(n)}', n)}" for n in self.outers]
 
     def inputs_signature(self) -> list[str]:
         sig = ["Q, K, V, LR, MU, KEEP, SCALE,"]
@@ -141,10 +164,16 @@ def _graph(p: Program, spec: dict, layout: _Layout, chunk: int, read_order: str 
     return build(p, spec, shapes, layout.sym, chunk, read_order or spec["read_order"])
 
 
-def _check_sizes(sizes: dict[str, int], chunk: int) -> None:
-    for name, v in sizes.items():
+def _masks(graph: TileGraph) -> list[str]:
+    return [mask_code(name, definition) for name, definition in graph.mask_defs.items()]
+
+
+def _check_sizes(layout: _Layout, chunk: int) -> None:
+    """Token widths must be powers of two ≥ 16 (tl.dot's minimum); other sizes are padded."""
+    for name in TOKENS:
+        (v,) = layout.shape[name]
         if v < 16 or v & (v - 1):
-            raise Unsupported(f"size {name}={v} is not a power of two ≥ 16")
+            raise Unsupported(f"the width of {name} ({v}) is not a power of two ≥ 16")
     if chunk < 16 or chunk & (chunk - 1):
         raise Unsupported(f"chunk {chunk} is not a power of two ≥ 16")
 
@@ -167,8 +196,8 @@ def generate_forward(p: Program, spec: dict, sizes: dict[str, int], chunk: int, 
     why = supported(p, spec, read_order)
     if why:
         raise Unsupported(why)
-    _check_sizes(sizes, chunk)
     lay = _Layout(p, spec, sizes)
+    _check_sizes(lay, chunk)
     graph = _graph(p, spec, lay, chunk, read_order)
     bound = {name: name for name in graph.inputs}
     names: dict[int, str] = {}
@@ -177,13 +206,14 @@ def generate_forward(p: Program, spec: dict, sizes: dict[str, int], chunk: int, 
     sig = lay.inputs_signature() + ["Y,"] + [f"P_{s}," for s in lay.states] + [f"SAVE_{s}," for s in lay.states]
     fill = {
         "SIGNATURE": sig,
-        "LOAD_STATE": [f"{s} = tl.load({lay.state_ptr('P_' + s, s)})" for s in lay.states] + lay.load_outers(),
-        "SAVE_STATE": [f"tl.store({lay.saved_ptr('SAVE_' + s, s)}, {s})" for s in lay.states],
+        "LOAD_STATE": [f"{s} = {lay.load(lay.state_ptr('P_' + s, s), s[2:])}" for s in lay.states] +
+                      lay.load_outers() + _masks(graph),
+        "SAVE_STATE": [lay.store(lay.saved_ptr("SAVE_" + s, s), s[2:], s) for s in lay.states],
         "LOAD_TOKENS": lay.load_tokens(graph),
         "BODY": body,
         "STORE_Y": [f"tl.store({lay.token_ptr('Y', 'v')}, {names[graph.outputs['y']]}, mask=valid)"],
         "CARRY_STATE": [f"{s} = {names[graph.outputs[s]]}" for s in lay.states],
-        "STORE_STATE": [f"tl.store({lay.state_ptr('P_' + s, s)}, {s})" for s in lay.states],
+        "STORE_STATE": [lay.store(lay.state_ptr("P_" + s, s), s[2:], s) for s in lay.states],
     }
     indent = {"LOAD_STATE": 4, "SAVE_STATE": 12, "LOAD_TOKENS": 8, "BODY": 8, "STORE_Y": 8, "CARRY_STATE": 8,
               "STORE_STATE": 4}
@@ -199,8 +229,8 @@ def generate_backward(p: Program, spec: dict, sizes: dict[str, int], chunk: int,
     why = supported(p, spec, read_order)
     if why:
         raise Unsupported(why)
-    _check_sizes(sizes, chunk)
     lay = _Layout(p, spec, sizes)
+    _check_sizes(lay, chunk)
     graph = _graph(p, spec, lay, chunk, read_order)
     seeds = [(graph.outputs["y"], graph.input("dy", graph.shape(graph.outputs["y"])))]
     for s in lay.states:
@@ -237,14 +267,14 @@ def generate_backward(p: Program, spec: dict, sizes: dict[str, int], chunk: int,
         "SIGNATURE": sig,
         "LOAD_OUTERS": lay.load_outers() + [f"acc_{n} = tl.zeros([{', '.join(map(str, lay.tile_of(n)))}], "
                                             "dtype=tl.float32)" for n in lay.outers],
-        "LOAD_DSTATE": [f"d{s} = tl.load({lay.state_ptr('D' + s, s)})" for s in lay.states],
-        "LOAD_STATE": [f"{s} = tl.load({lay.saved_ptr('SAVE_' + s, s)})" for s in lay.states],
+        "LOAD_DSTATE": [f"d{s} = {lay.load(lay.state_ptr('D' + s, s), s[2:])}" for s in lay.states] + _masks(graph),
+        "LOAD_STATE": [f"{s} = {lay.load(lay.saved_ptr('SAVE_' + s, s), s[2:])}" for s in lay.states],
         "LOAD_TOKENS": tokens,
         "BODY": body,
         "STORE_GRADS": store,
         "CARRY_DSTATE": [f"d{s} = {names[grad_of[s]]}" for s in lay.states],
-        "STORE_DSTATE": [f"tl.store({lay.state_ptr('D' + s, s)}, d{s})" for s in lay.states] +
-                        [f"tl.store(DO_{n} + (pid_b * H + pid_h) * {lay.numel(n)} + {lay.idx(n)}, acc_{n})"
+        "STORE_DSTATE": [lay.store(lay.state_ptr("D" + s, s), s[2:], f"d{s}") for s in lay.states] +
+                        [lay.store(f"DO_{n} + (pid_b * H + pid_h) * {lay.numel(n)} + {lay.idx(n)}", n, f"acc_{n}")
                          for n in lay.outers],
     }
     indent = {"LOAD_OUTERS": 4, "LOAD_DSTATE": 4, "LOAD_STATE": 8, "LOAD_TOKENS": 8, "BODY": 8, "STORE_GRADS": 8,

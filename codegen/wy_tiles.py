@@ -19,7 +19,7 @@ import sympy as sp
 
 from memdsl.program import Program
 
-from .chunk_tiles import _Lower, _ratio_matrix, _safe_log
+from .chunk_tiles import _Lower, _ratio_matrix, _safe_log, tile_shape_of
 from .tile_ir import TileGraph, X
 
 
@@ -34,13 +34,11 @@ def build_wy_graph(p: Program, spec: dict, shapes: dict[str, list[int]], sizes: 
     t.input("valid", (C, 1), boolean=True)
     is_last = t.input("is_last", (C, 1), boolean=True)
     strict = t.input("strict", (C, C), boolean=True)
-    bind = {n: (t.input(f"tok_{n}", (C, shapes[n][0])), "tok") for n in ("q", "k", "v")}
+    bind = {n: (t.input(f"tok_{n}", tile_shape_of(shapes[n], C)), "tok") for n in ("q", "k", "v")}
     bind.update({n: (t.input(f"tok_{n}", (C, 1)), "tok") for n in spec["gates"]})
-    for n in spec["outers"]:
-        s = shapes[n]
-        bind[n] = (t.input(f"out_{n}", (s[0], s[1]) if len(s) == 2 else (1, s[0] if s else 1)), "const")
+    bind.update({n: (t.input(f"out_{n}", tile_shape_of(shapes[n])), "const") for n in spec["outers"]})
     (w,) = [x.name for x in p.params]
-    A = t.input(f"A_{w}", tuple(shapes[w]))
+    A = t.input(f"A_{w}", tile_shape_of(shapes[w]))
     lr = t.input("lr", (C, 1))
     low = _Lower(t, ir, sizes, C, bind)
     names = ("wy.slope", "wy.offset", "wy.key", "wy.query")

@@ -15,7 +15,7 @@ from memdsl.checking import make_inputs, rel_rms, run_with_grads
 from tests.conftest import RULES
 
 SUPPORTED = {"titans", "titans_linear", "ttt_linear", "ttt_mlp", "yaad", "linear_attention", "deltanet",
-             "gated_deltanet"}
+             "gated_deltanet", "deep_transformer"}
 COVERED = [p for p in RULES if p.stem in SUPPORTED]
 
 
