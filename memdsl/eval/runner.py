@@ -100,7 +100,31 @@ class Table:
                 f"≤ {a.steps} steps, budget {a.budget_minutes} min for the table, seeds {a.seeds}")
         if task in ("lm", "chunk", "niah"):
             meta += f"  \ncorpus: {CORPUS_NAME}"
-        return f"## {task}\n\n{meta}\n\n" + "\n".join(lines) + "\n"
+        extra = "\n" + chunk_summary(self.rows, a.train_chunk) if task == "chunk" else ""
+        return f"## {task}\n\n{meta}\n\n" + "\n".join(lines) + "\n" + extra
+
+
+def chunk_summary(rows: list[dict], train_chunk: int) -> str:
+    """Paired view of the chunk task: per model, loss at each evaluation chunk minus the loss at the
+    training chunk (mean over seeds, same weights), and the best evaluation chunk of every seed."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        by_seed: dict[int, dict[int, float]] = {}
+        for r in rows:
+            if r["model"] == model:
+                by_seed.setdefault(int(r["seed"]), {})[int(r["x"])] = float(r["value"])
+        chunks = sorted(next(iter(by_seed.values())))
+        if train_chunk not in chunks:
+            continue
+        deltas = [f"{c}: {statistics.mean(v[c] - v[train_chunk] for v in by_seed.values()):+.4f}" for c in chunks]
+        best = [min(v, key=v.get) for v in by_seed.values()]
+        out.append(f"- {model}: loss − loss@{train_chunk} = " + ", ".join(deltas) + f"; best chunk per seed: {best}")
+    return "\n".join(out) + "\n"
+
+
+def chunk_summary_from_csv(path: str, train_chunk: int) -> str:
+    with open(path) as f:
+        return chunk_summary(list(csv.DictReader(f)), train_chunk)
 
 
 def _cpu() -> str:

@@ -64,10 +64,12 @@ class NIAH:
     Tokens 0–255 are haystack bytes (real text, as RULER's essay haystack, or uniform noise);
     then a needle marker, a query marker, `keys` key tokens and `values` value tokens. A sequence
     is haystack with one needle `[NEEDLE, key, value]` at a chosen depth and ends with
-    `[QUERY, key]`; the last position must predict the value (chance 1/values).
+    `[QUERY, key]`; the last position must predict the value (chance 1/values). With one key
+    (the default) it is RULER's passkey form (S-NIAH-1): the query names the one needle; more keys
+    make the model match the key as well.
     """
 
-    keys: int = 16
+    keys: int = 1
     values: int = 16
 
     @property
