@@ -60,12 +60,12 @@ class _Lower:
     """Lowers IR nodes (the rule's gradient and read functions) into tile nodes."""
 
     def __init__(self, t: TileGraph, ir: Graph, sizes: dict, C: int, bind: dict[str, tuple[int, str]],
-                 duals: dict | None = None):
+                 duals: dict | None = None, valid: int | None = None):
         self.t, self.ir, self.sizes, self.C, self.bind = t, ir, sizes, C, bind
         self.duals = duals or {}
         self.val: dict[int, int] = {}
         self.kind: dict[int, str] = {}
-        self.valid = t.inputs["valid"]
+        self.valid = t.inputs["valid"] if valid is None else valid  # the rows this lowering fills
 
     def n(self, e) -> int:
         return int(sp.sympify(e).subs(self.sizes))
@@ -183,39 +183,56 @@ def build_chunk_graph(p: Program, spec: dict, shapes: dict[str, list[int]], size
                       read_order: str = "after") -> TileGraph:
     """The forward tile graph of one chunk (outputs y, A_<p>, S_<p>). `read_order`: the read sees the
     state after its own token ("after"), before it ("before"), or at the chunk start (TNT's global
-    memory, "chunk_start")."""
+    memory, "chunk_start").
+
+    With an Omega window of c tokens (weights gamma), position j's gradient is the gamma-weighted sum
+    over tokens j-c+1..j, all at the chunk-start anchor (MATH.md §5): the coefficients become
+    Kw = Kc @ mix (banded), and the c-1 tokens before the chunk are a second set of factor rows,
+    `hist_<name>` inputs of Hh = pad(c-1) rows (masked by `hist_valid`)."""
     ir = p.graph
     t = TileGraph()
     mats = [x.name for x in p.params if len(x.shape) == 2]
     vecs = [x.name for x in p.params if len(x.shape) == 1]
     momentum = spec["optim"] == "momentum"
-    zero = t.const(0.0)
+    zero, one = t.const(0.0), t.const(1.0)
+    c, weight = spec["window"], spec["window_weight"]
+    Hh = pad(c - 1) if c > 1 else 0
+    if Hh > C:
+        raise Unsupported(f"a window of {c} tokens is longer than the chunk ({C})")
 
     def tile_shape(name: str, rows: int | None = None) -> tuple[int, int]:
         return tile_shape_of(shapes[name], rows)
 
     lower = t.input("lower", (C, C), boolean=True)
-    t.input("valid", (C, 1), boolean=True)
+    valid = t.input("valid", (C, 1), boolean=True)
     is_last = t.input("is_last", (C, 1), boolean=True)
-    bind: dict[str, tuple[int, str]] = {}
-    for n in ("q", "k", "v"):
-        bind[n] = (t.input(f"tok_{n}", tile_shape(n, C)), "tok")
-    for n in spec["gates"]:
-        bind[n] = (t.input(f"tok_{n}", (C, 1)), "tok")
-    for n in spec["outers"]:
-        bind[n] = (t.input(f"out_{n}", tile_shape(n)), "const")
     A = {n: t.input(f"A_{n}", tile_shape(n)) for n in mats + vecs}
     S = {n: t.input(f"S_{n}", tile_shape(n)) for n in mats + vecs} if momentum else {}
+    outers = {n: (t.input(f"out_{n}", tile_shape(n)), "const") for n in spec["outers"]}
+
+    def token_bind(prefix: str, rows: int) -> dict[str, tuple[int, str]]:
+        bind = {n: (t.input(f"{prefix}_{n}", tile_shape(n, rows)), "tok") for n in ("q", "k", "v")}
+        bind.update({n: (t.input(f"{prefix}_{n}", (rows, 1)), "tok") for n in spec["gates"]})
+        return {**bind, **outers}
+
+    bind = token_bind("tok", C)
     lr = t.input("lr", (C, 1))
 
-    # ---- gradients at the chunk-start state ---------------------------------------------------
-    low = _Lower(t, ir, sizes, C, {**bind, **{n: (A[n], "const") for n in A}})
+    # ---- gradients at the chunk-start state, as factor sets: this chunk's rows, window history ----
     outs = {n: ir.outputs[f"grad.{n}"] for n in mats + vecs}
     factors = {n: _outer_factors(ir, outs[n]) for n in mats}
-    done = low.emit([x for n in mats for pair in factors[n] for x in pair] + [outs[n] for n in vecs])
-    pairs = {n: [(low.as_rows(done[a], tile_shape(n)[0]), low.as_rows(done[b], tile_shape(n)[1]))
-                 for a, b in factors[n]] for n in mats}
-    rows_u = {n: low.as_rows(done[outs[n]], tile_shape(n)[1]) for n in vecs}
+
+    def gradient_rows(token_inputs: dict, rows: int, row_valid: int):
+        low = _Lower(t, ir, sizes, rows, {**token_inputs, **{n: (A[n], "const") for n in A}}, valid=row_valid)
+        done = low.emit([x for n in mats for pair in factors[n] for x in pair] + [outs[n] for n in vecs])
+        pairs = {n: [(low.as_rows(done[a], tile_shape(n)[0]), low.as_rows(done[b], tile_shape(n)[1]))
+                     for a, b in factors[n]] for n in mats}
+        return pairs, {n: low.as_rows(done[outs[n]], tile_shape(n)[1]) for n in vecs}
+
+    sets = [gradient_rows(bind, C, valid)]
+    if Hh:
+        hist_valid = t.input("hist_valid", (Hh, 1), boolean=True)
+        sets.append(gradient_rows(token_bind("hist", Hh), Hh, hist_valid))
 
     # ---- coefficients -------------------------------------------------------------------------
     lr_row = t.trans(lr)
@@ -223,7 +240,7 @@ def build_chunk_graph(p: Program, spec: dict, shapes: dict[str, list[int]], size
         cum = t.cumsum(t.ew(_safe_log(X[0]), t.input("keep", (C, 1))), axis=0)
         D, abar = _ratio_matrix(t, cum), t.ew(sp.exp(X[0]), cum)
     else:
-        D, abar = t.where(lower, t.const(1.0), zero), t.const(1.0)
+        D, abar = t.where(lower, one, zero), one
     f = Ks = mbar = None
     if spec["scale"] is not None:
         Kc = t.where(lower, t.mul(t.input("scale", (C, 1)), lr_row), zero)
@@ -236,28 +253,40 @@ def build_chunk_graph(p: Program, spec: dict, shapes: dict[str, list[int]], size
     else:
         Kc = t.mul(D, lr_row)
 
+    # the window: mix[j, l] = gamma_l on the band l in (j - c, j], for this chunk's rows and history
+    mixes = [None]
+    if Hh:
+        gammas = [bind[weight][0], t.inputs[f"hist_{weight}"]] if weight else [one, one]
+        cur = t.where(t.mask("band", c, C), t.trans(gammas[0]), zero)
+        hist = t.where(t.mask("hband", c, C, Hh), t.trans(gammas[1]), zero)
+        mixes = [cur, hist]
+    coef = [t.dot(Kc, m) if m is not None else Kc for m in mixes]             # per factor set
+    coef_s = [t.dot(Ks, m) if m is not None else Ks for m in mixes] if Ks is not None else None
+
     # ---- the read: every matrix as a dual weight ----------------------------------------------
     # coefficients of the state each position reads: A_i ("after") or A_{i-1} ("before": every
     # coefficient shifted down one row; row 0 reads A0 itself)
-    ra, rf, rK = abar, f, Kc
+    ra, rf, rK = abar, f, coef
     if read_order == "before":
-        down = t.where(t.input("shift", (C, C), boolean=True), t.const(1.0), zero)
-        first = t.where(t.input("first", (C, 1), boolean=True), t.const(1.0), zero)
+        down = t.where(t.input("shift", (C, C), boolean=True), one, zero)
+        first = t.where(t.input("first", (C, 1), boolean=True), one, zero)
         if t.nodes[abar].op != "const":
             ra = t.add2(t.dot(down, abar), first)
         rf = t.dot(down, f) if f is not None else None
-        rK = t.dot(down, Kc)
+        rK = [t.dot(down, k) for k in coef]
 
     def dual(n: str):
         def apply(x: int) -> int:
             out = t.mul(ra, t.dot(x, t.trans(A[n])))
             if rf is not None:
                 out = t.add2(out, t.mul(rf, t.dot(x, t.trans(S[n]))))
-            for a, b in pairs[n]:
-                out = t.sub(out, t.dot(t.mul(rK, t.dot(x, t.trans(b))), a))
+            for k, (pairs, _) in zip(rK, sets, strict=True):
+                for a, b in pairs[n]:
+                    out = t.sub(out, t.dot(t.mul(k, t.dot(x, t.trans(b))), a))
             return out
         return apply
 
+    low = _Lower(t, ir, sizes, C, bind)
     read_bind = dict(bind)
     duals = {}
     if read_order == "chunk_start":  # every position reads the chunk-start state: plain products
@@ -272,7 +301,9 @@ def build_chunk_graph(p: Program, spec: dict, shapes: dict[str, list[int]], size
             r = t.mul(ra, A[n])
             if rf is not None:
                 r = t.add2(r, t.mul(rf, S[n]))
-            read_bind[n] = (low.mask(t.sub(r, t.dot(rK, rows_u[n]))), "tok")
+            for k, (_, rows_u) in zip(rK, sets, strict=True):
+                r = t.sub(r, t.dot(k, rows_u[n]))
+            read_bind[n] = (low.mask(r), "tok")
     reader = _Lower(t, ir, sizes, C, read_bind, duals)
     y, _ = reader.emit([ir.outputs["read"]])[ir.outputs["read"]]
     t.outputs["y"] = low.mask(y)
@@ -282,25 +313,24 @@ def build_chunk_graph(p: Program, spec: dict, shapes: dict[str, list[int]], size
         return t.sum(t.where(is_last, x, zero), axis=0)
 
     a_last = last_row(abar if t.shape(abar)[0] == C else t.expand(abar, (C, 1)))
-    k_last = t.trans(last_row(Kc))
     f_last = last_row(f) if f is not None else None
     m_last = last_row(mbar) if mbar is not None else None
-    ks_last = t.trans(last_row(Ks)) if Ks is not None else None
 
-    def update(n: str, coef: int) -> int:
-        if n in vecs:
-            return t.sum(t.mul(coef, rows_u[n]), axis=0)
+    def update(n: str, coefs: list[int]) -> int:
         total = None
-        for a, b in pairs[n]:
-            term = t.dot(t.trans(t.mul(a, coef)), b)
-            total = term if total is None else t.add2(total, term)
+        for k, (pairs, rows_u) in zip(coefs, sets, strict=True):
+            k_last = t.trans(last_row(k))
+            terms = [t.sum(t.mul(k_last, rows_u[n]), axis=0)] if n in vecs else \
+                [t.dot(t.trans(t.mul(a, k_last)), b) for a, b in pairs[n]]
+            for term in terms:
+                total = term if total is None else t.add2(total, term)
         return total
 
     for n in mats + vecs:
         new_a = t.mul(a_last, A[n])
         if f_last is not None:
             new_a = t.add2(new_a, t.mul(f_last, S[n]))
-        t.outputs[f"A_{n}"] = t.sub(new_a, update(n, k_last))
+        t.outputs[f"A_{n}"] = t.sub(new_a, update(n, coef))
         if momentum:
-            t.outputs[f"S_{n}"] = t.sub(t.mul(m_last, S[n]), update(n, ks_last))
+            t.outputs[f"S_{n}"] = t.sub(t.mul(m_last, S[n]), update(n, coef_s))
     return t

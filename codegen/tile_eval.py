@@ -65,6 +65,13 @@ def mask_value(definition: tuple) -> torch.Tensor:
     if kind == "cols":
         n, width = args
         return (torch.arange(width) < n)[None, :]
+    if kind == "band":
+        c, C = args
+        j, col = torch.arange(C)[:, None], torch.arange(C)[None, :]
+        return (col <= j) & (col > j - c)
+    if kind == "hband":
+        c, C, hh = args
+        return torch.arange(hh)[None, :] > torch.arange(C)[:, None] + hh - c
     off, n, p_in, p_out = args
     i, j = torch.arange(p_in)[:, None], torch.arange(p_out)[None, :]
     return (j == i + off) & (i < n)

@@ -92,9 +92,12 @@ class TileGraph:
 
     def mask(self, kind: str, *args: int) -> int:
         """A boolean tile built from indices: ("cols", n, P) is [1, P] with j < n; ("place", off, n, P_in,
-        P_out) is [P_in, P_out] with j == i + off and i < n (puts a width-n block at column off)."""
+        P_out) is [P_in, P_out] with j == i + off and i < n (puts a width-n block at column off);
+        ("band", c, C) is [C, C] with j - c < l <= j (an Omega window over this chunk's rows);
+        ("hband", c, C, Hh) is [C, Hh] with r > j + Hh - c (the window over the Hh rows before)."""
         name = "_".join(["m" + kind, *map(str, args)])
-        shape = (1, args[1]) if kind == "cols" else (args[2], args[3])
+        shape = {"cols": lambda: (1, args[1]), "place": lambda: (args[2], args[3]),
+                 "band": lambda: (args[1], args[1]), "hband": lambda: (args[1], args[2])}[kind]()
         self.mask_defs[name] = (kind, *args)
         return self.input(name, shape, boolean=True)
 

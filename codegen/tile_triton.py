@@ -94,6 +94,13 @@ def mask_code(name: str, definition: tuple) -> str:
     if kind == "cols":
         n, width = args
         return f"{name} = (tl.arange(0, {width}) < {n})[None, :]"
+    if kind == "band":
+        c, C = args
+        return (f"{name} = (tl.arange(0, {C})[None, :] <= tl.arange(0, {C})[:, None]) & "
+                f"(tl.arange(0, {C})[None, :] > tl.arange(0, {C})[:, None] - {c})")
+    if kind == "hband":
+        c, C, hh = args
+        return f"{name} = tl.arange(0, {hh})[None, :] > tl.arange(0, {C})[:, None] + {hh - c}"
     off, n, p_in, p_out = args
     return (f"{name} = (tl.arange(0, {p_out})[None, :] == tl.arange(0, {p_in})[:, None] + {off}) & "
             f"(tl.arange(0, {p_in})[:, None] < {n})")

@@ -15,7 +15,8 @@ tokens cu[i]..cu[i+1]; one program per (sequence, head); state and saved buffers
 
 Coverage of this slice (anything else runs on the torch path; `supported` says why): the anchored
 dual form — a single memory block of matrices and vectors, `gd` or `momentum` (with an optional
-position scale), a scalar `decay` retention, window 1, any read order, scalar gates — and the
+position scale), a scalar `decay` retention, Omega windows up to chunk + 1 tokens, polynomial
+features (concat, kron; padded sizes), any read order, scalar gates — and the
 exact WY algorithm of state-linear rules (wy_tiles.py); power-of-two sizes ≥ 16.
 """
 
@@ -58,8 +59,8 @@ def supported(p: Program, spec: dict, read_order: str | None = None) -> str | No
         return None
     if not spec.get("dual") or spec["algorithm"] not in ("anchored", "linear"):
         return f"algorithm {spec['algorithm']} without the dual form"
-    if spec["window"] != 1 or spec["window_weight"] is not None:
-        return "an Omega window"
+    if spec["window_weight"] is not None and spec["window_weight"] not in spec["gates"]:
+        return "a window weight that is not a gate"
     if spec.get("clip") is not None:
         return "gradient clipping (optim clip)"
     if any(r["kind"] != "decay" for r in spec["retain"]) or spec["grad_at_decayed"]:
@@ -85,6 +86,7 @@ class _Layout:
         self.gates = [_ident(n) for n in spec["gates"]]
         self.outers = [_ident(n) for n in spec["outers"]]
         self.momentum = spec["optim"] == "momentum"
+        self.window = spec["window"]
         self.states = [f"A_{n}" for n in self.params] + ([f"S_{n}" for n in self.params] if self.momentum else [])
 
     def tile_of(self, name: str) -> tuple[int, int]:
@@ -128,21 +130,29 @@ class _Layout:
         p = state[2:]
         return f"{ptr} + ((pid_b * H + pid_h) * NC + ci) * {self.numel(p)} + {self.idx(p)}"
 
-    def token_ptr(self, ptr: str, name: str) -> str:
+    def token_ptr(self, ptr: str, name: str, rows: str = "rows") -> str:
         d = self.shape[name][0]
-        return f"{ptr} + ((bos + rows[:, None]) * H + pid_h) * {d} + tl.arange(0, {d})[None, :]"
+        return f"{ptr} + ((bos + {rows}[:, None]) * H + pid_h) * {d} + tl.arange(0, {d})[None, :]"
 
-    def gate_ptr(self, ptr: str) -> str:  # gates and hyper-parameters share the [B, T, H] layout
-        return f"{ptr} + ((bos + rows) * H + pid_h)"
+    def gate_ptr(self, ptr: str, rows: str = "rows") -> str:  # gates and hyper-parameters: [B, T, H]
+        return f"{ptr} + ((bos + {rows}) * H + pid_h)"
 
     def load_tokens(self, graph: TileGraph) -> list[str]:
         lines = []
-        for n in TOKENS:
-            if f"tok_{n}" in graph.inputs:
-                lines.append(f"tok_{n} = tl.load({self.token_ptr(n.upper(), n)}, mask=valid, other=0.0)")
-        for n in self.gates:
-            if f"tok_{n}" in graph.inputs:
-                lines.append(f"tok_{n} = tl.load({self.gate_ptr('G_' + n)}, mask=valid_r, other=0.0)[:, None]")
+        if "hist_valid" in graph.inputs:  # the Omega window's rows before the chunk: s - Hh .. s - 1
+            hh = graph.shape(graph.inputs["hist_valid"])[0]
+            lines += [f"rows_h = s - {hh} + tl.arange(0, {hh})",
+                      f"hist_valid_r = (rows_h >= 0) & (rows_h > s - {self.window})",
+                      "hist_valid = hist_valid_r[:, None]"]
+        for prefix, rows, mask in (("tok", "rows", "valid"), ("hist", "rows_h", "hist_valid")):
+            for n in TOKENS:
+                if f"{prefix}_{n}" in graph.inputs:
+                    lines.append(f"{prefix}_{n} = tl.load({self.token_ptr(n.upper(), n, rows)}, mask={mask}, "
+                                 "other=0.0)")
+            for n in self.gates:
+                if f"{prefix}_{n}" in graph.inputs:
+                    lines.append(f"{prefix}_{n} = tl.load({self.gate_ptr('G_' + n, rows)}, mask={mask}_r, "
+                                 "other=0.0)[:, None]")
         for name, (ptr, other) in HYPER.items():
             if name in graph.inputs:
                 lines.append(f"{name} = tl.load({self.gate_ptr(ptr)}, mask=valid_r, other={other})[:, None]")
@@ -235,11 +245,24 @@ def generate_backward(p: Program, spec: dict, sizes: dict[str, int], chunk: int,
     seeds = [(graph.outputs["y"], graph.input("dy", graph.shape(graph.outputs["y"])))]
     for s in lay.states:
         seeds.append((graph.outputs[s], graph.input(f"d{s}", graph.shape(graph.outputs[s]))))
-    wrt_names = [f"tok_{n}" for n in (*TOKENS, *lay.gates)] + [n for n in HYPER] + \
+    token_names = [n for n in (*TOKENS, *lay.gates) if f"tok_{n}" in graph.inputs]
+    hist_names = [n for n in (*TOKENS, *lay.gates) if f"hist_{n}" in graph.inputs]
+    wrt_names = [f"tok_{n}" for n in token_names] + [f"hist_{n}" for n in hist_names] + [n for n in HYPER] + \
         [f"out_{n}" for n in lay.outers] + lay.states
     wrt_names = [n for n in wrt_names if n in graph.inputs]
     adj = backward(graph, seeds, [graph.inputs[n] for n in wrt_names])
     grad_of = {n: adj[graph.inputs[n]] for n in wrt_names}
+    # window history: a token's gradient from the next chunk's window arrives one iteration early
+    # (chunks run backwards), carried in registers and added to the last Hh rows of this chunk
+    carries = []
+    for n in hist_names:
+        hh, width = graph.shape(graph.inputs[f"hist_{n}"])
+        carry = graph.input(f"carry_{n}", (hh, width))
+        if f"tok_{n}" in grad_of:
+            place = graph.where(graph.mask("place", chunk - hh, hh, hh, chunk), graph.const(1.0), graph.const(0.0))
+            grad_of[f"tok_{n}"] = graph.add2(grad_of[f"tok_{n}"], graph.dot(graph.trans(place), carry))
+        grad_of[f"carry_{n}"] = graph.where(graph.inputs["hist_valid"], grad_of.pop(f"hist_{n}"), graph.const(0.0))
+        carries.append((n, hh, width))
     bound = {name: name for name in graph.inputs}
     names: dict[int, str] = {}
     body = print_tiles(graph, bound, graph.live(list(grad_of.values())), names)
@@ -267,12 +290,14 @@ def generate_backward(p: Program, spec: dict, sizes: dict[str, int], chunk: int,
         "SIGNATURE": sig,
         "LOAD_OUTERS": lay.load_outers() + [f"acc_{n} = tl.zeros([{', '.join(map(str, lay.tile_of(n)))}], "
                                             "dtype=tl.float32)" for n in lay.outers],
-        "LOAD_DSTATE": [f"d{s} = {lay.load(lay.state_ptr('D' + s, s), s[2:])}" for s in lay.states] + _masks(graph),
+        "LOAD_DSTATE": [f"d{s} = {lay.load(lay.state_ptr('D' + s, s), s[2:])}" for s in lay.states] + _masks(graph) +
+                       [f"carry_{n} = tl.zeros([{hh}, {w}], dtype=tl.float32)" for n, hh, w in carries],
         "LOAD_STATE": [f"{s} = {lay.load(lay.saved_ptr('SAVE_' + s, s), s[2:])}" for s in lay.states],
         "LOAD_TOKENS": tokens,
         "BODY": body,
         "STORE_GRADS": store,
-        "CARRY_DSTATE": [f"d{s} = {names[grad_of[s]]}" for s in lay.states],
+        "CARRY_DSTATE": [f"d{s} = {names[grad_of[s]]}" for s in lay.states] +
+                        [f"carry_{n} = {names[grad_of['carry_' + n]]}" for n, _, _ in carries],
         "STORE_DSTATE": [lay.store(lay.state_ptr("D" + s, s), s[2:], f"d{s}") for s in lay.states] +
                         [lay.store(f"DO_{n} + (pid_b * H + pid_h) * {lay.numel(n)} + {lay.idx(n)}", n, f"acc_{n}")
                          for n in lay.outers],

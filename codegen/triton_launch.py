@@ -139,7 +139,25 @@ def launch(impl, spec, get_kernel, q, k, v, gates, params, state, chunk, cu_seql
                                 *tensors)
     out_state = dict(state)
     out_state.update(zip(keys, new, strict=True))
+    if spec["window"] > 1:  # the last c - 1 tokens, as the torch paths keep them for the next call
+        out_state.update(_window_history(spec, k, v, gates_bht, cu_seqlens))
     return y.to(q.dtype), out_state
+
+
+def _window_history(spec, k, v, gates_bht, cu_seqlens):
+    """hist.k, hist.v, hist.<gate>: each sequence's last c - 1 tokens (fewer if it is shorter) in the
+    runtime layout [N, H, m, ...], as the torch paths keep them; packed sequences of unequal short
+    lengths have no common shape and get none."""
+    keep = spec["window"] - 1
+    spans = [(0, k.shape[1])] if cu_seqlens is None else list(itertools.pairwise(cu_seqlens.tolist()))
+    if len({min(keep, hi - lo) for lo, hi in spans}) > 1:
+        return {}
+
+    def last(x):  # x: [B, H, T, ...] -> [N, H, m, ...]
+        return torch.cat([x[:, :, max(lo, hi - keep):hi] for lo, hi in spans], dim=0)
+    out = {"hist.k": last(k.transpose(1, 2)), "hist.v": last(v.transpose(1, 2))}
+    out.update({f"hist.{n}": last(g) for n, g in gates_bht.items()})
+    return out
 
 
 def _hyper(impl, spec, gates_bht, outers, sz, T, chunk, q, cu_seqlens) -> list[torch.Tensor]:

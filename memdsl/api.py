@@ -139,13 +139,15 @@ class CompiledRule:
             check_cu_seqlens(cu_seqlens, q)
         read_order = kw.get("read_order")
         unknown = set(kw) - {"chunk", "read_order"}  # options only the torch paths have (sizes, check_finite)
+        if state is not None and any(key.startswith("hist.") for key in state):
+            unknown.add("state with window history (hist.*)")  # the kernels start windows fresh
         if backend == "triton" or (backend == "auto" and getattr(q, "is_cuda", False) and not unknown
                                    and self.triton_reason(read_order) is None):
             from codegen.triton_run import run_triton
             if self.triton_reason(read_order) is not None:
                 raise ValueError(f"rule {self.name} has no Triton kernel yet: {self.triton_reason(read_order)}")
             if unknown:
-                raise ValueError(f"the Triton path takes chunk and read_order, not {sorted(unknown)}")
+                raise ValueError(f"the Triton path does not take {sorted(unknown)} yet: use a torch backend")
             return run_triton(self, q, k, v, gates, params, state, kw.get("chunk"), cu_seqlens, read_order)
         if cu_seqlens is not None:
             def init_state():
