@@ -153,8 +153,10 @@ class Runtime:
         out = {}
         for name, value in self.hyper_fn(env, sz).items():
             value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
-            if value.dim() <= 3:  # a per-token scalar (or a constant)
-                value = value.reshape(*value.shape, 1) if value.dim() == 3 else value.reshape(1, 1, 1, 1)
+            if value.dim() == 3:  # a per-token scalar [B, H, T]
+                value = value.reshape(*value.shape, 1)
+            elif value.dim() < 3:  # a constant: a number, or a per-channel vector with no token in it
+                value = value.reshape(1, 1, 1, -1)
             out[name] = value.expand(B, H, T, value.shape[-1])
         return out
 

@@ -78,8 +78,10 @@ def emit_function(graph: Graph, fname: str, outputs: list[str], doc: str = "") -
     used_inputs = [graph.node(n).attr("name") for n in order
                    if graph.node(n).op == "input" and graph.node(n).attr("role") != "size"]
     if any(graph.node(n).op == "broadcast" for n in order):
-        like = next((n for n in ("k", "q", "v") if n in used_inputs), used_inputs[0])
-        lines.append(f"    _like = env[{like!r}]")
+        like = next((n for n in ("k", "q", "v") if n in used_inputs), used_inputs[0] if used_inputs else None)
+        # a constant broadcast with no input of its own (`lr = 0 * g`) takes dtype and device from any tensor
+        lines.append(f"    _like = env[{like!r}]" if like else
+                     "    _like = next(t for t in env.values() if isinstance(t, torch.Tensor))")
     for nid in order:
         node = graph.node(nid)
         shape = fmt_shape(node.shape) if node.shape else "[]"

@@ -66,6 +66,29 @@ def test_shipped_rules_satisfy_the_property(name):
     assert check_source(SHIPPED[name]).endswith("agrees")
 
 
+FOUND_BY_FUZZING = {
+    # lr = 0 * theta folds to a constant [d] vector: no token input for the emitted `_like`, and a constant
+    # per-channel hyper-parameter the runtime reshaped as a scalar (IndexError / RuntimeError before)
+    "constant channel lr": "memory A {\n  optim gd(lr = 0 * theta)\n  param b : [d] init zeros\n"
+                           "  model M(x) = tanh(W @ x) + b\n  gate theta : [d] sigmoid\n  loss sum(((M(k) - v))^2)\n"
+                           "  param W : [d, d]\n  window 1\n  read M(q)\n}\n",
+    "constant channel lr, gate used": "memory A {\n  optim gd(lr = 0 * theta)\n  param b : [d] init zeros\n"
+                                      "  model M(x) = tanh(W @ x) + b\n  gate theta : [d] sigmoid\n"
+                                      "  loss sum(((M(k) - v))^2)\n  param W : [d, d]\n  retain decay(theta)\n"
+                                      "  read M(q)\n}\n",
+    # a constant loss (|l2norm(e)|^2 = 1): the gradient is roundoff, and muon's normalisation amplifies it;
+    # the oracle compares to an absolute floor, not to the noise's own size
+    "constant loss under muon": "memory A {\n  param W : [d, d]\n  model M(x) = W @ x\n"
+                                "  loss sum(((l2norm((M(k) - v))))^2)\n  optim muon(lr = 0.5, decay = 0.125)\n"
+                                "  read M(q)\n}\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FOUND_BY_FUZZING))
+def test_inputs_the_fuzzers_found(name):
+    assert check_source(FOUND_BY_FUZZING[name]) == "compiled anchored: agrees"
+
+
 def test_the_time_limit_fires():
     with pytest.raises(CaseTimeout), time_limit(0.05):
         while True:
