@@ -145,13 +145,17 @@ MODELS = {
     "hydra": ("rules/hydra.mem", {"eta": [-2.0, -2.0], "dt": [-4.0, 0.0], "dv": [0.0, 0.0]}),
     "gated_deltanet_per_variate": ("rules/gated_deltanet.mem", {"beta": [-1.0, -1.0], "alpha": [3.0, 3.0]}),
     "linear": (None, None),
+    "embed_head": ("identity", None),  # control: the embedding and head of the mixer models, no mixer
 }
 
 
 def build_model(name: str, lookback: int, horizon: int, n_vars: int, d_model: int = 16, n_heads: int = 2,
                 tile: tuple[int, int] | None = None) -> Forecaster:
     path, bias = MODELS[name]
-    mixers = [] if path is None else [RuleMixer(str(ROOT / path), d_model, n_heads, tile, bias)]
+    if path == "identity":
+        mixers = [nn.Identity()]
+    else:
+        mixers = [] if path is None else [RuleMixer(str(ROOT / path), d_model, n_heads, tile, bias)]
     return Forecaster(lookback, horizon, n_vars, d_model, mixers)
 
 
