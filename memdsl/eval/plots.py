@@ -10,7 +10,7 @@ TITLES = {
     "mqar": ("state size (memory floats per sequence)", "MQAR accuracy", "log"),
     "niah": ("evaluation length (tokens)", "needle accuracy", "log"),
     "lm": ("", "", "linear"),
-    "chunk": ("evaluation chunk size", "validation loss (nats/byte)", "log"),
+    "chunk": ("evaluation chunk size", "validation loss − loss at the training chunk (nats/byte)", "log"),
 }
 
 
@@ -36,9 +36,12 @@ def plot_task(task: str, rows: list[dict], curves: list[tuple], out: Path) -> li
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for model in dict.fromkeys(r["model"] for r in rows):
             pts: dict[float, list[float]] = {}
-            for r in rows:
-                if r["model"] == model:
-                    pts.setdefault(float(r["state"] if task == "mqar" else r["x"]), []).append(r["value"])
+            mine = [r for r in rows if r["model"] == model]
+            if task == "chunk":  # paired: the same weights at the training chunk (the label's @C) as 0
+                ref = {r["seed"]: r["value"] for r in mine if str(r["x"]) == model.rpartition("@")[2]}
+                mine = [{**r, "value": r["value"] - ref.get(r["seed"], math.nan)} for r in mine]
+            for r in mine:
+                pts.setdefault(float(r["state"] if task == "mqar" else r["x"]), []).append(r["value"])
             pts = {x: [v for v in vs if math.isfinite(v)] for x, vs in pts.items()}  # diverged runs: see the table
             xs = sorted(x for x, vs in pts.items() if vs)
             means = [statistics.mean(pts[x]) for x in xs]
