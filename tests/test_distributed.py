@@ -194,6 +194,9 @@ def _model_case(kind, metrics, mesh, rel_rms):
     logits = model(shard_batch(tokens[:, :-1], mesh))
     F.cross_entropy(logits.flatten(0, 1), shard_batch(tokens[:, 1:], mesh).flatten(), reduction="sum").backward()
     metrics[f"model.{kind}.logits"] = rel_rms(logits, shard_batch(logits_ref, mesh))
+    with torch.no_grad():  # evaluation: states pass without autograd
+        metrics[f"model.{kind}.logits_no_grad"] = rel_rms(model(shard_batch(tokens[:, :-1], mesh)),
+                                                          shard_batch(logits_ref, mesh))
     ref_params = dict(ref.named_parameters())
     for n, p in model.named_parameters():
         g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
