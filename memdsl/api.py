@@ -139,7 +139,7 @@ class CompiledRule:
             check_cu_seqlens(cu_seqlens, q)
         read_order = kw.get("read_order")
         unknown = set(kw) - {"chunk", "read_order"}  # options only the torch paths have (sizes, check_finite)
-        if state is not None and any(key.startswith("hist.") for key in state):
+        if isinstance(state, dict) and any(key.startswith("hist.") for key in state):
             unknown.add("state with window history (hist.*)")  # the kernels start windows fresh
         if backend == "triton" or (backend == "auto" and getattr(q, "is_cuda", False) and not unknown
                                    and self.triton_reason(read_order) is None):
