@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.
                                 reason="needs torch.distributed with gloo")
 
 
-def _launch(job: str, n: int, timeout: float = 150) -> list[dict]:
+def _launch(job: str, n: int, timeout: float = 300) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WORLD_SIZE": str(n)}
         procs = [subprocess.Popen([sys.executable, __file__, job, tmp], cwd=ROOT, env={**env, "RANK": str(r)},
@@ -253,7 +253,7 @@ def _worker(job: str, out: str) -> None:
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=size,
-                            timeout=timedelta(seconds=90))
+                            timeout=timedelta(seconds=240))
     metrics: dict[str, float] = {}
     cp_mesh = make_mesh(size)  # every rank holds a time shard
     group = cp_mesh.get_group("context")
