@@ -224,10 +224,15 @@ def memory(q, k, v, gates=None, params=None, state=None, *, backend="auto", cu_s
         check_cu_seqlens(cu_seqlens, q)
     chunk = int(kw.get("chunk") or SPEC["chunk"])
     key = (tuple(sorted((n, int(x)) for n, x in RULE.sizes(k=k, v=v, q=q).items())), chunk)
-    if backend == "triton" or (backend == "auto" and q.is_cuda and key in KERNEL_SOURCES):
+    torch_only = set(kw) - {{"chunk"}}  # options only the torch paths have (read orders, check_finite, ...)
+    if state is not None and any(n.startswith("hist.") for n in state):
+        torch_only.add("state with window history (hist.*)")
+    if backend == "triton" or (backend == "auto" and q.is_cuda and key in KERNEL_SOURCES and not torch_only):
         if key not in KERNEL_SOURCES:
             raise ValueError(f"no Triton kernel in this module for sizes {{dict(key[0])}} and chunk {{chunk}}; "
                              f"it carries {{[(dict(k[0]), k[1]) for k in KERNEL_SOURCES]}}")
+        if torch_only:
+            raise ValueError(f"the carried Triton kernels do not take {{sorted(torch_only)}}: use a torch backend")
         return launch(RULE, SPEC, _get_kernel, q, k, v, gates, params, state, chunk, cu_seqlens)
     if cu_seqlens is not None:
         def init_one():
