@@ -109,6 +109,7 @@ CASES = [
     ("huge_literal", ValueRangeError, 5, 28, "limited to 40 digits"),
     ("huge_exponent", ValueRangeError, 5, 28, "limited to ±30"),
     ("chunk_huge_literal", ValueRangeError, 10, 9, "limited to 40 digits"),
+    ("clip_not_positive", ValueRangeError, 7, 29, "`clip = 1.0`"),
     # E600 invalid schedule
     ("local_reset_not_multiple", ScheduleError, 11, 3, "whole chunks"),
     ("reset_shorter_than_chunk", ScheduleError, 11, 3, "whole chunks"),
