@@ -165,12 +165,6 @@ class _Lower:
         return self.mask(self.t.expand(i, (self.C, width)))
 
 
-def _outer_factors(ir: Graph, nid: int) -> list[tuple[int, int]]:
-    if ir.node(nid).op == "outer":
-        return [tuple(ir.operands(nid))]
-    return [tuple(ir.operands(o)) for o in ir.operands(nid)]
-
-
 def _ratio_matrix(t: TileGraph, cum: int) -> int:
     """where(lower, exp(cum_i - cum_j), 0), with the exponent masked first: above the diagonal it
     can overflow, and inf times a zero cotangent would poison the adjoint."""
@@ -220,7 +214,9 @@ def build_chunk_graph(p: Program, spec: dict, shapes: dict[str, list[int]], size
 
     # ---- gradients at the chunk-start state, as factor sets: this chunk's rows, window history ----
     outs = {n: ir.outputs[f"grad.{n}"] for n in mats + vecs}
-    factors = {n: _outer_factors(ir, outs[n]) for n in mats}
+    # the rank-1 factors a b^T of each matrix's gradient, exposed as graph outputs by module.factor_outputs
+    factors = {n: [(ir.outputs[f"factor.{n}.{i}.a"], ir.outputs[f"factor.{n}.{i}.b"])
+                   for i in range(spec["factors"][n])] for n in mats}
 
     def gradient_rows(token_inputs: dict, rows: int, row_valid: int):
         low = _Lower(t, ir, sizes, rows, {**token_inputs, **{n: (A[n], "const") for n in A}}, valid=row_valid)

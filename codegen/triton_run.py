@@ -13,7 +13,8 @@ from .triton_launch import launch, load_kernel
 _KERNELS: dict[str, object] = {}
 
 
-def _program(rule):
+def program_for(rule):
+    """The rule's program with its gradient factors exposed (what the kernel generators read)."""
     from memdsl.driver import load
 
     from .module import factor_outputs
@@ -29,14 +30,14 @@ def kernel_for(rule, sizes: dict[str, int], chunk: int, direction: str = "fwd", 
     key = f"{rule.key}-{sorted(sizes.items())}-{chunk}-{direction}-{read_order}"
     if key not in _KERNELS:
         generate = generate_forward if direction == "fwd" else generate_backward
-        source = generate(_program(rule), rule.spec, sizes, chunk, read_order=read_order)
+        source = generate(program_for(rule), rule.spec, sizes, chunk, read_order=read_order)
         _KERNELS[key] = load_kernel(source, f"memdsl_chunk_{direction}")
     return _KERNELS[key]
 
 
 def kernel_sources(rule, sizes: dict[str, int], chunk: int) -> tuple[str, str]:
     """The generated (forward, backward) Triton sources, for reading and for standalone modules."""
-    program = _program(rule)
+    program = program_for(rule)
     return generate_forward(program, rule.spec, sizes, chunk), generate_backward(program, rule.spec, sizes, chunk)
 
 
@@ -47,4 +48,4 @@ def run_triton(rule, q, k, v, gates, params, state, chunk, cu_seqlens=None, read
     return launch(rule.impl, rule.spec, get_kernel, q, k, v, gates, params, state, chunk or rule.chunk, cu_seqlens)
 
 
-__all__ = ["Unsupported", "kernel_for", "kernel_sources", "run_triton"]
+__all__ = ["Unsupported", "kernel_for", "kernel_sources", "program_for", "run_triton"]

@@ -56,6 +56,15 @@ def _cmd_compile(args) -> str:
     return text
 
 
+def _sizes(rule, text: str, flag: str) -> dict[str, int]:
+    """Every size of the rule from `d=64[,h=256]` (derived sizes computed)."""
+    try:
+        given = {n.strip(): int(x) for n, x in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected sizes like d=64 or d=64,h=256") from None
+    return {n: int(x) for n, x in rule.impl.sizes(sizes=given).items()}
+
+
 def _with_kernels(text: str, args, schedule: dict) -> str:
     """Generate the Triton kernels for each `--triton d=64[,h=..]` size set and embed them."""
     from codegen.module import add_kernels
@@ -66,11 +75,7 @@ def _with_kernels(text: str, args, schedule: dict) -> str:
     chunk = int(args.chunk or rule.chunk)
     kernels = {}
     for text_sizes in args.triton:
-        try:
-            given = {n.strip(): int(x) for n, x in (item.split("=") for item in text_sizes.split(","))}
-        except ValueError:
-            raise ValueError(f"--triton {text_sizes!r}: expected sizes like d=64 or d=64,h=256") from None
-        sizes = {n: int(x) for n, x in rule.impl.sizes(sizes=given).items()}
+        sizes = _sizes(rule, text_sizes, "--triton")
         try:
             fwd, bwd = kernel_sources(rule, sizes, chunk)
         except Unsupported as why:
@@ -82,19 +87,13 @@ def _with_kernels(text: str, args, schedule: dict) -> str:
 def _cmd_kernel(args) -> str:
     """The generated Triton kernel of a rule (or its tile graph): what runs on a GPU, as text."""
     from codegen.triton_gen import Unsupported, _graph, _Layout, generate_backward, generate_forward
+    from codegen.triton_run import program_for
 
     from .api import compile as compile_rule
-    from .driver import load
     rule = compile_rule(args.file, **({"chunk": args.chunk} if args.chunk else {}))
     chunk = int(args.chunk or rule.chunk)
-    try:
-        given = {n.strip(): int(x) for n, x in (item.split("=") for item in args.sizes.split(","))}
-    except ValueError:
-        raise ValueError(f"--sizes {args.sizes!r}: expected sizes like d=64 or d=64,h=256") from None
-    sizes = {n: int(x) for n, x in rule.impl.sizes(sizes=given).items()}
-    from codegen.module import factor_outputs
-    program = load(rule.module.RULE_SOURCE, schedule={"chunk": rule.chunk} if rule.chunk else None)
-    factor_outputs(program)
+    sizes = _sizes(rule, args.sizes, "--sizes")
+    program = program_for(rule)
     try:
         if args.tiles:
             return str(_graph(program, rule.spec, _Layout(program, rule.spec, sizes), chunk))

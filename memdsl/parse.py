@@ -28,6 +28,8 @@ _TOKEN_NAMES = {
 @functools.cache
 def _parser() -> Lark:
     grammar = resources.files("grammar").joinpath("memdsl.lark").read_text()
+    # maybe_placeholders=False: an optional `[...]` item that is absent is left out of the tree rather than
+    # given as None, which is what the AST builder's child counting expects
     return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=False)
 
 

@@ -48,15 +48,7 @@ def plot_task(task: str, rows: list[dict], curves: list[tuple], out: Path) -> li
             errs = [statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0.0 for x in xs]
             ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, label=model)
         ax.set_xscale(scale)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        path = out / f"{task}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
+        written.append(_finish(fig, ax, xlabel, ylabel, out / f"{task}.png"))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_model: dict[tuple, list[list[float]]] = {}
     for model, width, _, curve in curves:
@@ -66,15 +58,20 @@ def plot_task(task: str, rows: list[dict], curves: list[tuple], out: Path) -> li
         mean = [statistics.mean([v for v in (c[i] for c in cs) if math.isfinite(v)] or [math.nan]) for i in range(n)]
         label = model if len({w for _, w in by_model}) == 1 else f"{model} w{width}"
         ax.plot(_smooth(mean), label=label, lw=1)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("training loss (mean over seeds, smoothed)")
+    return written + [_finish(fig, ax, "training step", "training loss (mean over seeds, smoothed)",
+                              out / f"{task}_loss.png")]
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt  # lazily, like plot(): the Agg backend is chosen there first
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path = out / f"{task}_loss.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
-    return written + [path]
+    return path
 
 
 def replot(out: Path, task: str) -> list[Path]:
