@@ -484,7 +484,7 @@ class Builder:
             name=self.mem.name, path=self.path, source=self.source,
             dims={n: self.dim_decl.get(n) for n in self.dims}, tensors=self.tensors, graph=self.g,
             optim=optim_spec, retain=retain_spec, window=size, window_weight=weight,
-            read_order=read.order, schedule=self.schedule(),
+            read_order=read.order, schedule=self.schedule(), read_span=read.expr.span,
         )
 
     def model_input_shape(self, model: A.Model) -> tuple[sp.Expr, ...]:

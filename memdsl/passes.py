@@ -61,13 +61,18 @@ def autodiff_pass(p: Program) -> Program:
 
 
 def check_updates(p: Program) -> None:
-    """Every param must get a gradient that is not identically zero (checked once folded by fuse)."""
+    """Every param must get a gradient that is not identically zero, and the read must still use the
+    memory (both checked once folded by fuse: `0 * M(q)` mentions the model but reads nothing)."""
     for t in p.params:
         grad = p.graph.outputs.get(f"grad.{t.name}")
         if grad is None or _is_zero(p.graph, grad):
             raise DependencyError(f"the loss gradient with respect to `{t.name}` is identically zero, so "
                                   f"{t.name} would never be updated", t.span,
                                   f"make the loss depend on {t.name} through the model")
+    read = p.graph.outputs.get("read")
+    if read is not None and not p.graph.depends_on(read, [t.name for t in p.params]):
+        raise DependencyError("the read does not use the memory once simplified (it is a constant)", p.read_span,
+                              "read through the model, e.g. `read M(q)`")
 
 
 def _is_zero(g: Graph, nid: int) -> bool:

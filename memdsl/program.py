@@ -112,6 +112,7 @@ class Program:
     algorithm: str | None = None        # set by the classify pass
     algorithm_reason: str | None = None
     passes_run: list[str] = field(default_factory=list)
+    read_span: Span | None = field(default=None, compare=False, repr=False)  # for errors found after folding
 
     def of_role(self, role: str) -> list[TensorSpec]:
         return [t for t in self.tensors.values() if t.role == role]

@@ -88,6 +88,7 @@ CASES = [
     # E300 missing dependency
     ("loss_without_memory", DependencyError, 5, 8, "use the model"),
     ("read_without_memory", DependencyError, 7, 8, "read through the model"),
+    ("read_folds_to_constant", DependencyError, 7, 8, "read through the model"),
     # E310 missing clause (reported at the `memory` block)
     ("missing_loss", MissingClauseError, 2, 1, "`loss sum((M(k) - v)^2)`"),
     ("missing_read", MissingClauseError, 2, 1, "`read M(q)`"),
