@@ -105,61 +105,58 @@ class Runtime2D:
 
     # ---- anchored (and, for linear rules, exact): the tile program ------------------------------
     def tiles(self, tok, kt, kv, lr, outers, sz, left, top, tile):
+        """The 2-D chunkwise program. The sequential loop over tiles carries only what depends on a tile's
+        boundary: the anchors (the boundary states through the tile's retention: one matrix per tile, built
+        for all tiles at once), the gradients at the anchors, and the tile's 2-D scan of its steps. The read
+        runs once over every cell. All parameters travel as one flat state [..., F]."""
         T, V = kt.shape[2], kt.shape[3]
-        Tc, Vc = tile
-        top_row = {p: top[p].unsqueeze(2).expand(*top[p].shape[:2], T, *top[p].shape[2:]) for p in self.params}
-        final, rows = {p: [] for p in self.params}, []
-        steps_all = None
-        if self.spec["linear"]:  # no gradient reads the memory: every step at once, at any anchor
-            steps_all = self._steps({p: top[p].unsqueeze(2).unsqueeze(2) for p in self.params}, tok, lr,
-                                    outers, sz)
-        for v0 in range(0, V, Vc):
-            v1 = min(v0 + Vc, V)
-            cur = {p: left[p][:, :, v0:v1] for p in self.params}
-            new_top, ys = {p: [] for p in self.params}, []
-            for t0 in range(0, T, Tc):
-                t1 = min(t0 + Tc, T)
-                y, cur, bottom = self._tile(tok, kt, kv, lr, outers, sz, cur, top_row, steps_all, t0, t1, v0, v1)
-                ys.append(y)
-                for p in self.params:
-                    new_top[p].append(bottom[p])
-            rows.append(torch.cat(ys, dim=3))
-            for p in self.params:
-                top_row[p] = torch.cat(new_top[p], dim=2)
-                final[p].append(cur[p])
-        y = torch.cat(rows, dim=2).transpose(2, 3)  # [B, H, V, T, Dv] -> [B, H, T, V, Dv]
-        return y, {p: torch.cat(final[p], dim=2) for p in self.params}
-
-    def _tile(self, tok, kt, kv, lr, outers, sz, cur, top_row, steps_all, t0, t1, v0, v1):
-        nt, nv = t1 - t0, v1 - v0
-        n = nt * nv
-
-        def cut(x):  # [B, H, T, V, ...] -> the tile's cells, variate-major: [B, H, nv * nt, ...]
-            x = x[:, :, t0:t1, v0:v1].transpose(2, 3)
-            return x.reshape(*x.shape[:2], n, *x.shape[4:])
-
-        kt_t, kv_t = kt[:, :, t0:t1, v0:v1], kv[:, :, t0:t1, v0:v1]
-        K = transfer(kt_t, kv_t)  # [B, H, n, n]
-        cells = {name: cut(x) for name, x in tok.items()}
-        A = {}
-        for p in self.params:
-            shape = cur[p].shape[3:]
-            # what flows in: the left column through kt at t0, the row above through kv at v0
-            src = torch.zeros(*kt.shape[:2], nv, nt, *shape, dtype=kt.dtype, device=kt.device)
-            src = src.index_add(3, torch.tensor([0], device=kt.device),
-                                (self._scalar(kt_t[:, :, 0], p) * cur[p]).unsqueeze(3))
-            src = src.index_add(2, torch.tensor([0], device=kt.device),
-                                (self._scalar(kv_t[:, :, :, 0], p) * top_row[p][:, :, t0:t1]).unsqueeze(2))
-            A[p] = _apply(K, src.reshape(*src.shape[:2], n, *shape))  # the zero-update response
-        if steps_all is not None:
-            steps = {p: cut(s) for p, s in steps_all.items()}
+        cut = _Tiler(T, V, min(tile[0], T), min(tile[1], V))
+        Tc, Vc, nT, nV = cut.Tc, cut.Vc, cut.nT, cut.nV
+        kt_b, kv_b = cut.blocks(kt), cut.blocks(kv)  # [B, H, tiles, Tc, Vc]
+        D = decays(kt_b)  # [B, H, tiles, Vc, Tc, Tc]
+        kvs = kv_b.transpose(-1, -2)  # [B, H, tiles, Vc, Tc]
+        # unit sources where the boundary flows in: the left column at (0, u) through kt, the row above at
+        # (s, 0) through kv; their responses are the columns of K_in [B, H, tiles, n, Vc + Tc]
+        e_left = torch.zeros(Vc, Tc, Vc, dtype=kt.dtype, device=kt.device)
+        e_left[torch.arange(Vc), 0, torch.arange(Vc)] = 1
+        e_top = torch.zeros(Vc, Tc, Tc, dtype=kt.dtype, device=kt.device)
+        e_top[0, torch.arange(Tc), torch.arange(Tc)] = 1
+        kt0, kv0 = kt_b[..., 0, :], kv_b[..., :, 0]  # [B, H, tiles, Vc], [B, H, tiles, Tc]
+        src = torch.cat([e_left * kt0[..., None, None, :], e_top * kv0[..., None, None, :]], dim=-1)
+        K_in = scan2d(D, kvs, src).flatten(-3, -2)
+        shapes = {p: left[p].shape[3:] for p in self.params}
+        flat = _Flat(self.params, shapes)
+        left_f = cut.pad_variates(flat.join(left, 3))  # [B, H, V, F]
+        top_f = flat.join(top, 2)  # [B, H, F]
+        top_in = [top_f.unsqueeze(2).expand(*top_f.shape[:2], Tc, top_f.shape[-1])] * nT
+        K_in_l, D_l, kvs_l = K_in.unbind(2), D.unbind(2), kvs.unbind(2)
+        if self.spec["linear"]:  # no gradient reads the memory: every step at once, at any anchor, all scanned
+            steps = self._steps({p: top[p].unsqueeze(2).unsqueeze(2) for p in self.params}, tok, lr, outers, sz)
+            S = cut.cells(flat.join(steps, 4))  # [B, H, tiles, n, F]
+            scanned_l = scan2d(D, kvs, S.unflatten(3, (Vc, Tc))).unbind(2)
         else:
-            steps = self._steps(A, cells, cut(lr), outers, sz)
-        A = {p: A[p] + _apply(K, steps[p]) for p in self.params}
-        y = self._read(A, cells, outers, sz)
-        y = y.reshape(*y.shape[:2], nv, nt, *y.shape[3:])
-        grid = {p: A[p].reshape(*A[p].shape[:2], nv, nt, *A[p].shape[3:]) for p in self.params}
-        return y, {p: g[:, :, :, -1] for p, g in grid.items()}, {p: g[:, :, -1] for p, g in grid.items()}
+            cells_l = {name: cut.cells(x).unbind(2) for name, x in tok.items()}
+            lr_l = cut.cells(lr).unbind(2)
+        A = [None] * (nT * nV)
+        for j in range(nV):
+            cur = left_f[:, :, j * Vc:(j + 1) * Vc]
+            for i in range(nT):
+                b = i * nV + j
+                anchors = K_in_l[b] @ torch.cat([cur, top_in[i]], dim=2)  # [B, H, n, F]
+                if self.spec["linear"]:
+                    scanned = scanned_l[b]
+                else:
+                    steps = self._steps(flat.split(anchors, 3), {n: x[b] for n, x in cells_l.items()}, lr_l[b],
+                                        outers, sz)
+                    scanned = scan2d(D_l[b], kvs_l[b], flat.join(steps, 3).unflatten(2, (Vc, Tc)))
+                grid = anchors.unflatten(2, (Vc, Tc)) + scanned  # [B, H, Vc, Tc, F]
+                cur, top_in[i] = grid[:, :, :, -1], grid[:, :, -1]
+                A[b] = grid.flatten(2, 3)
+        A = torch.stack(A, dim=2)  # [B, H, tiles, n, F]
+        y = self._read(flat.split(A.flatten(2, 3), 3), {name: cut.cells(x).flatten(2, 3) for name, x in tok.items()},
+                       outers, sz)
+        y = cut.grid(y.reshape(*y.shape[:2], nT * nV, Tc * Vc, *y.shape[3:]))
+        return y, flat.split(cut.grid(A)[:, :, T - 1, :V], 3)
 
     # ---- the oracle of the tiled model: token by token ------------------------------------------
     def anchored_loop(self, tok, kt, kv, lr, outers, sz, left, top, tile):
@@ -196,29 +193,86 @@ class Runtime2D:
         return y, {p: torch.stack([A[(T - 1, v)][p] for v in range(V)], dim=2) for p in self.params}
 
 
-def transfer(kt, kv):
-    """The tile's linear 2-D scan as one matrix: K[b, h, n(t, v), n(s, u)] = sum over monotone lattice paths
-    from (s, u) to (t, v) of the product of the keeps they pass (kt per time step, kv per variate step),
-    1 on the diagonal; n(t, v) = v * nt + t. kt, kv: [B, H, nt, nv]. Built as nv time scans (one per variate,
-    a triangular decay matrix each) and a pass over variates."""
-    nt, nv = kt.shape[2], kt.shape[3]
-    n = nt * nv
-    cum = torch.log(kt.clamp_min(1e-30)).cumsum(dim=2)  # [B, H, nt, nv]
-    diff = cum.unsqueeze(3) - cum.unsqueeze(2)  # [B, H, i, j, nv]
+class _Flat:
+    """Every parameter's state as one flat trailing axis, so the linear parts run once for all of them."""
+
+    def __init__(self, params, shapes):
+        self.params, self.shapes = params, shapes
+        self.sizes = [math.prod(shapes[p]) for p in params]
+
+    def join(self, states, lead):  # {p: [*lead, *shape]} -> [*lead, F]
+        return torch.cat([states[p].reshape(*states[p].shape[:lead], -1) for p in self.params], dim=-1)
+
+    def split(self, x, lead):  # [*lead, F] -> {p: [*lead, *shape]}
+        parts = torch.split(x, self.sizes, dim=-1)
+        return {p: part.reshape(*x.shape[:lead], *self.shapes[p]) for p, part in zip(self.params, parts, strict=True)}
+
+
+class _Tiler:
+    """Cuts a [B, H, T, V, ...] grid into tiles of Tc × Vc cells, each tile's cells variate-major
+    (n(t, v) = v * Tc + t). A grid that the tile does not divide is padded by repeating its edge cells:
+    padded cells come after every real cell along both axes, so nothing flows from them into a real one."""
+
+    def __init__(self, T, V, Tc, Vc):
+        self.T, self.V, self.Tc, self.Vc = T, V, Tc, Vc
+        self.nT, self.nV = -(-T // Tc), -(-V // Vc)
+
+    def _pad(self, x, dim, size, full):
+        if full == size:
+            return x
+        return x.index_select(dim, torch.arange(full, device=x.device).clamp(max=size - 1))
+
+    def pad_variates(self, w):  # [B, H, V, ...] -> [B, H, nV * Vc, ...]
+        return self._pad(w, 2, self.V, self.nV * self.Vc)
+
+    def _padded(self, x):
+        return self._pad(self._pad(x, 2, self.T, self.nT * self.Tc), 3, self.V, self.nV * self.Vc)
+
+    def blocks(self, x):  # [B, H, T, V] -> [B, H, tiles, Tc, Vc]
+        B, H = x.shape[:2]
+        x = self._padded(x).reshape(B, H, self.nT, self.Tc, self.nV, self.Vc).transpose(3, 4)
+        return x.reshape(B, H, self.nT * self.nV, self.Tc, self.Vc)
+
+    def cells(self, x):  # [B, H, T, V, *rest] -> [B, H, tiles, n, *rest]
+        B, H, rest = x.shape[0], x.shape[1], x.shape[4:]
+        x = self._padded(x).reshape(B, H, self.nT, self.Tc, self.nV, self.Vc, *rest)
+        x = x.permute(0, 1, 2, 4, 5, 3, *range(6, 6 + len(rest)))
+        return x.reshape(B, H, self.nT * self.nV, self.Vc * self.Tc, *rest)
+
+    def grid(self, x):  # [B, H, tiles, n, *rest] -> [B, H, T, V, *rest]
+        B, H, rest = x.shape[0], x.shape[1], x.shape[4:]
+        x = x.reshape(B, H, self.nT, self.nV, self.Vc, self.Tc, *rest).permute(0, 1, 2, 5, 3, 4,
+                                                                                *range(6, 6 + len(rest)))
+        return x.reshape(B, H, self.nT * self.Tc, self.nV * self.Vc, *rest)[:, :, :self.T, :self.V]
+
+
+def decays(kt):
+    """Per variate, the time scan's decay matrix: D[..., v, i, j] = prod_{j < l <= i} kt[..., l, v] (0 above
+    the diagonal). kt: [..., nt, nv] -> [..., nv, nt, nt], contiguous (a strided bmm is far slower)."""
+    nt = kt.shape[-2]
+    cum = torch.log(kt.clamp_min(1e-30)).cumsum(dim=-2)  # [..., nt, nv]
+    diff = cum.unsqueeze(-2) - cum.unsqueeze(-3)  # [..., i, j, nv]
     mask = torch.ones(nt, nt, dtype=torch.bool, device=kt.device).tril()
-    D = torch.exp(diff.masked_fill(~mask[:, :, None], -math.inf))  # D[i, j, v] = prod_{j < l <= i} kt[l, v]
-    D = D.permute(0, 1, 4, 2, 3).contiguous()  # [B, H, nv, i, j]: a strided last axis sends bmm to a slow path
-    eye = torch.eye(n, dtype=kt.dtype, device=kt.device).reshape(nv, nt, n)
-    rows, prev = [], None
+    return torch.exp(diff.masked_fill(~mask[:, :, None], -math.inf)).movedim(-1, -3).contiguous()
+
+
+def scan2d(D, kvs, src):
+    """The tile's linear 2-D recurrence X[t, v] = kt X[t-1, v] + kv X[t, v-1] + src[t, v] from zero boundary
+    states: a time scan per variate (D from `decays`), variate after variate. D [..., nv, nt, nt],
+    kvs [..., nv, nt] (kv, variate-major), src [..., nv, nt, F] -> X [..., nv, nt, F]."""
+    out, prev = [], None
     # unbind once: indexing per variate would make the backward allocate a full-size zero gradient each time
-    for v, (Dv, kvv) in enumerate(zip(D.unbind(2), kv.unbind(3), strict=True)):
-        src = eye[v] if prev is None else kvv.unsqueeze(-1) * prev + eye[v]
-        prev = Dv @ src
-        rows.append(prev)
-    return torch.cat(rows, dim=2)
+    for Dv, kvv, sv in zip(D.unbind(-3), kvs.unbind(-2), src.unbind(-3), strict=True):
+        prev = Dv @ (sv if prev is None else kvv.unsqueeze(-1) * prev + sv)
+        out.append(prev)
+    return torch.stack(out, dim=-3)
 
 
-def _apply(K, x):
-    """K @ x over the cell axis for a state batch x: [B, H, n, *shape]."""
-    flat = x.reshape(*x.shape[:3], -1)
-    return (K @ flat).reshape(x.shape)
+def transfer(kt, kv):
+    """The tile's linear 2-D scan as one matrix: K[..., n(t, v), n(s, u)] = sum over monotone lattice paths
+    from (s, u) to (t, v) of the product of the keeps they pass (kt per time step, kv per variate step),
+    1 on the diagonal; n(t, v) = v * nt + t. kt, kv: [..., nt, nv]. (The tile program applies it as
+    `scan2d`; the matrix is for inspection and tests.)"""
+    nt, nv = kt.shape[-2], kt.shape[-1]
+    eye = torch.eye(nt * nv, dtype=kt.dtype, device=kt.device).reshape(nv, nt, nt * nv)
+    return scan2d(decays(kt), kv.transpose(-1, -2), eye).flatten(-3, -2)

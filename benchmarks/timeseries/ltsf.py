@@ -63,8 +63,9 @@ class RuleMixer(nn.Module):
     projection. 2-D rules see the grid [B, T, V, d]; a 1-D rule runs on each variate's sequence alone."""
 
     def __init__(self, rule_path: str, d_model: int, n_heads: int, tile: tuple[int, int] | None = None,
-                 gate_bias: dict[str, list[float]] | None = None):
+                 gate_bias: dict[str, list[float]] | None = None, backend: str = "auto"):
         super().__init__()
+        self.backend = backend  # 2-D rules: "auto" (the rule's algorithm), "wavefront" (exact), "tiles"
         from memdsl.driver import load_ast
         from memdsl.twod import compile_2d, is_2d
         self.two_d = is_2d(load_ast(rule_path)[0])
@@ -102,7 +103,7 @@ class RuleMixer(nn.Module):
         g = self.gates(x).view(B, T, V, len(self.gate_names), self.H)
         gates = {n: act(g[..., i, :]) for i, (n, act) in enumerate(zip(self.gate_names, self.acts, strict=True))}
         if self.two_d:
-            y, _ = self.rule(q, k, v, gates, dict(self.memory.items()))
+            y, _ = self.rule(q, k, v, gates, dict(self.memory.items()), backend=self.backend)
         else:  # per variate: [B * V, T, H, dh]
             def fold(t):
                 return t.transpose(1, 2).reshape(B * V, T, *t.shape[3:])
@@ -150,12 +151,12 @@ MODELS = {
 
 
 def build_model(name: str, lookback: int, horizon: int, n_vars: int, d_model: int = 16, n_heads: int = 2,
-                tile: tuple[int, int] | None = None) -> Forecaster:
+                tile: tuple[int, int] | None = None, backend: str = "auto") -> Forecaster:
     path, bias = MODELS[name]
     if path == "identity":
         mixers = [nn.Identity()]
     else:
-        mixers = [] if path is None else [RuleMixer(str(ROOT / path), d_model, n_heads, tile, bias)]
+        mixers = [] if path is None else [RuleMixer(str(ROOT / path), d_model, n_heads, tile, bias, backend)]
     return Forecaster(lookback, horizon, n_vars, d_model, mixers)
 
 
