@@ -11,13 +11,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ast as A
 from .api import CompiledRule, compile
+from .driver import load_ast
 from .tnt import TNTSchedule, tnt_forward
 
 _ACTIVATIONS = {
     "sigmoid": torch.sigmoid, "softplus": F.softplus, "exp": torch.exp, "identity": lambda x: x,
     "tanh": torch.tanh, "silu": F.silu,
 }
+
+
+def lr_gate_of(rule: CompiledRule) -> str | None:
+    """The gate in the rule's inner learning rate (`optim ...(lr = theta)`, `lr = eta / d`), or None when the lr
+    holds no gate or more than one."""
+    memory = load_ast(rule.module.RULE_SOURCE)[0].memory
+    gates = {s.name for s in memory.stmts if isinstance(s, A.Gate)}
+    found: set[str] = set()
+
+    def walk(e) -> None:
+        if isinstance(e, A.Name) and e.id in gates:
+            found.add(e.id)
+        for child in (getattr(e, "left", None), getattr(e, "right", None), getattr(e, "operand", None),
+                      *getattr(e, "args", ()), *(v for _, v in getattr(e, "kwargs", ()))):
+            if child is not None:
+                walk(child)
+
+    for s in memory.stmts:
+        if isinstance(s, A.Optim):
+            for key, value in s.call.kwargs:
+                if key == "lr":
+                    walk(value)
+    return found.pop() if len(found) == 1 else None
 
 
 class ShortConv(nn.Module):
@@ -47,13 +72,24 @@ class MemoryLayer(nn.Module):
     the full-sequence result whenever the pieces end on chunk boundaries (and always at chunk 1).
     A TNT layer carries only its global memory in the cache, so it takes one only with `tnt_segments=True`,
     for segments that start on multiples of C_G and of every S_L (memdsl.distributed chains shards so).
+
+    `max_lr` caps the inner learning rate like titans-pytorch's `max_lr`: the rule's lr gate (`lr_gate`, by
+    default the one gate in its `optim ...(lr = ...)`) is read as max_lr·sigmoid(x) instead of through its
+    declared activation, in every memory of a TNT hierarchy. An anchored chunk sums C gradients taken at
+    its start, so an uncapped sigmoid lets one chunk step by up to C·lr. Plain attribute: settable later.
     """
 
     def __init__(self, rule: str | CompiledRule, d_model: int, n_heads: int, head_dim: int | None = None,
                  conv_size: int = 4, chunk: int | None = None, output_gate: bool = True,
-                 norm_eps: float = 1e-5, layer_idx: int = 0, tnt: TNTSchedule | None = None):
+                 norm_eps: float = 1e-5, layer_idx: int = 0, tnt: TNTSchedule | None = None,
+                 max_lr: float | None = None, lr_gate: str | None = None):
         super().__init__()
         self.rule = rule if isinstance(rule, CompiledRule) else compile(rule)
+        if lr_gate is not None and lr_gate not in self.rule.spec["gates"]:
+            raise ValueError(f"lr_gate {lr_gate!r} is not a gate of rule {self.rule.name}: "
+                             f"{sorted(self.rule.spec['gates'])}")
+        self.lr_gate = lr_gate or lr_gate_of(self.rule)
+        self.max_lr = max_lr
         self.d_model, self.n_heads = d_model, n_heads
         self.head_dim = head_dim or d_model // n_heads
         self.chunk, self.layer_idx = chunk, layer_idx
@@ -98,10 +134,14 @@ class MemoryLayer(nn.Module):
         q = F.normalize(proj["q"].view(B, T, H, -1), dim=-1)
         k = F.normalize(proj["k"].view(B, T, H, -1), dim=-1)
         v = proj["v"].view(B, T, H, -1)
+        if self.max_lr is not None and self.lr_gate is None:
+            raise ValueError(f"max_lr: rule {self.rule.name} has no single gate in its lr; pass lr_gate=")
         gates = {}
         for key, lin in self.gate_proj.items():
             memory, name = key.split("__", 1)
-            g = self.gate_act[name](lin(x).to(torch.promote_types(x.dtype, torch.float32)))
+            pre = lin(x).to(torch.promote_types(x.dtype, torch.float32))
+            capped = self.max_lr is not None and name == self.lr_gate
+            g = self.max_lr * torch.sigmoid(pre) if capped else self.gate_act[name](pre)
             g = g.view(B, T, H) if not self.rule.spec["gates"][name]["channels"] else g.view(B, T, H, -1)
             gates[name if self.tnt is None else f"{memory}.{name}"] = g
         if self.tnt is not None:

@@ -73,15 +73,15 @@ def _unfold(x: torch.Tensor, B: int, T: int) -> torch.Tensor:
 def qk_project(q: torch.Tensor, k: torch.Tensor, reset: int, chunk: int) -> torch.Tensor:
     """Π_t q_t with Π the reset-aligned running sum of k̂ k̂ᵀ, computed chunkwise. q, k: [B, T, H, D]."""
     B, T = q.shape[:2]
+    n = reset // chunk
     qs, ks = _fold(q, reset), _fold(F.normalize(k, dim=-1, eps=1e-12), reset)  # [N, S, H, D]
-    qs, ks = qs.transpose(1, 2), ks.transpose(1, 2)  # [N, H, S, D]
-    proj = torch.zeros(*qs.shape[:2], qs.shape[-1], qs.shape[-1], dtype=qs.dtype, device=qs.device)
-    out = []
-    for s in range(0, reset, chunk):
-        qc, kc = qs[:, :, s:s + chunk], ks[:, :, s:s + chunk]
-        out.append(qc @ proj + (qc @ kc.mT).tril() @ kc)
-        proj = proj + kc.mT @ kc
-    return _unfold(torch.cat(out, dim=2).transpose(1, 2), B, T)
+    qs = qs.transpose(1, 2).unflatten(2, (n, chunk))  # [N, H, n, C, D]
+    ks = ks.transpose(1, 2).unflatten(2, (n, chunk))
+    # all chunks at once: Π at each chunk start is an exclusive prefix sum of the chunks' k̂ᵀk̂
+    per_chunk = ks.mT @ ks  # [N, H, n, D, D]
+    starts = F.pad(per_chunk.cumsum(dim=2)[:, :, :-1], [0, 0, 0, 0, 1, 0])
+    out = qs @ starts + (qs @ ks.mT).tril() @ ks  # [N, H, n, C, D]
+    return _unfold(out.flatten(2, 3).transpose(1, 2), B, T)
 
 
 def qk_project_reference(q: torch.Tensor, k: torch.Tensor, reset: int) -> torch.Tensor:

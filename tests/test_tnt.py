@@ -81,3 +81,56 @@ def test_chunk_start_read_equals_anchored_loop(name, backend):
                  read_order="chunk_start")
     b, sb = rule(tok["q"], tok["k"], tok["v"], gates, params, chunk=8, backend=backend, read_order="chunk_start")
     assert rel_rms(b, a) < 1e-10 and all(rel_rms(sb[k], sa[k]) < 1e-10 for k in sa)
+
+
+def _gates_seen(layer, x, monkeypatch):
+    """The gates a layer hands to its memory (or to tnt_forward), recorded on the way."""
+    import memdsl.nn as mnn
+
+    seen = {}
+    if layer.tnt is None:
+        handle = layer.memories["main"].register_forward_pre_hook(lambda _m, args: seen.update(args[3]))
+        y = layer(x)[0]
+        handle.remove()
+        return y, seen
+    real = mnn.tnt_forward
+    monkeypatch.setattr(mnn, "tnt_forward", lambda *a, **kw: (seen.update(a[5]), real(*a, **kw))[1])
+    y = layer(x)[0]
+    monkeypatch.setattr(mnn, "tnt_forward", real)
+    return y, seen
+
+
+@pytest.mark.parametrize("tnt", [None, TNTSchedule(8, ((4, 8),))], ids=["single", "tnt"])
+def test_max_lr_reads_only_the_lr_gate_as_capped_sigmoid(tnt, monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 8)
+    layer = MemoryLayer("rules/titans.mem", d_model=8, n_heads=2, chunk=4, tnt=tnt)
+    assert layer.lr_gate == "theta" and layer.max_lr is None
+    y_off, off = _gates_seen(layer, x, monkeypatch)
+    for key, lin in layer.gate_proj.items():  # off: every gate is its declared activation (all sigmoid here)
+        memory, name = key.split("__")
+        got = off[name if tnt is None else f"{memory}.{name}"]
+        assert torch.equal(got, torch.sigmoid(lin(x)).view_as(got))
+    layer.max_lr = 0.01
+    y_on, on = _gates_seen(layer, x, monkeypatch)
+    assert on.keys() == off.keys()
+    for key in on:
+        if key.split(".")[-1] == "theta":  # every memory of the hierarchy is capped
+            assert torch.allclose(on[key], 0.01 * off[key], rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(on[key], off[key])
+    assert rel_rms(y_on, y_off) > 1e-4
+
+
+def test_max_lr_names_the_lr_gate_or_refuses():
+    from memdsl.nn import lr_gate_of
+
+    assert lr_gate_of(memdsl.compile("rules/ttt_linear.mem")) == "eta"  # lr = eta / d
+    assert lr_gate_of(memdsl.compile("rules/linear_attention.mem")) is None  # lr = 1
+    with pytest.raises(ValueError, match="not a gate"):
+        MemoryLayer("rules/titans.mem", d_model=8, n_heads=2, lr_gate="beta")
+    layer = MemoryLayer("rules/linear_attention.mem", d_model=8, n_heads=2, max_lr=0.1)
+    with pytest.raises(ValueError, match="lr_gate"):
+        layer(torch.randn(1, 4, 8))
+    capped = MemoryLayer("rules/titans.mem", d_model=8, n_heads=2, max_lr=0.1, lr_gate="alpha")
+    assert capped.lr_gate == "alpha"
