@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from memdsl.cli import main
+from memdsl.eval.compare import load, paired
+from memdsl.eval.compare import main as compare_main
 from memdsl.eval.corpus import load_corpus, split_corpus
 from memdsl.eval.model import EvalModel, ModelConfig, ModelSpec, lr_gates, parse_spec
 from memdsl.eval.plots import replot
@@ -140,3 +142,26 @@ def test_eval_command_smoke(tmp_path, capsys):
     assert [r["x"] for r in rows] == ["2", "4", "16"] and rows[0]["model"] == "titans@4"
     assert all(np.isfinite(float(r["value"])) for r in rows)
     assert "wrote" in capsys.readouterr().out
+
+
+def test_paired_comparison_matches_seeds_and_columns(tmp_path):
+    def row(model, seed, x, value):
+        return {"model": model, "seed": str(seed), "metric": "acc", "x": str(x), "value": str(value)}
+    a = [row("m", 0, 64, 0.9), row("m", 1, 64, 0.5), row("m", 2, 64, 0.7), row("m", 0, 128, 0.1)]
+    b = [row("c", 1, 64, 0.6), row("c", 0, 64, 0.4), row("c", 0, 128, 0.3)]
+    p = paired(a, "m", b, "c")
+    assert p.x == "64" and p.seeds == (0, 1)  # seed 2 has no partner
+    assert p.diffs == pytest.approx((0.5, -0.1))
+    assert "A higher in 1/2" in p.line()
+    assert paired(a, "m", b, "c", x="128").diffs == pytest.approx((-0.2,))
+    with pytest.raises(ValueError, match="no rows for model"):
+        paired(a, "nope", b, "c")
+    with pytest.raises(ValueError, match="no rows at x"):
+        paired(a, "m", b, "c", x="512")
+    path = tmp_path / "t.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(a[0]))
+        w.writeheader()
+        w.writerows(a + b)
+    assert load(str(path))[1]["value"] == "0.5"
+    compare_main([f"{path}:m", f"{path}:c"])
