@@ -2,17 +2,24 @@
 plus a local memory (small chunk, reset every S_L tokens), then switch the local chunk size with
 `finetune_schedule` and fine-tune briefly. Prints the validation loss at each step of the story.
 
-    python examples/04_tnt_stage_two.py [--steps 300] [--stage2-steps 60]
+    python examples/04_tnt_stage_two.py [--steps 300] [--stage2-steps 60] [--max-lr 0.01]
+
+The memories' inner learning rate is capped (`MemoryLayer.max_lr`, read as max_lr·sigmoid(x)). Without
+the cap (`--max-lr 0`: a plain sigmoid, up to 1) `--steps 150 --stage2-steps 30` ended stage one with a
+NaN validation loss on this corpus; with the default cap the same run ended at 2.32 nats/byte.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 from pathlib import Path
 
 import torch
 
+from memdsl.models import TinyLM
+from memdsl.nn import MemoryLayer
 from memdsl.tnt import TNTSchedule, finetune_schedule
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,14 +41,19 @@ def main(argv=None) -> None:
     ap.add_argument("--stage2-chunk", type=int, default=4)
     ap.add_argument("--reset", type=int, default=64)
     ap.add_argument("--minutes", type=float, default=4.0)
+    ap.add_argument("--max-lr", type=float, default=1e-2, help="inner learning-rate cap (0: none)")
     args = ap.parse_args(argv)
     if not tiny_lm.CORPUS.exists():
         print(f"corpus not found: {tiny_lm.CORPUS} (see the README's Data section)")
         return
     schedule = TNTSchedule(args.global_chunk, ((args.local_chunk, args.reset),))
     common = dict(batch=args.batch, seq=args.seq, d_model=args.d_model, layers=2, heads=4, chunk=None, lr=3e-3)
-    stage1 = tiny_lm.train(args.rule, args.steps, args.minutes, seed=0, tnt=schedule, **common)
-    model = stage1["model"]
+    torch.manual_seed(0)
+    model = TinyLM(args.rule, args.d_model, 2, 4, None, schedule)
+    for layer in model.modules():
+        if isinstance(layer, MemoryLayer):
+            layer.max_lr = args.max_lr or None
+    stage1 = tiny_lm.train(args.rule, args.steps, args.minutes, seed=0, model=model, **common)
     corpus = tiny_lm.load_corpus()
     val = corpus[int(0.95 * len(corpus)):]
 
@@ -55,9 +67,10 @@ def main(argv=None) -> None:
                            **{**common, "lr": 1e-3})
     loss_s2 = stage2["val_after"]
     print(f"stage 1 (local chunk {args.local_chunk}): {stage1['steps']} steps, validation loss "
-          f"{stage1['val_before']:.3f} -> {loss_s1:.3f}")
-    print(f"local chunk switched to {args.stage2_chunk} without training: {loss_switched:.3f}")
-    print(f"stage 2 ({stage2['steps']} steps, local memories only): {loss_s2:.3f}")
+          f"{stage1['val_before']:.4f} -> {loss_s1:.4f}")
+    print(f"local chunk switched to {args.stage2_chunk} without training: {loss_switched:.4f}")
+    print(f"stage 2 ({stage2['steps']} steps, local memories only): {loss_s2:.4f}")
+    assert all(map(math.isfinite, (loss_s1, loss_switched, loss_s2))), "a validation loss is not finite"
     assert loss_s1 < stage1["val_before"], "stage one did not learn"
 
 
