@@ -16,11 +16,15 @@ the short-conv tail of a `MemoryLayer`.
   S_L make the local memories (reset every S_L tokens) and the Q-K projection independent across
   ranks; only the global memory's state travels. `tnt_context_parallel` runs the locals — most of the
   work — before it waits for the global state.
-* Not implemented: an associative scan over ranks. For rules linear in the state (the delta-rule /
-  linear-attention family, `algorithm == "wy"`) a shard's map from initial to final state is affine,
-  W_T = W_0 A + B, so each rank could compute (A, B) at once, combine them in log₂ P steps and then
-  run its shard with the right initial state. It costs a D_k×D_k transition per head and a second
-  pass, and does not apply to nonlinear memories (Titans' MLP), so the sequential pass is used for all.
+* Associative scan (`method="scan"`), for rules linear in the state (`affine_state`: the linear-attention
+  and delta-rule families, one square matrix memory, scalar gates — also as TNT's global memory). A
+  shard's map from initial to final state is then affine, W ↦ W P + Q (P: D_k×D_k per head), and
+  maps compose associatively: (P₁, Q₁) then (P₂, Q₂) is (P₁P₂, Q₁P₂ + Q₂). Every rank finds its (P, Q)
+  with no wait (one run of its shard from the states I and 0, batched; rank 0 runs its shard for real
+  and contributes the constant map to its final state); one differentiable all-gather exchanges the
+  maps, and each rank composes the maps before it in log₂ P batched steps (Hillis–Steele) and runs its
+  shard from that state. No rank waits for another's shard, at the price of about twice the work per
+  rank and P small maps per rank on the wire; nonlinear memories (Titans' MLP) keep the sequential pass.
 
 **Data parallelism.** `data_parallel` wraps a model in DDP or FSDP2 (`fully_shard` on every
 `MemoryLayer` and on the root). With context parallelism inside, each rank's loss is the mean over its
@@ -202,18 +206,90 @@ def _check_multiple(T: int, multiple: int, rank: int, size: int, what: str) -> N
                          "would start mid-chunk and compute a different function")
 
 
+def affine_state(rule) -> bool:
+    """Whether a shard's final state is an affine map W ↦ W P + Q of its initial state: a compiled rule whose
+    state update is linear in the state (algorithm `linear` or `wy`, which stay linear when anchored at a
+    chunk start) with one square matrix memory and scalar gates only (a per-channel gate would scale rows)."""
+    spec = getattr(rule, "spec", None)
+    if spec is None or spec["algorithm"] not in ("linear", "wy") or list(spec["params"]) != ["W"]:
+        return False
+    return (spec["params"]["W"]["shape_rank"] == [0, 0] and spec["projection"] is None
+            and not any(g["channels"] for g in spec["gates"].values())
+            and all(r.get("rate") is None for r in spec["retain"]))  # an l2 pull toward init carries init.W
+
+
+def _compose_prefix(maps: torch.Tensor) -> torch.Tensor:
+    """Inclusive scan of affine maps by Hillis–Steele doubling: maps [P, ..., Dk + Dv, Dk] holds (P; Q) of each
+    rank, the result at r is map_0 then … then map_r, in ⌈log₂ P⌉ batched compositions."""
+    dk = maps.shape[-1]
+    d = 1
+    while d < maps.shape[0]:
+        first, then = maps[:-d], maps[d:]  # compose first (rank r − d's prefix) then (rank r's)
+        composed = first @ then[..., :dk, :] + torch.cat([torch.zeros_like(then[..., :dk, :]), then[..., dk:, :]],
+                                                        dim=-2)
+        maps = torch.cat([maps[:d], composed])
+        d *= 2
+    return maps
+
+
+def _scan_start_state(rule, q, k, v, gates, params, state, group, kw) -> tuple[Tree | None, torch.Tensor | None,
+                                                                                tuple | None]:
+    """The state this rank's shard starts from, by the associative scan; and (rank 0) its already computed
+    output. Returns (start state, token to tie into the output, (y, final) when this rank's run is done)."""
+    rank, size = _rank_size(group)
+    if rank == 0:  # the constant map to rank 0's final state
+        y, final = rule(q, k, v, gates, params, state, **kw)
+        W = final["A.W"]
+        mine = torch.cat([torch.zeros(*W.shape[:-2], W.shape[-1], W.shape[-1], dtype=W.dtype, device=W.device), W],
+                         dim=-2)
+        done = (y, final)
+    else:  # one batched run from W = I and W = 0 gives P + Q and Q
+        B = q.shape[0]
+        like = rule.init_state(B, q.shape[2], k.shape[-1], params=params)["A.W"]
+        if like.shape[-1] != like.shape[-2]:
+            raise ValueError(f"method='scan' needs a square matrix memory, got {tuple(like.shape[-2:])}")
+        eye = torch.eye(like.shape[-1], dtype=like.dtype, device=like.device).expand_as(like)
+        two = {"A.W": torch.cat([eye, torch.zeros_like(like)])}
+        twice = [torch.cat([x, x]) for x in (q, k, v)]
+        _, fin = rule(*twice, {n: torch.cat([g, g]) for n, g in (gates or {}).items()}, params, two, **kw)
+        mine = torch.cat([fin["A.W"][:B] - fin["A.W"][B:], fin["A.W"][B:]], dim=-2)
+        done = None
+    token = None
+    if torch.is_grad_enabled():  # every rank must hold the all-gather in its graph: backward is collective
+        anchor = torch.zeros((), dtype=mine.dtype, device=mine.device, requires_grad=True)
+        mine = mine + anchor
+    maps = dist_fn.all_gather(mine, group=group)
+    if torch.is_grad_enabled():
+        token = sum(m.sum() for m in maps) * 0
+    if rank == 0:
+        return None, token, done
+    start = _compose_prefix(torch.stack(maps[:rank]))[-1][..., mine.shape[-1]:, :]
+    return {"A.W": start}, token, None
+
+
 def context_parallel(rule_or_fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: dict | None = None,
-                     params: dict | None = None, state: Tree | None = None, group=None,
+                     params: dict | None = None, state: Tree | None = None, group=None, method: str = "sequential",
                      **kw) -> tuple[torch.Tensor, Tree | None]:
     """Run a compiled rule (or any `fn(q, k, v, gates, params, state, **kw) -> (y, state)`) on this rank's shard.
 
     `state` is the initial state and is used on rank 0 only (the others receive theirs). Returns this
-    rank's output [B, T_shard, H, Dv] and, on the last rank, the final state (None elsewhere)."""
+    rank's output [B, T_shard, H, Dv] and, on the last rank, the final state (None elsewhere). `method`:
+    "sequential" (rank r waits for r − 1's final state) or "scan" (the associative scan over ranks, for rules
+    with `affine_state`; see the module docstring)."""
     rank, size = _rank_size(group)
     if size == 1:
         return rule_or_fn(q, k, v, gates, params, state, **kw)
     if hasattr(rule_or_fn, "spec"):  # a compiled rule: its chunk fixes the shard granularity
         _check_multiple(q.shape[1], int(kw.get("chunk") or rule_or_fn.chunk), rank, size, "the chunk")
+    if method == "scan":
+        if not affine_state(rule_or_fn):
+            raise ValueError("method='scan' needs a rule whose state map is affine (see affine_state); "
+                             "use method='sequential'")
+        start, token, done = _scan_start_state(rule_or_fn, q, k, v, gates, params, state, group, kw)
+        y, final = done if done is not None else rule_or_fn(q, k, v, gates, params, start, **kw)
+        return tie(y, token), final if rank == size - 1 else None
+    if method != "sequential":
+        raise ValueError(f"method must be 'sequential' or 'scan', got {method!r}")
     if rank > 0:
         state = recv_state(rank - 1, q.device, group)
     y, final = rule_or_fn(q, k, v, gates, params, state, **kw)
@@ -224,14 +300,16 @@ def context_parallel(rule_or_fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 def tnt_context_parallel(global_rule, local_rules, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          gates: dict, params: dict, schedule: TNTSchedule, state: Tree | None = None, group=None,
-                         backend: str = "chunk") -> tuple[torch.Tensor, Tree | None]:
+                         backend: str = "chunk", method: str = "sequential") -> tuple[torch.Tensor, Tree | None]:
     """`tnt_forward` on this rank's shard: the locals first (they need nothing from other ranks), then the
-    global memory from the state of the previous rank. Returns (y shard, final global state on the last rank)."""
+    global memory from the state of the previous rank (`method="sequential"`) or by the associative scan over
+    ranks (`"scan"`, for a global rule with `affine_state`). Returns (y shard, final global state on the last
+    rank)."""
     rank, size = _rank_size(group)
     _check_multiple(q.shape[1], segment_multiple(schedule), rank, size, "C_G and every S_L")
     y_local = tnt_locals(local_rules, q, k, v, gates, params, schedule, backend)
     y, final = context_parallel(global_rule, q, k, v, _gates_for(global_rule, gates, "global"),
-                                _params_for(global_rule, params, "global"), state, group,
+                                _params_for(global_rule, params, "global"), state, group, method=method,
                                 chunk=schedule.global_chunk, backend=backend, read_order="chunk_start")
     return y + y_local, final
 

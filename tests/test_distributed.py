@@ -60,6 +60,8 @@ def test_two_ranks_match_one():
     results = _launch("two", 2)
     names = set(results[0]) | set(results[1])
     for want in ("titans.grad.state.A.W1", "gated_deltanet.grad.q", "atlas.state.hist.k", "tnt.grad.local0.W1",
+                 "scan.gated_deltanet.grad.state.A.W", "scan.gated_deltanet.grad.gate.beta",
+                 "scan.linear_attention.grad.v", "scan.tnt.grad.global.W", "scan.tnt.grad.global.beta",
                  "model.plain.grad.blocks.0.mixer.memories.main.init_memory.W1",
                  "curve.ddp.plain", "curve.fsdp.tnt"):
         assert any(n.startswith(want) for n in names), f"{want} was not compared"
@@ -68,8 +70,35 @@ def test_two_ranks_match_one():
 
 def test_four_ranks_match_one():
     results = _launch("four", 4)
-    assert {"curve.ddp.tnt", "curve.fsdp.plain", "tnt.state.A.W1"} <= set(results[0]) | set(results[3])
+    names = set().union(*results)
+    assert {"curve.ddp.tnt", "curve.fsdp.plain", "tnt.state.A.W1", "scan.tnt.state.A.W"} <= names
+    assert {"scan.deltanet.y", "scan.deltanet.grad.k", "scan.deltanet.grad.state.A.W"} <= names
     _check(results)
+
+
+def test_scan_composes_affine_maps_like_the_sequential_pass():
+    """The local Hillis–Steele prefix over P affine maps (W ↦ W P + Q) equals applying them one by one."""
+    from memdsl.distributed import _compose_prefix
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 4, 5, 8):
+        maps = torch.randn(n, 2, 3, 4 + 4, 4, generator=gen, dtype=torch.float64)
+        W0 = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64)
+        prefix = _compose_prefix(maps)
+        W = W0
+        for r in range(n):
+            W = W @ maps[r, ..., :4, :] + maps[r, ..., 4:, :]
+            assert torch.allclose(W0 @ prefix[r, ..., :4, :] + prefix[r, ..., 4:, :], W, rtol=1e-12, atol=1e-12)
+
+
+def test_affine_state_accepts_only_rules_linear_in_their_state():
+    import memdsl
+    from memdsl.distributed import affine_state
+
+    assert all(affine_state(memdsl.compile(f"rules/{n}.mem")) for n in ("gated_deltanet", "deltanet",
+                                                                          "linear_attention"))
+    assert not any(affine_state(memdsl.compile(f"rules/{n}.mem")) for n in ("titans", "ttt_linear", "moneta"))
+    assert not affine_state(lambda *a, **kw: None)
 
 
 # ---- the worker -----------------------------------------------------------------------------------------------
@@ -79,7 +108,7 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().requires_grad_()
 
 
-def _rule_case(name, metrics, group, rank, size, rel_rms):
+def _rule_case(name, metrics, group, rank, size, rel_rms, method="sequential"):
     import torch.distributed as dist
 
     import memdsl
@@ -99,10 +128,12 @@ def _rule_case(name, metrics, group, rank, size, rel_rms):
             return y, fin, tk, gt, pr, st
         sh = {n: _leaf(shard(t, group)) for n, t in tk.items()}
         gs = {n: _leaf(shard(t, group)) for n, t in gt.items()}
-        y, fin = context_parallel(rule, sh["q"], sh["k"], sh["v"], gs, pr, st if rank == 0 else None, group, chunk=4)
+        y, fin = context_parallel(rule, sh["q"], sh["k"], sh["v"], gs, pr, st if rank == 0 else None, group,
+                                  method=method, chunk=4)
         return y, fin, sh, gs, pr, st
 
     y_ref, s_ref, *ref_in = run(False)
+    name = name if method == "sequential" else f"{method}.{name}"
     y, s, *cp_in = run(True)
     gen = torch.Generator().manual_seed(3)
     ct = torch.randn(y_ref.shape, generator=gen)
@@ -128,7 +159,9 @@ def _rule_case(name, metrics, group, rank, size, rel_rms):
             metrics[f"{name}.grad.state.{k}"] = rel_rms(t.grad, ref_in[3][k].grad)
 
 
-def _tnt_case(metrics, group, rank, size, rel_rms):
+def _tnt_case(metrics, group, rank, size, rel_rms, method="sequential"):
+    """Titans everywhere (sequential pass), or (scan) a gated delta rule as the global memory — linear in its
+    state — over Titans locals."""
     import torch.distributed as dist
 
     import memdsl
@@ -141,28 +174,34 @@ def _tnt_case(metrics, group, rank, size, rel_rms):
     tok, gates, params = make_inputs(rule, B=2, T=16 * size, H=2, D=3, dtype=torch.float32, seed=4)
     gates = {**gates, **{f"local0.{n}": g.flip(1) for n, g in gates.items()}}
     params = {**params, **{f"local0.{n}": p * 0.5 for n, p in params.items()}}
+    global_rule, key, prefix = rule, "A.W1", "tnt"
+    if method == "scan":
+        global_rule, key, prefix = memdsl.compile("rules/gated_deltanet.mem"), "A.W", "scan.tnt"
+        _, g_gates, g_params = make_inputs(global_rule, B=2, T=16 * size, H=2, D=3, dtype=torch.float32, seed=6)
+        gates.update({f"global.{n}": g for n, g in g_gates.items()})
+        params.update({f"global.{n}": p for n, p in g_params.items()})
     ref = [{n: _leaf(t) for n, t in d.items()} for d in (tok, gates, params)]
-    y_ref, s_ref = tnt_forward(rule, [rule, rule], ref[0]["q"], ref[0]["k"], ref[0]["v"], ref[1], ref[2], schedule,
-                               return_state=True)
+    y_ref, s_ref = tnt_forward(global_rule, [rule, rule], ref[0]["q"], ref[0]["k"], ref[0]["v"], ref[1], ref[2],
+                               schedule, return_state=True)
     cp = [{n: _leaf(shard(t, group)) for n, t in d.items()} for d in (tok, gates)] + [
         {n: _leaf(t) for n, t in params.items()}]
-    y, s = tnt_context_parallel(rule, [rule, rule], cp[0]["q"], cp[0]["k"], cp[0]["v"], cp[1], cp[2], schedule,
-                                group=group)
+    y, s = tnt_context_parallel(global_rule, [rule, rule], cp[0]["q"], cp[0]["k"], cp[0]["v"], cp[1], cp[2],
+                                schedule, group=group, method=method)
     ct = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(5))
-    ((y_ref * ct).sum() + s_ref["A.W1"].sum()).backward()
+    ((y_ref * ct).sum() + s_ref[key].sum()).backward()
     loss = (y * shard(ct, group)).sum()
     if rank == size - 1:
-        loss = loss + s["A.W1"].sum()
-        metrics["tnt.state.A.W1"] = rel_rms(s["A.W1"], s_ref["A.W1"])
+        loss = loss + s[key].sum()
+        metrics[f"{prefix}.state.{key}"] = rel_rms(s[key], s_ref[key])
     loss.backward()
-    metrics["tnt.y"] = rel_rms(y, shard(y_ref, group))
+    metrics[f"{prefix}.y"] = rel_rms(y, shard(y_ref, group))
     for i in (0, 1):
         for n in ref[i]:
-            metrics[f"tnt.grad.{n}"] = rel_rms(cp[i][n].grad, shard(ref[i][n].grad, group))
+            metrics[f"{prefix}.grad.{n}"] = rel_rms(cp[i][n].grad, shard(ref[i][n].grad, group))
     for n, p in cp[2].items():
         g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
         dist.all_reduce(g, group=group)
-        metrics[f"tnt.grad.{n}"] = rel_rms(g, ref[2][n].grad)
+        metrics[f"{prefix}.grad.{n}"] = rel_rms(g, ref[2][n].grad)
 
 
 def _tiny_lm(tnt: bool):
@@ -261,6 +300,9 @@ def _worker(job: str, out: str) -> None:
         for name in ("titans", "gated_deltanet", "atlas"):
             _rule_case(name, metrics, group, rank, size, rel_rms)
         _tnt_case(metrics, group, rank, size, rel_rms)
+        for name in ("gated_deltanet", "linear_attention"):
+            _rule_case(name, metrics, group, rank, size, rel_rms, method="scan")
+        _tnt_case(metrics, group, rank, size, rel_rms, method="scan")
         for kind in ("plain", "tnt"):
             _model_case(kind, metrics, cp_mesh, rel_rms)
         _train_case("ddp", "plain", metrics, context=2)
@@ -268,6 +310,8 @@ def _worker(job: str, out: str) -> None:
     else:
         _rule_case("titans", metrics, group, rank, size, rel_rms)
         _tnt_case(metrics, group, rank, size, rel_rms)
+        _rule_case("deltanet", metrics, group, rank, size, rel_rms, method="scan")
+        _tnt_case(metrics, group, rank, size, rel_rms, method="scan")
         _train_case("ddp", "tnt", metrics, context=2)  # 2-D mesh: 2 data × 2 context
         _train_case("fsdp", "plain", metrics, context=2)
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(metrics))
