@@ -1,11 +1,14 @@
 """TNT training throughput vs a single memory at the local chunk size (CPU, torch path).
 
-    python benchmarks/tnt.py [--T 2048,8192,32768] [--out benchmarks/RESULTS.md]
+    python benchmarks/tnt.py [--T 2048,8192,32768] [--repeat 5] [--threads N] [--out benchmarks/RESULTS.md]
 
 Titans (rules/titans.mem), B=1, H=4, d_head=64, fp32. TNT: global chunk 2048, one local memory
 with chunk 16 and reset 2048, Q-K projection on. Single: the same rule at chunk 16. Forward +
 backward of the memory (the layer's projections are the same for both and left out). Medians of
-repeats; ratio = single time / TNT time, measured side by side in one run.
+repeats; ratio = single time / TNT time, measured side by side in one run. Where TNT's time goes is
+timed too: the global memory alone (chunk-start reads at C_G), the locals alone (Q-K projection
+included) and the Q-K projection alone. Before timing, the lowered hierarchy is checked against the
+token-by-token reference on a small case.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import platform
 import resource
 import sys
 from pathlib import Path
@@ -26,49 +30,85 @@ reexec_with_allocator_settings()
 import torch  # noqa: E402
 
 import memdsl  # noqa: E402
-from memdsl.checking import make_inputs  # noqa: E402
-from memdsl.tnt import TNTSchedule, tnt_forward  # noqa: E402
+from memdsl.checking import make_inputs, rel_rms  # noqa: E402
+from memdsl.tnt import TNTSchedule, _gates_for, _params_for, qk_project, tnt_forward, tnt_locals, tnt_reference  # noqa: E402,E501
 
 
-def timed(fn, repeat):
-    return median_time(fn, repeat)[0]
+def check(rule) -> float:
+    """Lowered TNT vs the token reference (fp64, a small hierarchy of the same shape: C_G = 2 S_L, S_L = 8 C_L)."""
+    tok, gates, params = make_inputs(rule, B=1, T=70, H=2, D=8)
+    schedule = TNTSchedule(32, ((2, 16),))
+    y = tnt_forward(rule, [rule], tok["q"], tok["k"], tok["v"], gates, params, schedule)
+    return rel_rms(y, tnt_reference(rule, [rule], tok["q"], tok["k"], tok["v"], gates, params, schedule))
+
+
+def cases(rule, schedule, tok, gates, params) -> dict:
+    """The runs to time, each a function of q: the two candidates and TNT's parts."""
+    k, v = tok["k"], tok["v"]
+    g_gates, g_params = _gates_for(rule, gates, "global"), _params_for(rule, params, "global")
+    (chunk, reset), = schedule.locals
+    return {
+        "single": lambda q: rule(q, k, v, gates, params, chunk=chunk)[0],
+        "tnt": lambda q: tnt_forward(rule, [rule], q, k, v, gates, params, schedule),
+        "global": lambda q: rule(q, k, v, g_gates, g_params, chunk=schedule.global_chunk, read_order="chunk_start")[0],
+        "locals": lambda q: tnt_locals([rule], q, k, v, gates, params, schedule),
+        "qk": lambda q: qk_project(q, k, reset, chunk),
+    }
+
+
+def fwd_bwd(fn, tok):
+    def run():
+        q = tok["q"].clone().requires_grad_()
+        fn(q).sum().backward()
+    return run
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", default="2048,8192,32768")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     resource.setrlimit(resource.RLIMIT_AS, (20 << 30, resource.getrlimit(resource.RLIMIT_AS)[1]))
     rule = memdsl.compile(str(ROOT / "rules" / "titans.mem"))
+    err = check(rule)
+    assert err < 1e-10, f"TNT lowering differs from its token reference: rel. RMS {err:.3g}"
     schedule = TNTSchedule(2048, ((16, 2048),))
     rows = []
     for T in (int(t) for t in args.T.split(",")):
         tok, gates, params = make_inputs(rule, B=1, T=T, H=4, D=64, dtype=torch.float32)
-
-        def single(tok=tok, gates=gates, params=params):
-            q = tok["q"].clone().requires_grad_()
-            y, _ = rule(q, tok["k"], tok["v"], gates, params, chunk=16)
-            y.sum().backward()
-
-        def tnt(tok=tok, gates=gates, params=params):
-            q = tok["q"].clone().requires_grad_()
-            y = tnt_forward(rule, [rule], q, tok["k"], tok["v"], gates, params, schedule)
-            y.sum().backward()
-
-        t_tnt = timed(tnt, args.repeat)
-        t_single = timed(single, args.repeat)
-        rows.append((T, t_single, t_tnt))
-        print(f"T={T}: single {t_single:.2f} s, TNT {t_tnt:.2f} s, {t_single / t_tnt:.1f}x", file=sys.stderr,
-              flush=True)
-    table = (f"\n### TNT vs single memory, CPU, {datetime.date.today()} — {os.cpu_count()} cores, "
-             f"torch {torch.__version__}\n\n"
-             f"Command: `python benchmarks/tnt.py --T {args.T} --repeat {args.repeat}` (titans, B=1, H=4, d_head=64, "
-             "fp32, forward+backward of the memory; TNT = global chunk 2048 + one local at chunk 16, reset 2048, "
-             "Q-K projection; single = chunk 16).\n\n"
-             "| T | single memory, C=16 (s) | TNT (s) | speed-up |\n|---|---|---|---|\n"
-             + "\n".join(f"| {T} | {a:.2f} | {b:.2f} | {a / b:.1f}x |" for T, a, b in rows) + "\n")
+        times = {}
+        for name, fn in cases(rule, schedule, tok, gates, params).items():
+            times[name] = median_time(fwd_bwd(fn, tok), args.repeat)
+            print(f"T={T} {name}: {times[name][0]:.3f} s (min {times[name][1]:.3f}, max {times[name][2]:.3f})",
+                  file=sys.stderr, flush=True)
+        rows.append((T, times))
+    threads = torch.get_num_threads()
+    table = (f"\n### TNT vs single memory, CPU, {datetime.date.today()} — {cpu_name()}, {os.cpu_count()} cores, "
+             f"{threads} threads, torch {torch.__version__}\n\n"
+             f"Command: `python benchmarks/tnt.py --T {args.T} --repeat {args.repeat}"
+             f"{f' --threads {args.threads}' if args.threads else ''}` (titans, B=1, H=4, d_head=64, fp32, "
+             "forward+backward of the memory; TNT = global chunk 2048 + one local at chunk 16, reset 2048, "
+             "Q-K projection; single = chunk 16; BENCH.md allocator settings; medians of "
+             f"{args.repeat} after a warm-up; lowering checked against the token reference: {err:.1e}).\n\n"
+             "| T | single, C=16 (s) | TNT (s) | speed-up | TNT parts: global C_G (s) | locals (s) | "
+             "of which Q-K proj. (s) |\n|---|---|---|---|---|---|---|\n"
+             + "\n".join(f"| {T} | {t['single'][0]:.2f} | {t['tnt'][0]:.2f} | {t['single'][0] / t['tnt'][0]:.2f}x | "
+                         f"{t['global'][0]:.2f} | {t['locals'][0]:.2f} | {t['qk'][0]:.2f} |" for T, t in rows)
+             + "\n")
     report(table, args.out)
 
 
