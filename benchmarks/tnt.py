@@ -5,7 +5,8 @@
 Titans (rules/titans.mem), B=1, H=4, d_head=64, fp32. TNT: global chunk 2048, one local memory
 with chunk 16 and reset 2048, Q-K projection on. Single: the same rule at chunk 16. Forward +
 backward of the memory (the layer's projections are the same for both and left out). Medians of
-repeats; ratio = single time / TNT time, measured side by side in one run. Where TNT's time goes is
+repeats, taken round-robin (each repeat times every case in turn, so a change of load on a shared
+machine hits all of them alike); ratio = single time / TNT time. Where TNT's time goes is
 timed too: the global memory alone (chunk-start reads at C_G), the locals alone (Q-K projection
 included) and the Q-K projection alone. Before timing, the lowered hierarchy is checked against the
 token-by-token reference on a small case.
@@ -18,12 +19,14 @@ import datetime
 import os
 import platform
 import resource
+import statistics
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import median_time, reexec_with_allocator_settings, report  # noqa: E402
+from benchmarks.common import reexec_with_allocator_settings, report  # noqa: E402
 
 reexec_with_allocator_settings()
 
@@ -56,11 +59,21 @@ def cases(rule, schedule, tok, gates, params) -> dict:
     }
 
 
-def fwd_bwd(fn, tok):
-    def run():
+def round_robin(fns: dict, tok, repeat: int) -> dict[str, tuple[float, float, float]]:
+    """(median, min, max) seconds of forward + backward per case, after one warm-up of each."""
+    def run(fn) -> float:
         q = tok["q"].clone().requires_grad_()
+        t0 = time.perf_counter()
         fn(q).sum().backward()
-    return run
+        return time.perf_counter() - t0
+
+    for fn in fns.values():
+        run(fn)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            times[name].append(run(fn))
+    return {name: (statistics.median(t), min(t), max(t)) for name, t in times.items()}
 
 
 def cpu_name() -> str:
@@ -90,11 +103,9 @@ def main() -> None:
     rows = []
     for T in (int(t) for t in args.T.split(",")):
         tok, gates, params = make_inputs(rule, B=1, T=T, H=4, D=64, dtype=torch.float32)
-        times = {}
-        for name, fn in cases(rule, schedule, tok, gates, params).items():
-            times[name] = median_time(fwd_bwd(fn, tok), args.repeat)
-            print(f"T={T} {name}: {times[name][0]:.3f} s (min {times[name][1]:.3f}, max {times[name][2]:.3f})",
-                  file=sys.stderr, flush=True)
+        times = round_robin(cases(rule, schedule, tok, gates, params), tok, args.repeat)
+        for name, (med, lo, hi) in times.items():
+            print(f"T={T} {name}: {med:.3f} s (min {lo:.3f}, max {hi:.3f})", file=sys.stderr, flush=True)
         rows.append((T, times))
     threads = torch.get_num_threads()
     table = (f"\n### TNT vs single memory, CPU, {datetime.date.today()} — {cpu_name()}, {os.cpu_count()} cores, "
@@ -103,7 +114,8 @@ def main() -> None:
              f"{f' --threads {args.threads}' if args.threads else ''}` (titans, B=1, H=4, d_head=64, fp32, "
              "forward+backward of the memory; TNT = global chunk 2048 + one local at chunk 16, reset 2048, "
              "Q-K projection; single = chunk 16; BENCH.md allocator settings; medians of "
-             f"{args.repeat} after a warm-up; lowering checked against the token reference: {err:.1e}).\n\n"
+             f"{args.repeat} round-robin repeats after a warm-up; lowering checked against the token reference: "
+             f"{err:.1e}).\n\n"
              "| T | single, C=16 (s) | TNT (s) | speed-up | TNT parts: global C_G (s) | locals (s) | "
              "of which Q-K proj. (s) |\n|---|---|---|---|---|---|---|\n"
              + "\n".join(f"| {T} | {t['single'][0]:.2f} | {t['tnt'][0]:.2f} | {t['single'][0] / t['tnt'][0]:.2f}x | "
