@@ -62,6 +62,7 @@ def test_two_ranks_match_one():
     for want in ("titans.grad.state.A.W1", "gated_deltanet.grad.q", "atlas.state.hist.k", "tnt.grad.local0.W1",
                  "scan.gated_deltanet.grad.state.A.W", "scan.gated_deltanet.grad.gate.beta",
                  "scan.linear_attention.grad.v", "scan.tnt.grad.global.W", "scan.tnt.grad.global.beta",
+                 "scan.refuses_titans",
                  "model.plain.grad.blocks.0.mixer.memories.main.init_memory.W1",
                  "curve.ddp.plain", "curve.fsdp.tnt"):
         assert any(n.startswith(want) for n in names), f"{want} was not compared"
@@ -204,6 +205,21 @@ def _tnt_case(metrics, group, rank, size, rel_rms, method="sequential"):
         metrics[f"{prefix}.grad.{n}"] = rel_rms(g, ref[2][n].grad)
 
 
+def _scan_refuses(name, group) -> float:
+    """0 when context_parallel(method="scan") refuses a rule that is not linear in its state (before any message)."""
+    import memdsl
+    from memdsl.checking import make_inputs
+    from memdsl.distributed import context_parallel
+
+    rule = memdsl.compile(f"rules/{name}.mem")
+    tok, gates, params = make_inputs(rule, B=1, T=8, H=1, D=3, dtype=torch.float32)
+    try:
+        context_parallel(rule, tok["q"], tok["k"], tok["v"], gates, params, group=group, method="scan", chunk=4)
+    except ValueError as err:
+        return 0.0 if "affine" in str(err) else 1.0
+    return 1.0
+
+
 def _tiny_lm(tnt: bool):
     from memdsl.models import TinyLM
     from memdsl.tnt import TNTSchedule
@@ -303,6 +319,7 @@ def _worker(job: str, out: str) -> None:
         for name in ("gated_deltanet", "linear_attention"):
             _rule_case(name, metrics, group, rank, size, rel_rms, method="scan")
         _tnt_case(metrics, group, rank, size, rel_rms, method="scan")
+        metrics["scan.refuses_titans"] = _scan_refuses("titans", group)
         for kind in ("plain", "tnt"):
             _model_case(kind, metrics, cp_mesh, rel_rms)
         _train_case("ddp", "plain", metrics, context=2)
