@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import math
+
 import sympy as sp
 
 from .autodiff import ewise
@@ -46,20 +48,69 @@ def _is_matvec_of(g: Graph, nid: int, w: str, x_role: tuple[str, ...]) -> int | 
     return None if g.depends_on(xid, params) else xid
 
 
-def _expanded(g: Graph, nid: int) -> tuple[sp.Expr, list[int]]:
-    """The sympy expression of an `ewise` node with its `ewise` operands inlined, over non-ewise leaves."""
+def _leaves(g: Graph, nid: int) -> list[int]:
+    """The non-`ewise` nodes under the `ewise` node `nid`, in first-visit order (leaf i is symbol L{i})."""
     leaves: list[int] = []
+    seen: set[int] = set()
+
+    def go(n: int) -> None:
+        if n in seen:
+            return
+        seen.add(n)
+        if g.node(n).op != "ewise":
+            leaves.append(n)
+        for o in g.operands(n) if g.node(n).op == "ewise" else ():
+            go(o)
+
+    go(nid)
+    return leaves
+
+
+def _expanded(g: Graph, nid: int) -> tuple[sp.Expr, list[int]]:
+    """The sympy expression of an `ewise` node with its `ewise` operands inlined, over non-ewise leaves.
+
+    Each node is expanded once (a shared operand is one shared sympy subtree): substituting per use was
+    quadratic in the nesting depth."""
+    leaves = _leaves(g, nid)
+    done: dict[int, sp.Expr] = {n: sp.Symbol(f"L{i}", real=True) for i, n in enumerate(leaves)}
 
     def go(n: int) -> sp.Expr:
-        node = g.node(n)
-        if node.op != "ewise":
-            if n not in leaves:
-                leaves.append(n)
-            return sp.Symbol(f"L{leaves.index(n)}", real=True)
-        args = {sp.Symbol(f"x{i}", real=True): go(o) for i, o in enumerate(g.operands(n))}
-        return node.attr("expr").subs(args, simultaneous=True)
+        if n not in done:
+            args = {sp.Symbol(f"x{i}", real=True): go(o) for i, o in enumerate(g.operands(n))}
+            done[n] = g.node(n).attr("expr").xreplace(args)
+        return done[n]
 
     return go(nid), leaves
+
+
+def _surely_not_affine(g: Graph, nid: int, leaves: list[int], y_leaf: int) -> bool:
+    """A numeric witness that the `ewise` node `nid` is not affine in its leaf `y_leaf`: f(0) + f(1) !=
+    2 f(1/2) at one point of the other leaves (and sizes), at 30 digits, node by node. It only stops early;
+    what it cannot judge goes to the symbolic test, which costs seconds on a deeply nested loss (sympy
+    differentiates the whole expanded tree)."""
+    def value_at(t: str) -> complex:
+        done: dict[int, sp.Expr] = {}
+
+        def go(n: int) -> sp.Expr:
+            if n not in done:
+                node = g.node(n)
+                if node.op != "ewise":
+                    done[n] = sp.Float(t if n == y_leaf else 0.3 + (0.37 * leaves.index(n)) % 0.6, 30)
+                else:
+                    e = node.attr("expr").xreplace({sp.Symbol(f"x{i}", real=True): go(o)
+                                                    for i, o in enumerate(g.operands(n))})
+                    done[n] = sp.N(e.xreplace({s: sp.Integer(3) for s in e.free_symbols}), 30)
+            return done[n]
+
+        return complex(go(nid))
+
+    try:
+        f = [value_at(t) for t in ("0", "0.5", "1")]
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+        return False
+    if not all(math.isfinite(abs(v)) for v in f):
+        return False
+    return abs(f[0] + f[2] - 2 * f[1]) > 1e-15 * sum(abs(v) for v in f)  # roundoff at 30 digits: ~1e-28
 
 
 def _delta_form(p: Program) -> str | None:
@@ -95,15 +146,16 @@ def _delta_form(p: Program) -> str | None:
     gy, _ = g.operands(grad)
     if g.node(gy).op != "ewise":
         return "the loss gradient's output factor is not elementwise"
-    expr, leaves = _expanded(g, gy)
-    ys = [sp.Symbol(f"L{i}", real=True) for i, o in enumerate(leaves)
-          if g.node(o).op == "matvec" and g.input_name(g.operands(o)[0]) == w]
+    leaves = _leaves(g, gy)
+    ys = [i for i, o in enumerate(leaves) if g.node(o).op == "matvec" and g.input_name(g.operands(o)[0]) == w]
     if len(ys) != 1:
         return "the loss does not read the memory exactly once"
-    y = ys[0]
-    others = [o for i, o in enumerate(leaves) if sp.Symbol(f"L{i}", real=True) != y]
-    if any(g.depends_on(o, [w]) for o in others):
+    if any(g.depends_on(o, [w]) for i, o in enumerate(leaves) if i != ys[0]):
         return "the loss reads the memory's output through a reduction (a norm or a sum)"
+    if _surely_not_affine(g, gy, leaves, leaves[ys[0]]):
+        return "the loss is not quadratic in the memory's output"
+    expr, leaves = _expanded(g, gy)
+    y = sp.Symbol(f"L{ys[0]}", real=True)
     slope = sp.diff(expr, y)
     if y in slope.free_symbols:
         return "the loss is not quadratic in the memory's output"
