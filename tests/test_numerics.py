@@ -15,7 +15,8 @@ from memdsl.api import CompiledRule
 from memdsl.checking import compare_runs, make_inputs, run_with_grads
 from memdsl.driver import load
 from memdsl.errors import ValueRangeError
-from tests.conftest import ROOT, RULE_IDS, RULES
+from memdsl.twod import compile_2d
+from tests.conftest import ROOT, RULE_2D_IDS, RULE_IDS, RULES, RULES_2D
 
 CLIP_RULES = ["deltanet", "titans", "titans_linear", "ttt_linear", "omeganet", "atlas", "moneta", "memora",
               "linear_attention"]
@@ -103,6 +104,23 @@ def test_long_sequences_stay_finite(path):
         y, state = rule(tok["q"], tok["k"], tok["v"], gates, params)  # the rule's own chunk algorithm
     assert y.shape[1] == 65536 and torch.isfinite(y).all()
     assert all(torch.isfinite(s).all() for s in state.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", RULES_2D, ids=RULE_2D_IDS)
+def test_long_sequences_stay_finite_in_2d(path):
+    """65,536 time steps x 9 variates: two variate tiles at the shipped tile width 8, so the variate carry
+    between tiles runs as well. Inputs as MemoryLayer makes them (unit q, k), activated gates in [0.05, 0.35]."""
+    rule = compile_2d(str(path))
+    T, V = 65536, 9
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, T, V, 1, 8, generator=gen) for _ in range(3))
+    q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+    gates = {n: 0.05 + 0.3 * torch.rand(1, T, V, 1, generator=gen) for n in sorted(rule.spec1d["gates"])}
+    with torch.no_grad():
+        y, state = rule(q, k, v, gates)  # the rule's own algorithm (scan2d or anchored2d tiles)
+    assert tuple(y.shape[1:3]) == (T, V) and torch.isfinite(y).all()
+    assert state and all(torch.isfinite(s).all() for s in state.values())
 
 
 @pytest.mark.parametrize("name, backend", [("titans", "auto"), ("deltanet", "auto"), ("omeganet", "chunk"),
