@@ -161,7 +161,8 @@ class CompiledRuleModule:
         if isinstance(chunk, (bool, str, bytes)) or not hasattr(chunk, "__index__") or int(chunk) < 1:
             raise ValueError(f"chunk must be an integer ≥ 1, got {chunk!r}")
         chunk = int(chunk)
-        qf, kf, vf = (t.to(work).transpose(1, 2) for t in (q, k, v))
+        # [B, H, T, D] contiguous once, so every chunk's slice folds (B, H) into one GEMM batch without a copy
+        qf, kf, vf = (t.to(work).transpose(1, 2).contiguous() for t in (q, k, v))
         gates = {n: g.to(work) for n, g in gates.items()}
         outers = {n: o.to(work) for n, o in outers.items()}
         state = {key: t.to(work) for key, t in state.items()}

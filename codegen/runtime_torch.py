@@ -462,26 +462,40 @@ class DualWeight:
         return out - torch.einsum("bhilk,bhlk,bhik->bhil", K, self.b, x) @ self.a
 
 
-def _minus_outer_sum(base, krow, a, b, axis):
-    """base - sum_l krow[l] a_l b_l^T, fused into one batched GEMM (one pass over the state).
-    krow: [B, H, L, ch] with a per-channel krow aligned to rows or columns; base: [B, H, m, k]."""
-    lead = base.shape[:-2]
+def _decay_minus_outer_sum(terms, krow, a, b, axis):
+    """sum_t coef_t * M_t - sum_l krow[l] a_l b_l^T in two passes over the state: the scaled sum (one
+    multiply, one addcmul per further term), then one batched GEMM that accumulates into it in place.
+    terms: [(coef broadcastable to M, M [B, H, m, k])]; krow: [B, H, L, ch] with a per-channel krow aligned to
+    rows or columns. The sum is built in the GEMM's 3-D shape, so the in-place GEMM acts on a fresh tensor and
+    not on a view (autograd would replay an in-place op on a view with a zero-filled copy of the base in the
+    backward); out-of-place baddbmm would copy the sum once more. The GEMM's backward needs only its factors."""
+    lead, mk = terms[0][1].shape[:-2], terms[0][1].shape[-2:]
+
+    def flat(x):
+        return x.expand(*lead, *x.shape[-2:]).reshape(-1, *x.shape[-2:])
+    (c0, m0), *rest = terms
+    base = flat(c0) * flat(m0)
+    for c, m in rest:
+        base = torch.addcmul(base, flat(c), flat(m))
     if krow.shape[-1] == 1 or axis == "row":
         left, right = (a * krow).mT, b
     else:
         left, right = a.mT, krow * b
-    out = torch.baddbmm(base.reshape(-1, *base.shape[-2:]), left.reshape(-1, *left.shape[-2:]),
-                        right.reshape(-1, *right.shape[-2:]), alpha=-1)
-    return out.reshape(*lead, *out.shape[-2:])
+    base.baddbmm_(left.reshape(-1, *left.shape[-2:]), right.reshape(-1, *right.shape[-2:]), alpha=-1)
+    return base.reshape(*lead, *mk)
 
 
-def _scaled_sum(terms, align):
-    """sum_t coef_t * M_t with as few passes over the state as possible."""
-    (c0, m0), *rest = terms
-    out = align(c0) * m0
-    for c, m in rest:
-        out = torch.addcmul(out, align(c), m)
-    return out
+def _cat_tokens(parts, lead):
+    """The factor vectors of every token of every pair, stacked along the token axis (no copy for one pair)."""
+    parts = [x.expand(*lead, x.shape[-1]) for x in parts]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+def _repeat_cols(K, reps, dim=3):
+    """K's token columns once per factor pair (the pairs are stacked along the token axis)."""
+    if reps == 1:
+        return K
+    return K.repeat(*([1] * dim), reps, *([1] * (K.dim() - dim - 1)))
 
 
 def _terms_at(terms, i):
@@ -512,90 +526,147 @@ def _clip_factors(rt, F):
     return F
 
 
+def _per_segment(fn, segs, series):
+    """fn over each segment's slice of the time series ({name: [B, H, T, ...]}), batched over every run of
+    consecutive equal-length segments: one call per run instead of one per chunk keeps the state-independent
+    work (coefficient matrices, log-space products) out of the sequential loop. fn maps {name: [B, X, n, ...]}
+    to {name: [B, X, ...]} with X = H * segments; the result is one dict of [B, H, ...] views per segment."""
+    out, i = [], 0
+    while i < len(segs):
+        s0, e0 = segs[i]
+        n, j = e0 - s0, i + 1
+        while j < len(segs) and segs[j][1] - segs[j][0] == n and segs[j][0] == segs[j - 1][1]:
+            j += 1
+        m = j - i
+        parts = {}
+        for name, x in series.items():
+            xs = x[:, :, s0:s0 + m * n]
+            B, H = xs.shape[:2]
+            parts[name] = xs.reshape(B, H * m, n, *xs.shape[3:])
+        res = fn(parts)
+        split = {name: r.reshape(B, H, m, *r.shape[2:]).unbind(2) for name, r in res.items()}
+        out.extend({name: split[name][t] for name in res} for t in range(m))
+        i = j
+    return out
+
+
+def _shift_down(x, first):
+    """Rows i -> i + 1 along the chunk axis (dim 2), row 0 filled with `first` (read before write)."""
+    return torch.cat([torch.full_like(x[:, :, :1], first), x[:, :, :-1]], dim=2)
+
+
+def _dual_coefficients(spec, rows, read_order, windowed, x):
+    """Everything of a chunk that does not depend on the state, from its [B, X, n, ch] hyper-parameters:
+    the decay ratios D (and momentum ratios), the gradient coefficients Kc / Ks, the coefficients of the
+    chunk-start state in every row (tA) and, without a window, the read-shifted copies."""
+    lr = x["lr"]
+    D, abar_all = _ratio(x["keep"] if "keep" in x else torch.ones_like(lr[..., :1]))
+    D, abar = D[:, :, rows], abar_all[:, :, rows]
+    out = {"abar_all": abar_all}
+    if "scale" in x:
+        n = lr.shape[2]
+        tri = torch.ones(n, n, dtype=lr.dtype, device=lr.device).tril()[rows]
+        out["Kc"] = x["scale"][:, :, rows].unsqueeze(3) * tri[None, None, :, :, None] * lr.unsqueeze(2)
+        tA = [torch.ones_like(abar)]
+    elif "decay" in x:
+        Mmu, mbar = _ratio(x["decay"])
+        out["Kc"] = torch.einsum("bhilc,bhljc->bhijc", D, Mmu) * lr.unsqueeze(2)
+        out["Ks"] = Mmu[:, :, rows] * lr.unsqueeze(2)
+        out["mbar_last"] = mbar[:, :, -1]
+        tA = [abar, torch.einsum("bhilc,bhlc->bhic", D, mbar)]
+    else:
+        out["Kc"] = D * lr.unsqueeze(2)
+        tA = [abar]
+    if "rate" in x:
+        tA.append(torch.einsum("bhijc,bhjc->bhic", D, x["rate"]))
+    for t, cf in enumerate(tA):
+        out[f"tA.{t}"] = cf
+        out[f"tA_last.{t}"] = cf[:, :, -1]
+        if read_order == "before":  # position i reads the state after i - 1 tokens
+            out[f"shift.{t}"] = _shift_down(cf, 1.0 if t == 0 else 0.0)
+    if read_order == "before" and not windowed:
+        out["Kr"] = _shift_down(out["Kc"], 0.0)
+    return out
+
+
 def chunk_dual(rt, q, k, v, gates, outers, state, sz, chunk, start=0, read_order=None):
     """The anchored chunk program in dual form (gd or momentum, no state projection)."""
     spec = rt.spec
     read_order = read_order or spec["read_order"]
     segs, q, k, v, gates, hyp, keep, rate = rt.prologue(q, k, v, gates, outers, sz, chunk, start)
     c, weight = spec["window"], spec["window_weight"]
-    mats = [p for p in rt.params if len(spec["params"][p]["shape_rank"]) == 2]
+    windowed = c > 1 or weight is not None
     A = {p: state[f"A.{p}"] for p in rt.params}
     S = {p: state[f"S.{p}"] for p in rt.params} if spec["optim"] == "momentum" else {}
     init = {p: state[f"init.{p}"] for p in rt.params} if rate is not None else {}
+    # the sources the coefficients tA.0, tA.1, ... multiply: the chunk-start memory, its momentum, the init
+    tags = [None] + (["S"] if S and spec["scale"] is None else []) + (["init"] if rate is not None else [])
+    # with chunk-start reads only the last row of each coefficient matrix is needed: O(n^2), not n^3
+    rows = slice(-1, None) if read_order == "chunk_start" else slice(None)
+    series = {"lr": hyp[spec["lr"]], "keep": keep, "rate": rate,
+              "scale": hyp[spec["scale"]] if spec["scale"] is not None else None,
+              "decay": hyp[spec["decay"]] if spec["optim"] == "momentum" and spec["scale"] is None else None}
+    coefs = _per_segment(lambda x: _dual_coefficients(spec, rows, read_order, windowed, x), segs,
+                         {n: t for n, t in series.items() if t is not None})
     ys = []
-    for s, e in segs:
-        n, lo = e - s, max(0, s - c + 1)
-        sl = slice(s, e)
-        lr = hyp[spec["lr"]][:, :, sl]
-        D, abar = _ratio(keep[:, :, sl] if keep is not None else torch.ones_like(lr[..., :1]))
-        env = rt.token_env(k, v, q, gates, outers, slice(lo, e))
-        for p in rt.params:
-            w = A[p].unsqueeze(2)
-            env[p] = rt.align(abar, p) * w if spec["grad_at_decayed"] else w
-        F = _clip_factors(rt, rt.factors_fn(env, sz))
-        # with chunk-start reads only the last row of each coefficient matrix is needed: O(n^2), not n^3
-        rows = slice(-1, None) if read_order == "chunk_start" else slice(None)
-        D, abar = D[:, :, rows], abar[:, :, rows]
-        tri = torch.ones(n, n, dtype=q.dtype, device=q.device).tril()[rows]
-        if spec["scale"] is not None:
-            Kc = hyp[spec["scale"]][:, :, sl][:, :, rows].unsqueeze(3) * tri[None, None, :, :, None] * lr.unsqueeze(2)
-            tA = [(torch.ones_like(abar), None)]
-        elif spec["optim"] == "momentum":
-            Mmu, mbar = _ratio(hyp[spec["decay"]][:, :, sl])
-            Kc = torch.einsum("bhilc,bhljc->bhijc", D, Mmu) * lr.unsqueeze(2)
-            Ks = Mmu[:, :, rows] * lr.unsqueeze(2)
-            f = torch.einsum("bhilc,bhlc->bhic", D, mbar)
-            tA = [(abar, None), (f, "S")]
-        else:
-            Kc = D * lr.unsqueeze(2)
-            tA = [(abar, None)]
-        if rate is not None:
-            tA.append((torch.einsum("bhijc,bhjc->bhic", D, rate[:, :, sl]), "init"))
-        if c > 1 or weight is not None:
-            mix = rt.window_mix(gates, lo, s, e, lr)
-            Kw = torch.einsum("bhijc,bhjl->bhilc", Kc, mix)
-            Ksw = torch.einsum("bhijc,bhjl->bhilc", Ks, mix) if S else None
-        else:
-            Kw, Ksw = Kc, (Ks if S else None)
-
-        sources = {None: A, "S": S, "init": init}
-
-        if read_order == "before":  # position i reads the state after i - 1 tokens
-            shift = [(torch.cat([torch.ones_like(cf[:, :, :1]) if w is None else torch.zeros_like(cf[:, :, :1]),
-                                 cf[:, :, :-1]], dim=2), w) for cf, w in tA]
-            Kr = torch.cat([torch.zeros_like(Kw[:, :, :1]), Kw[:, :, :-1]], dim=2)
-        else:
-            shift, Kr = tA, Kw
-        newA, newS = {}, {}
-        for p in rt.params:
-            axis = spec["params"][p]["channel_axis"]
-            terms = [(cf, sources[w][p]) for cf, w in shift]
-            last = [(cf[:, :, -1], sources[w][p]) for cf, w in tA]
-            if p in mats:
-                pairs = [(F[f"factor.{p}.{i}.a"], F[f"factor.{p}.{i}.b"]) for i in range(spec["factors"][p])]
-                a = torch.cat([x.expand(*lr.shape[:2], e - lo, x.shape[-1]) for x, _ in pairs], dim=2)
-                b = torch.cat([x.expand(*lr.shape[:2], e - lo, x.shape[-1]) for _, x in pairs], dim=2)
-                reps = len(pairs)
-                env[p] = DualWeight(terms, Kr.repeat(1, 1, 1, reps, 1), a, b, axis)
-                newA[p] = _minus_outer_sum(_scaled_sum(last, lambda cf, p=p: rt.align(cf, p)),
-                                           Kw[:, :, -1].repeat(1, 1, reps, 1), a, b, axis)
-                if S:
-                    newS[p] = _minus_outer_sum(rt.align(mbar[:, :, -1], p) * S[p],
-                                               Ksw[:, :, -1].repeat(1, 1, reps, 1), a, b, axis)
-            else:
-                g = F[f"grad.{p}"]
-                rows = _combine([(cf, M.unsqueeze(2)) for cf, M in terms], lambda cf, p=p: rt.align(cf, p))
-                env[p] = rows - rt.coef_apply(Kr, g, p)
-                newA[p] = _combine(last, lambda cf, p=p: rt.align(cf, p)) - rt.coef_apply(Kw, g, p)[:, :, -1]
-                if S:
-                    newS[p] = rt.align(mbar[:, :, -1], p) * S[p] - rt.coef_apply(Ksw, g, p)[:, :, -1]
-        env.update(rt.token_env(k, v, q, gates, outers, sl))
-        if read_order == "chunk_start":  # TNT's global memory: every position reads the chunk-start state
-            env.update({p: A[p].unsqueeze(2) for p in rt.params})
-        ys.append(rt.read_fn(env, sz)["read"])
-        A = newA
-        S = newS if S else S
+    for (s, e), co in zip(segs, coefs, strict=True):
+        lo = max(0, s - c + 1)
+        mix = rt.window_mix(gates, lo, s, e, co["Kc"]) if windowed else None
+        window, tokens = (rt.token_env(k, v, q, gates, outers, slice(a, e)) for a in (lo, s))
+        y, A, S = _dual_step(rt, sz, read_order, tags, A, S, init, co, window, tokens, mix)
+        ys.append(y)
     out = {f"A.{p}": A[p] for p in rt.params}
     out.update({f"S.{p}": S[p] for p in S})
     out.update({f"init.{p}": init[p] for p in init})
     return torch.cat(ys, dim=2), out
+
+
+def _dual_step(rt, sz, read_order, tags, A, S, init, co, env, env_read, mix):
+    """One chunk of the dual form: the gradient factors at the chunk-start state (A, S), the reads of the
+    chunk's positions through never-materialised weights, the next chunk-start state. `co` holds the chunk's
+    state-independent coefficients (`_dual_coefficients`), `env` the window's tokens, `mix` the window's
+    banded weights (None without a window)."""
+    spec = rt.spec
+    mats = [p for p in rt.params if len(spec["params"][p]["shape_rank"]) == 2]
+    for p in rt.params:
+        w = A[p].unsqueeze(2)
+        env[p] = rt.align(co["abar_all"], p) * w if spec["grad_at_decayed"] else w
+    F = _clip_factors(rt, rt.factors_fn(env, sz))
+    Kc, Ks = co["Kc"], co.get("Ks")
+    if mix is not None:
+        Kw = torch.einsum("bhijc,bhjl->bhilc", Kc, mix)
+        Ksw = torch.einsum("bhijc,bhjl->bhilc", Ks, mix) if S else None
+        Kr = _shift_down(Kw, 0.0) if read_order == "before" else Kw
+    else:
+        Kw, Ksw = Kc, (Ks if S else None)
+        Kr = co["Kr"] if read_order == "before" else Kw
+    sources = {None: A, "S": S, "init": init}
+    shifted = "shift" if read_order == "before" else "tA"
+    newA, newS = {}, {}
+    for p in rt.params:
+        axis = spec["params"][p]["channel_axis"]
+        terms = [(co[f"{shifted}.{t}"], sources[w][p]) for t, w in enumerate(tags)]
+        last = [(co[f"tA_last.{t}"], sources[w][p]) for t, w in enumerate(tags)]
+        if p in mats:
+            pairs = [(F[f"factor.{p}.{i}.a"], F[f"factor.{p}.{i}.b"]) for i in range(spec["factors"][p])]
+            lead = (*Kc.shape[:2], Kw.shape[3])
+            a = _cat_tokens([x for x, _ in pairs], lead)
+            b = _cat_tokens([x for _, x in pairs], lead)
+            reps = len(pairs)
+            env[p] = DualWeight(terms, _repeat_cols(Kr, reps), a, b, axis)
+            newA[p] = _decay_minus_outer_sum([(rt.align(cf, p), M) for cf, M in last],
+                                             _repeat_cols(Kw[:, :, -1], reps, dim=2), a, b, axis)
+            if S:
+                newS[p] = _decay_minus_outer_sum([(rt.align(co["mbar_last"], p), S[p])],
+                                                 _repeat_cols(Ksw[:, :, -1], reps, dim=2), a, b, axis)
+        else:
+            g = F[f"grad.{p}"]
+            per_row = _combine([(cf, M.unsqueeze(2)) for cf, M in terms], lambda cf, p=p: rt.align(cf, p))
+            env[p] = per_row - rt.coef_apply(Kr, g, p)
+            newA[p] = _combine(last, lambda cf, p=p: rt.align(cf, p)) - rt.coef_apply(Kw, g, p)[:, :, -1]
+            if S:
+                newS[p] = rt.align(co["mbar_last"], p) * S[p] - rt.coef_apply(Ksw, g, p)[:, :, -1]
+    env_read.update({p: env[p] for p in rt.params})
+    if read_order == "chunk_start":  # TNT's global memory: every position reads the chunk-start state
+        env_read.update({p: A[p].unsqueeze(2) for p in rt.params})
+    return rt.read_fn(env_read, sz)["read"], newA, (newS if S else S)
