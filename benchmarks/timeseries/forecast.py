@@ -22,6 +22,30 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 import ltsf  # noqa: E402
 
 
+def plot(model, splits, horizon, title, path, window=0):
+    """The lookback, the truth and the forecast of one test window, for the target channel OT and one load."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    x, y = ltsf.windows(splits["test"], 96, horizon)
+    model.eval()
+    with torch.no_grad():
+        p = model(x[window:window + 1])[0]
+    fig, axes = plt.subplots(2, 1, figsize=(9, 5), sharex=True)
+    for ax, ch, label in zip(axes, (6, 0), ("OT (oil temperature)", "HUFL (high useful load)"), strict=True):
+        ax.plot(range(96), x[window, :, ch], color="0.4", label="lookback")
+        ax.plot(range(96, 96 + horizon), y[window, :, ch], color="k", label="truth")
+        ax.plot(range(96, 96 + horizon), p[:, ch], color="tab:red", label="forecast")
+        ax.set_ylabel(label + "\n(normalised)")
+    axes[0].legend(loc="upper left", fontsize=8)
+    axes[0].set_title(f"ETTh1 test window {window}, horizon {horizon}: {title}", fontsize=10)
+    axes[1].set_xlabel("hour")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", nargs="+", default=["linear:96", "chimera:96"],
@@ -30,26 +54,35 @@ def main() -> int:
     ap.add_argument("--linear-steps", type=int, default=300, help="steps for the linear-only model")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--d-model", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (2 threads on 2 busy cores is slower)")
+    ap.add_argument("--tile", default=None, help="override the 2-D rule's tile, e.g. 8x8 (scan2d rules are exact for "
+                    "every tile: only the speed changes; for hydra it changes the model)")
+    ap.add_argument("--plot", default=None, help="folder for a PNG of each run's forecast of test window 0")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results.jsonl"))
     args = ap.parse_args()
     if ltsf.data_path("ETTh1") is None:
         print("skipped: ../shared/data/ltsf/ETTh1.csv.gz is absent")
         return 0
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     splits = ltsf.load_splits("ETTh1", 96)
     for run in args.runs:
         name, horizons = run.split(":")
         for h in (int(x) for x in horizons.split(",")):
             torch.manual_seed(0)
-            model = ltsf.build_model(name, 96, h, splits["train"].shape[1], d_model=args.d_model)
+            tile = tuple(int(x) for x in args.tile.split("x")) if args.tile else None
+            model = ltsf.build_model(name, 96, h, splits["train"].shape[1], d_model=args.d_model, tile=tile)
             steps = args.linear_steps if name == "linear" else args.steps
             print(f"{name} horizon {h}: {steps} steps, batch {args.batch}", flush=True)
             res = ltsf.train_and_test(model, splits, 96, h, steps, args.batch, log=lambda s: print(s, flush=True))
             row = {"model": name, "horizon": h, "steps": steps, "batch": args.batch, "d_model": args.d_model,
+                   "tile": args.tile, "threads": args.threads,
                    "params": sum(p.numel() for p in model.parameters()), **res,
                    "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                    "date": time.strftime("%Y-%m-%d %H:%M")}
             print(json.dumps(row), flush=True)
+            if args.plot:
+                plot(model, splits, h, f"{name}, {steps} steps: test MSE {res['mse']:.3f}",
+                     pathlib.Path(args.plot) / f"etth1_{name}_h{h}.png")
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
     return 0

@@ -11,10 +11,13 @@ anti-diagonal by anti-diagonal: T + V - 1 sequential steps, each batched over a 
 from __future__ import annotations
 
 import argparse
+import copy
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
+import types
 
 import torch
 
@@ -33,6 +36,16 @@ def step_time(rule, inputs, backend, tile, repeat):
     return statistics.median(times)
 
 
+def runtime_at(rev):
+    """Runtime2D from codegen/runtime_2d.py at a git revision."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    text = subprocess.run(["git", "show", f"{rev}:codegen/runtime_2d.py"], capture_output=True, text=True, cwd=root,
+                          check=True).stdout
+    mod = types.ModuleType(f"runtime_2d_{rev}")
+    exec(compile(text, f"<runtime_2d.py at {rev}>", "exec"), mod.__dict__)  # our own file, from our own history
+    return mod.Runtime2D
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=32)
@@ -42,8 +55,11 @@ def main() -> int:
     ap.add_argument("--cell-loop", action="store_true", help="also time the cell-by-cell loop (slow)")
     ap.add_argument("--tiles", nargs="*", default=[], help="more tiles to time, e.g. 32x8 96x8 (each a different "
                     "anchored model: the tile is semantic)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--against-rev", default=None, help="also time the tiles of codegen/runtime_2d.py as of this git "
+                    "revision (the same model: a before/after of the runtime)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rule = compile_2d(str(pathlib.Path(__file__).resolve().parents[2] / "rules" / "hydra.mem"))
     B, T, V, H, D = args.batch, 96, 7, args.heads, args.d_head
     g = torch.Generator().manual_seed(0)
@@ -59,8 +75,16 @@ def main() -> int:
         rows.append((f"tiles {text}", step_time(rule, inputs, "tiles", tile, args.repeat)))
     if args.cell_loop:
         rows.append(("cell loop (exact)", step_time(rule, inputs, "anchored_loop", (1, 1), 1)))
+    if args.against_rev:
+        old = compile_2d(str(pathlib.Path(__file__).resolve().parents[2] / "rules" / "hydra.mem"))
+        old = copy.copy(old)
+        old.runtime = runtime_at(args.against_rev)(old.runtime.spec, {"grads": old.runtime.grads_fn,
+                                                                       "read": old.runtime.read_fn})
+        step_time(old, inputs, "tiles", rule.tile, 1)
+        rows.append((f"tiles {'x'.join(map(str, rule.tile))}, runtime of {args.against_rev}",
+                     step_time(old, inputs, "tiles", rule.tile, args.repeat)))
     base = rows[0][1]
-    print(f"Hydra fwd+bwd, B={B} T={T} V={V} H={H} d={D}, torch {torch.__version__}, 2 threads")
+    print(f"Hydra fwd+bwd, B={B} T={T} V={V} H={H} d={D}, torch {torch.__version__}, {args.threads} thread(s)")
     print("| execution | s / step | vs tiles |\n| --- | ---: | ---: |")
     for name, t in rows:
         print(f"| {name} | {t:.3f} | {t / base:.1f}x |")

