@@ -111,6 +111,20 @@ class TorchPrinter(_ArrayPrinter):
     def _print_Piecewise(self, expr):
         return super()._print_Piecewise(expr).replace(", nan)", ", float('nan'))")
 
+    # fused activations (torch_activations.fold_activations puts them in)
+    def _print_TorchGelu(self, expr):
+        return f"torch.nn.functional.gelu({self._print(expr.args[0])})"
+
+    def _print_TorchGeluGrad(self, expr):
+        return f"_gelu_grad(1.0, {self._print(expr.args[0])})"
+
+    def _print_Mul(self, expr):
+        grads = [f for f in expr.args if type(f).__name__ == "TorchGeluGrad"]
+        if len(grads) != 1:
+            return super()._print_Mul(expr)
+        rest = expr / grads[0]
+        return f"_gelu_grad({self._print(rest)}, {self._print(grads[0].args[0])})"
+
     # torch.maximum/minimum take two tensors; a bound that is a number is a clamp
     def _print_Max(self, expr):
         return self._clamp(expr, "clamp_min") or super()._print_Max(expr)

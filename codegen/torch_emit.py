@@ -20,6 +20,8 @@ from memdsl.ir import Graph
 from memdsl.ops import ELEMENTWISE, fmt_shape, sympy_form
 
 from .sympy_print import TorchPrinter
+from .torch_activations import PRELUDE as ACTIVATIONS_PRELUDE
+from .torch_activations import fold_activations
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -107,6 +109,7 @@ def emit_function(graph: Graph, fname: str, outputs: list[str], doc: str = "") -
             syms = [sp.Symbol(f"x{i}", real=True) for i in range(len(ops))]
             expr = sympy_form(node.op, syms, dict(node.attrs))
             expr = expr.subs({s: sp.Symbol(size_name(s)) for s in expr.free_symbols if s not in syms})
+            expr = fold_activations(expr)
             lifted = {f"x{i}": _lift(a, r, rank) for i, (a, r) in enumerate(zip(args, ranks, strict=True))}
             rhs = _Printer(lifted).doprint(expr)
         else:
@@ -186,4 +189,4 @@ def _cat_last(parts):
     parts = [torch.as_tensor(p) for p in parts]
     lead = torch.broadcast_shapes(*(p.shape[:-1] for p in parts))
     return torch.cat([p.expand(*lead, p.shape[-1]) for p in parts], dim=-1)
-'''
+''' + ACTIVATIONS_PRELUDE
