@@ -115,12 +115,14 @@ def tnt_locals(local_rules, q, k, v, gates, params, schedule: TNTSchedule,
     S_L-token shard."""
     B, T = q.shape[:2]
     y = 0
+    folded: dict[int, tuple] = {}  # locals with the same reset share their folded q (projected), k, v
     for i, ((chunk, reset), rule) in enumerate(zip(schedule.locals, local_rules, strict=True)):
         name = f"local{i}"
-        q_i = qk_project(q, k, reset, chunk) if schedule.qk_projection else q
+        if reset not in folded:  # the projection does not depend on the chunk (only its computation does)
+            q_i = qk_project(q, k, reset, chunk) if schedule.qk_projection else q
+            folded[reset] = (_fold(q_i, reset), _fold(k, reset), _fold(v, reset))
         g = {n: _fold(x, reset) for n, x in _gates_for(rule, gates, name).items()}
-        y_i, _ = rule(_fold(q_i, reset), _fold(k, reset), _fold(v, reset), g, _params_for(rule, params, name),
-                      chunk=chunk, backend=backend)
+        y_i, _ = rule(*folded[reset], g, _params_for(rule, params, name), chunk=chunk, backend=backend)
         y = y + _unfold(y_i, B, T)
     return y
 

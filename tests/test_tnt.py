@@ -19,11 +19,12 @@ def test_chunked_qk_projection_equals_running_sum(reset, chunk, T):
     assert rel_rms(qk_project(q, k, reset, chunk), qk_project_reference(q, k, reset)) < 1e-12
 
 
-SCHEDULES = [TNTSchedule(8, ((2, 8),)), TNTSchedule(16, ((4, 8), (2, 4))), TNTSchedule(4, ((1, 4),), False)]
+SCHEDULES = [TNTSchedule(8, ((2, 8),)), TNTSchedule(16, ((4, 8), (2, 4))), TNTSchedule(4, ((1, 4),), False),
+             TNTSchedule(16, ((2, 8), (4, 8)))]  # two locals with one reset share their projection
 
 
 @pytest.mark.parametrize("name", ["titans", "ttt_linear", "memora"])
-@pytest.mark.parametrize("schedule", SCHEDULES, ids=["G8-L2x8", "G16-L4x8-L2x4", "G4-L1x4-noqk"])
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=["G8-L2x8", "G16-L4x8-L2x4", "G4-L1x4-noqk", "G16-L2x8-L4x8"])
 def test_tnt_lowering_equals_token_reference(name, schedule):
     rule = memdsl.compile(f"rules/{name}.mem")
     tok, gates, params = make_inputs(rule, T=21, D=3)
