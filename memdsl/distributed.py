@@ -23,8 +23,9 @@ the short-conv tail of a `MemoryLayer`.
   with no wait (one run of its shard from the states I and 0, batched; rank 0 runs its shard for real
   and contributes the constant map to its final state); one differentiable all-gather exchanges the
   maps, and each rank composes the maps before it in log₂ P batched steps (Hillis–Steele) and runs its
-  shard from that state. No rank waits for another's shard, at the price of about twice the work per
-  rank and P small maps per rank on the wire; nonlinear memories (Titans' MLP) keep the sequential pass.
+  shard from that state. No rank waits for another's shard, at the price of three shard runs' work per
+  rank (the batched run counts twice) and P small maps per rank on the wire: a critical path of three
+  shard runs instead of P (not timed here). Nonlinear memories (Titans' MLP) keep the sequential pass.
 
 **Data parallelism.** `data_parallel` wraps a model in DDP or FSDP2 (`fully_shard` on every
 `MemoryLayer` and on the root). With context parallelism inside, each rank's loss is the mean over its
