@@ -81,6 +81,13 @@ FOUND_BY_FUZZING = {
     "constant loss under muon": "memory A {\n  param W : [d, d]\n  model M(x) = W @ x\n"
                                 "  loss sum(((l2norm((M(k) - v))))^2)\n  optim muon(lr = 0.5, decay = 0.125)\n"
                                 "  read M(q)\n}\n",
+    # lr = 1e30: the memory reaches 1e152, and the chunk program's gradient for the momentum decay (~1e122, a
+    # difference of terms ~lr times larger) is under float64 roundoff of that scale (0 where the loop has
+    # 1e122); the oracle's floor is now that roundoff, not the tensor's own size
+    "momentum with lr 1e30": "memory A {\n  dim D = 1 + d + d^2\n  outer c : [D] init taylor(degree = 2)\n"
+                             "  fn phi(x) = c * poly(x, 2)\n  param W : [d, D] init zeros\n  model M(x) = W @ x\n"
+                             "  gate theta : scalar sigmoid\n  loss sum(((M(phi(k)) - v))^2)\n"
+                             "  optim momentum(lr = 1e30, decay = theta)\n  window 1\n  read M(phi(q))\n}\n",
 }
 
 
