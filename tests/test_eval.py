@@ -165,3 +165,5 @@ def test_paired_comparison_matches_seeds_and_columns(tmp_path):
         w.writerows(a + b)
     assert load(str(path))[1]["value"] == "0.5"
     compare_main([f"{path}:m", f"{path}:c"])
+    with pytest.raises(SystemExit):  # a missing model is a usage error, not a traceback
+        compare_main([f"{path}:m", f"{path}:nope"])

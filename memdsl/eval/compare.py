@@ -73,7 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--x", help="the column (sequence length, chunk) to compare; default the first")
     args = p.parse_args(argv)
     (pa, _, ma), (pb, _, mb) = args.a.partition(":"), args.b.partition(":")
-    print(paired(load(pa), ma, load(pb), mb, args.x).line())
+    try:
+        print(paired(load(pa), ma, load(pb), mb, args.x).line())
+    except (OSError, ValueError) as e:
+        p.error(str(e))
 
 
 if __name__ == "__main__":
