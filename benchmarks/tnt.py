@@ -55,7 +55,7 @@ def cases(rule, schedule, tok, gates, params) -> dict:
         "tnt": lambda q: tnt_forward(rule, [rule], q, k, v, gates, params, schedule),
         "global": lambda q: rule(q, k, v, g_gates, g_params, chunk=schedule.global_chunk, read_order="chunk_start")[0],
         "locals": lambda q: tnt_locals([rule], q, k, v, gates, params, schedule),
-        "qk": lambda q: qk_project(q, k, reset, chunk),
+        "qk": lambda q: qk_project(q, k, reset),  # as the locals compute it
     }
 
 

@@ -76,9 +76,11 @@ def _unfold(x: torch.Tensor, B: int, T: int) -> torch.Tensor:
     return x.reshape(B, -1, *x.shape[2:])[:, :T]
 
 
-def qk_project(q: torch.Tensor, k: torch.Tensor, reset: int, chunk: int) -> torch.Tensor:
-    """Π_t q_t with Π the reset-aligned running sum of k̂ k̂ᵀ, computed chunkwise. q, k: [B, T, H, D]."""
+def qk_project(q: torch.Tensor, k: torch.Tensor, reset: int, chunk: int | None = None) -> torch.Tensor:
+    """Π_t q_t with Π the reset-aligned running sum of k̂ k̂ᵀ, computed in blocks of `chunk` (a divisor of
+    `reset`; by default gcd(reset, 64)). q, k: [B, T, H, D]."""
     B, T = q.shape[:2]
+    chunk = chunk or math.gcd(reset, _QK_BLOCK)
     n = reset // chunk
     qs, ks = _fold(q, reset), _fold(F.normalize(k, dim=-1, eps=1e-12), reset)  # [N, S, H, D]
     qs = qs.transpose(1, 2).unflatten(2, (n, chunk))  # [N, H, n, C, D]
@@ -125,7 +127,7 @@ def tnt_locals(local_rules, q, k, v, gates, params, schedule: TNTSchedule,
     for i, ((chunk, reset), rule) in enumerate(zip(schedule.locals, local_rules, strict=True)):
         name = f"local{i}"
         if reset not in folded:  # the projection does not depend on the chunk (only its computation does)
-            q_i = qk_project(q, k, reset, math.gcd(reset, _QK_BLOCK)) if schedule.qk_projection else q
+            q_i = qk_project(q, k, reset) if schedule.qk_projection else q
             folded[reset] = (_fold(q_i, reset), _fold(k, reset), _fold(v, reset))
         g = {n: _fold(x, reset) for n, x in _gates_for(rule, gates, name).items()}
         y_i, _ = rule(*folded[reset], g, _params_for(rule, params, name), chunk=chunk, backend=backend)
