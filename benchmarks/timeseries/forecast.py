@@ -54,6 +54,8 @@ def main() -> int:
     ap.add_argument("--linear-steps", type=int, default=300, help="steps for the linear-only model")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--d-model", type=int, default=8)
+    ap.add_argument("--val-every", type=int, default=0, help="validate every N steps and test the best weights "
+                    "(0: test the last weights)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (2 threads on 2 busy cores is slower)")
     ap.add_argument("--tile", default=None, help="override the 2-D rule's tile, e.g. 8x8 (scan2d rules are exact for "
                     "every tile: only the speed changes; for hydra it changes the model)")
@@ -73,7 +75,8 @@ def main() -> int:
             model = ltsf.build_model(name, 96, h, splits["train"].shape[1], d_model=args.d_model, tile=tile)
             steps = args.linear_steps if name == "linear" else args.steps
             print(f"{name} horizon {h}: {steps} steps, batch {args.batch}", flush=True)
-            res = ltsf.train_and_test(model, splits, 96, h, steps, args.batch, log=lambda s: print(s, flush=True))
+            res = ltsf.train_and_test(model, splits, 96, h, steps, args.batch, log=lambda s: print(s, flush=True),
+                                      val_every=args.val_every)
             row = {"model": name, "horizon": h, "steps": steps, "batch": args.batch, "d_model": args.d_model,
                    "tile": args.tile, "threads": args.threads,
                    "params": sum(p.numel() for p in model.parameters()), **res,

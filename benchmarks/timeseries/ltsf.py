@@ -9,6 +9,7 @@ and PatchTST do) and predicts in that frame; errors are measured after undoing i
 
 from __future__ import annotations
 
+import copy
 import gzip
 import math
 import pathlib
@@ -161,14 +162,18 @@ def build_model(name: str, lookback: int, horizon: int, n_vars: int, d_model: in
 
 
 def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, steps: int, batch: int = 32,
-                   lr: float = 1e-3, seed: int = 0, log=print, test_limit: int | None = None) -> dict[str, float]:
-    """A fixed budget of Adam steps on random training windows; MSE/MAE on every test window."""
+                   lr: float = 1e-3, seed: int = 0, log=print, test_limit: int | None = None,
+                   val_every: int = 0) -> dict[str, float]:
+    """A fixed budget of Adam steps on random training windows; MSE/MAE on every test window. With `val_every`,
+    the validation MSE is measured every that many steps (and at the end) and the weights with the best one are
+    tested (early stopping by model selection, as the published models do)."""
     torch.manual_seed(seed)
     xtr, ytr = windows(splits["train"], lookback, horizon)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
+    best = None
     model.train()
     for step in range(steps):
         idx = torch.randint(len(xtr), (batch,), generator=gen)
@@ -179,9 +184,19 @@ def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, 
         sched.step()
         if step % max(1, steps // 5) == 0:
             log(f"  step {step:5d}  train mse {loss.item():.4f}  {time.perf_counter() - t0:.0f}s")
+        if val_every and ((step + 1) % val_every == 0 or step + 1 == steps):
+            val = evaluate(model, splits["val"], lookback, horizon)[0]
+            model.train()
+            if best is None or val < best[0]:
+                best = (val, step + 1, copy.deepcopy(model.state_dict()))
+            log(f"  step {step + 1:5d}  validation mse {val:.4f}{'  (best)' if best[1] == step + 1 else ''}")
     train_s = time.perf_counter() - t0
+    extra = {}
+    if best is not None:
+        model.load_state_dict(best[2])
+        extra = {"val_mse": best[0], "best_step": best[1], "val_every": val_every}
     mse, mae = evaluate(model, splits["test"], lookback, horizon, limit=test_limit)
-    return {"mse": mse, "mae": mae, "train_s": train_s, "eval_s": time.perf_counter() - t0 - train_s}
+    return {"mse": mse, "mae": mae, "train_s": train_s, "eval_s": time.perf_counter() - t0 - train_s, **extra}
 
 
 @torch.no_grad()

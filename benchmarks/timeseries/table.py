@@ -21,7 +21,7 @@ def main(path: str) -> None:
         r = json.loads(line)
         if "bench" in r:  # the other benchmarks' rows (hydra_train, anomaly, pigcvp)
             continue
-        key = f"{r['model']} ({r['steps']} steps)"
+        key = f"{r['model']} ({r['steps']} steps{', best validation' if r.get('val_every') else ''})"
         rows.setdefault(key, {})[r["horizon"]] = r  # the last run of a (model, steps, horizon) counts
     print("| model | " + " | ".join(f"{h} MSE / MAE" for h in HORIZONS) + " | avg MSE | train s (per run) |")
     print("| --- | " + " | ".join("---:" for _ in HORIZONS) + " | ---: | --- |")
