@@ -101,7 +101,8 @@ def quick_check(rule, T: int = 5, D: int = 2, max_elements: int = 1 << 14,
                 rtol: float = 1e-6) -> str:
     """The cheapest oracle: the exact loop against the chunk program at C=1 (same function), forward,
     final state and every input gradient, in float64 at tiny sizes. What the fuzzers require of every
-    rule that compiles. Returns "agrees", "too large" (a tensor over `max_elements`: not run) or
+    rule that compiles. Returns "agrees", "ill-conditioned, agrees" (agrees within what roundoff can
+    change, which is wider than rtol somewhere), "too large" (a tensor over `max_elements`: not run) or
     "not finite" (the exact run overflows, so only the absence of exceptions is checked); raises
     AssertionError naming the first tensor on which the two disagree."""
     sizes = free_sizes(rule, D)
@@ -112,20 +113,40 @@ def quick_check(rule, T: int = 5, D: int = 2, max_elements: int = 1 << 14,
     kw = {"sizes": sizes}
     exact = run_with_grads(rule, tok, gates, params, backend="loop", **kw)
     chunk = run_with_grads(rule, tok, gates, params, backend="chunk", chunk=1, **kw)
-    ref = {"y": exact[0], **{f"state.{k}": t for k, t in exact[1].items()},
-           **{f"grad.{k}": t for k, t in exact[2].items()}}
-    got = {"y": chunk[0], **{f"state.{k}": t for k, t in chunk[1].items()},
-           **{f"grad.{k}": t for k, t in chunk[2].items()}}
+    ref, got = _flat(exact), _flat(chunk)
     if not all(torch.isfinite(t).all() for t in ref.values()):
         return "not finite"
     # no float64 program is exact below roundoff of the largest value the run holds: with lr = 1e30 the
     # memory reaches 1e152 and a gradient of 1e122 is a difference far under that floor (ulps of 1e152)
     roundoff = 1024 * torch.finfo(torch.float64).eps * max((t.abs().max().item() for t in ref.values() if t.numel()),
                                                             default=0.0)
+    # nor below what roundoff does to an ill-conditioned input: a constant loss has a gradient of pure
+    # roundoff, and dividing it by a norm that a strong decay shrank to 1e-8 makes that O(1e-6). The exact
+    # loop itself, on inputs nudged by a few ulps (two draws), shows how far roundoff moves each tensor;
+    # four times the larger move is the floor (for a well-conditioned run, ~1e-15 of its size: no change)
+    nudged = [_flat(run_with_grads(rule, *_nudged((tok, gates, params), 1e-15, seed), backend="loop", **kw))
+              for seed in (2, 3)]
+    if not all(torch.isfinite(t).all() for run in nudged for t in run.values()):
+        return "not finite"
+    conditioned = True
     for name, r in ref.items():
         # inputs are O(1), so a real disagreement is O(1) too; an absolute floor of rtol keeps roundoff
         # noise from counting where the true value is ~0 (a constant loss, amplified by Newton–Schulz)
         scale = r.abs().max().item() if r.numel() else 0.0
-        torch.testing.assert_close(got[name], r, rtol=rtol, atol=max(rtol * max(scale, 1.0), roundoff),
+        noise = 4 * max((run[name] - r).abs().max().item() for run in nudged) if r.numel() else 0.0
+        conditioned &= max(noise, roundoff) <= rtol * max(scale, 1.0)
+        torch.testing.assert_close(got[name], r, rtol=rtol, atol=max(rtol * max(scale, 1.0), roundoff, noise),
                                    msg=lambda m, name=name: f"exact loop vs chunk at C=1 disagree on {name}: {m}")
-    return "agrees"
+    return "agrees" if conditioned else "ill-conditioned, agrees"
+
+
+def _flat(run) -> dict[str, torch.Tensor]:
+    y, state, grads = run
+    return {"y": y, **{f"state.{k}": t for k, t in state.items()}, **{f"grad.{k}": t for k, t in grads.items()}}
+
+
+def _nudged(groups, rel: float, seed: int = 2):
+    """Copies of (tok, gates, params) with every element scaled by 1 + rel * u, u uniform in [-1, 1]."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple({n: t * (1 + rel * (2 * torch.rand(t.shape, generator=gen, dtype=torch.float64) - 1)).to(t.dtype)
+                  for n, t in group.items()} for group in groups)
