@@ -128,6 +128,32 @@ def _ratio(x):
     return rows.cumprod(dim=3).transpose(2, 3) * tril, x.cumprod(dim=2)
 
 
+def _ratio_last(x):
+    """The last row of `_ratio(x)` in O(n), what reads at the chunk start need (TNT's global memory, C_G =
+    2048): R[..., n-1, j, :] as [B, H, 1, n, ch], the product up to n-1 as [B, H, 1, ch], and every running
+    product [B, H, n, ch]."""
+    if not bool((x > 0).all()):
+        R, run = _ratio(x)
+        return R[:, :, -1:], run[:, :, -1:], run
+    cum = torch.log(x).cumsum(dim=2)
+    run = torch.exp(cum)
+    return torch.exp(cum[:, :, -1:] - cum).unsqueeze(2), run[:, :, -1:], run
+
+
+def _momentum_last(keep, mu):
+    """Reads at the chunk start with momentum, in O(n): the last rows of D @ M (M = _ratio(mu)) and of M, of
+    f = D @ mbar, and the last mbar. By a reverse log-cumsum-exp over l of D[n-1, l] * mbar_l:
+    (D @ M)[n-1, j] = sum_{l >= j} D[n-1, l] mbar_l / mbar_j."""
+    if not (bool((keep > 0).all()) and bool((mu > 0).all())):
+        D, M, mbar = _ratio(keep)[0][:, :, -1:], *_ratio(mu)
+        return (torch.einsum("bhilc,bhljc->bhijc", D, M), M[:, :, -1:], torch.einsum("bhilc,bhlc->bhic", D, mbar),
+                mbar[:, :, -1])
+    ck, cm = torch.log(keep).cumsum(dim=2), torch.log(mu).cumsum(dim=2)
+    tail = (ck[:, :, -1:] - ck + cm).flip(2).logcumsumexp(dim=2).flip(2)  # log sum_{l >= j} D[n-1, l] mbar_l
+    return (torch.exp(tail - cm).unsqueeze(2), torch.exp(cm[:, :, -1:] - cm).unsqueeze(2), torch.exp(tail[:, :, :1]),
+            torch.exp(cm[:, :, -1]))
+
+
 def clip_factor(sq, clip):
     """min(1, clip / sqrt(sq)) from a squared norm. Clamping before the sqrt keeps the backward finite
     at a zero gradient (d sqrt(0) = inf would otherwise meet a zero and give NaN)."""
@@ -560,14 +586,23 @@ def _dual_coefficients(spec, rows, read_order, windowed, x):
     the decay ratios D (and momentum ratios), the gradient coefficients Kc / Ks, the coefficients of the
     chunk-start state in every row (tA) and, without a window, the read-shifted copies."""
     lr = x["lr"]
-    D, abar_all = _ratio(x["keep"] if "keep" in x else torch.ones_like(lr[..., :1]))
-    D, abar = D[:, :, rows], abar_all[:, :, rows]
+    keep = x["keep"] if "keep" in x else torch.ones_like(lr[..., :1])
+    last = read_order == "chunk_start"  # only last rows are needed: O(n), not the n x n matrices
+    if last:
+        D, abar, abar_all = _ratio_last(keep)
+    else:
+        D, abar_all = _ratio(keep)
+        D, abar = D[:, :, rows], abar_all[:, :, rows]
     out = {"abar_all": abar_all}
     if "scale" in x:
         n = lr.shape[2]
         tri = torch.ones(n, n, dtype=lr.dtype, device=lr.device).tril()[rows]
         out["Kc"] = x["scale"][:, :, rows].unsqueeze(3) * tri[None, None, :, :, None] * lr.unsqueeze(2)
         tA = [torch.ones_like(abar)]
+    elif "decay" in x and last:
+        Kl, Ml, f, out["mbar_last"] = _momentum_last(keep, x["decay"])
+        out["Kc"], out["Ks"] = Kl * lr.unsqueeze(2), Ml * lr.unsqueeze(2)
+        tA = [abar, f]
     elif "decay" in x:
         Mmu, mbar = _ratio(x["decay"])
         out["Kc"] = torch.einsum("bhilc,bhljc->bhijc", D, Mmu) * lr.unsqueeze(2)
