@@ -98,14 +98,18 @@ FOUND_BY_FUZZING = {
                                              "  loss sum((l2norm(tanh(M(k))))^2)\n"
                                              "  optim momentum(lr = 0.5, decay = 0.5, clip = 1)\n"
                                              "  retain decay(0.01)\n  window 1\n  read 2 * M(q)\n}\n",
+    # an l2 retention rate of 1e30: the state grows by 1e30 a token, and so does each program's rounding
+    "l2 rate 1e30": "memory A {\n  param W : [d, d]\n  retain l2(1e30 - theta)\n  gate theta : [d] sigmoid\n"
+                    "  loss sum((tanh(tanh((M(k) - v))))^2)\n  optim momentum(lr = theta, decay = theta)\n"
+                    "  model M(x) = W @ x\n  window 1\n  read M(q)\n}\n",
 }
-ILL_CONDITIONED = {"constant loss under muon", "momentum with lr 1e30", "constant loss, memory decayed to 1e-8"}
+OUTCOME = {"constant loss under muon": "ill-conditioned, agrees", "constant loss, memory decayed to 1e-8":
+           "ill-conditioned, agrees", "momentum with lr 1e30": "diverges", "l2 rate 1e30": "diverges"}
 
 
 @pytest.mark.parametrize("name", sorted(FOUND_BY_FUZZING))
 def test_inputs_the_fuzzers_found(name):
-    outcome = "ill-conditioned, agrees" if name in ILL_CONDITIONED else "agrees"
-    assert check_source(FOUND_BY_FUZZING[name]) == f"compiled anchored: {outcome}"
+    assert check_source(FOUND_BY_FUZZING[name]) == f"compiled anchored: {OUTCOME.get(name, 'agrees')}"
 
 
 class _Skewed:
