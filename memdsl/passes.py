@@ -75,15 +75,26 @@ def check_updates(p: Program) -> None:
                               "read through the model, e.g. `read M(q)`")
 
 
-def _is_zero(g: Graph, nid: int) -> bool:
-    n = g.node(nid)
-    if n.op == "const":
-        return n.attr("value") == 0
-    if n.op in ("broadcast", "outer"):
-        return any(_is_zero(g, o) for o in g.operands(nid))
-    if n.op == "ewise":
-        return n.attr("expr") == 0
-    return False
+def _is_zero(g: Graph, nid: int, memo: dict[int, bool] | None = None) -> bool:
+    """Whether a node is identically zero: a zero constant, a product or reshaping of a zero, or a fused
+    expression that vanishes once its zero operands are set to 0 (`-x0` of a zero broadcast: a constant loss
+    whose gradient did not fold to a constant)."""
+    memo = {} if memo is None else memo
+    if nid not in memo:
+        n = g.node(nid)
+        ops = g.operands(nid)
+        if n.op == "const":
+            memo[nid] = n.attr("value") == 0
+        elif n.op in ("broadcast", "outer", "matvec", "matvec_t", "kron", "sum", "slice", "flatten", "unflatten"):
+            memo[nid] = any(_is_zero(g, o, memo) for o in ops)
+        elif n.op == "concat":
+            memo[nid] = all(_is_zero(g, o, memo) for o in ops)
+        elif n.op == "ewise":
+            zeros = {sp.Symbol(f"x{i}", real=True): sp.Integer(0) for i, o in enumerate(ops) if _is_zero(g, o, memo)}
+            memo[nid] = n.attr("expr").xreplace(zeros) == 0
+        else:
+            memo[nid] = False
+    return memo[nid]
 
 
 def dce_pass(p: Program) -> Program:

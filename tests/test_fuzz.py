@@ -112,6 +112,16 @@ def test_inputs_the_fuzzers_found(name):
     assert check_source(FOUND_BY_FUZZING[name]) == f"compiled anchored: {OUTCOME.get(name, 'agrees')}"
 
 
+def test_a_constant_loss_whose_gradient_does_not_fold_is_rejected():
+    """Found by fuzz run 8: the gradient of `tanh((v - M(k)) - (v - M(k)))^2` is `-x0` of a zero broadcast, not
+    the constant 0, so the zero-gradient check (E300) missed it and the token loop hit an IndexError on a
+    gradient with no token axis. Zeros now propagate through fused expressions and products."""
+    text = ("memory A {\n  param W : [d, d]\n  param b : [d] init zeros\n  model M(x) = tanh(W @ x) + b\n"
+            "  loss sum((tanh((v - M(k)) - (v - M(k))))^2)\n  optim gd(lr = 0.5, scale = 1 / pos, clip = 1)\n"
+            "  read M(q)\n}\n")
+    assert check_source(text) == "rejected E300"
+
+
 class _Skewed:
     """A compiled rule whose chunk program is off by `rel` in its output: what a real bug looks like."""
 
