@@ -213,6 +213,17 @@ class Runtime:
             return torch.sign(a) * torch.relu(a.abs() - hyp_thr)
         return a
 
+    def token_grads(self, grads, A, n):
+        """Every per-parameter gradient as [B, H, n, *shape]: a gradient that does not depend on the token
+        (a bias under a linear loss: a constant) comes back from the generated code without those axes."""
+        out = dict(grads)
+        for p in self.params:
+            key = f"grad.{p}"
+            if key in out:
+                out[key] = torch.as_tensor(out[key], dtype=A[p].dtype, device=A[p].device).expand(
+                    *A[p].shape[:2], n, *A[p].shape[2:])
+        return out
+
     def token_env(self, k, v, q, gates, outers, sl):
         H = k.shape[1]
         env = {"k": k[:, :, sl], "v": v[:, :, sl], "q": q[:, :, sl]}
@@ -278,7 +289,7 @@ class Runtime:
                 if spec["grad_at_decayed"]:
                     w = self.align(cum_keep, p) * w
                 env[p] = w.unsqueeze(2)
-            grads = self.grads_fn(env, sz)
+            grads = self.token_grads(self.grads_fn(env, sz), A, t + 1 - lo)
             old = A if read_order != "after" else None
             if old is not None:  # before: the previous state; chunk_start: the segment's anchor (TNT's global read)
                 read_w = anchor if read_order == "chunk_start" else \
@@ -375,7 +386,7 @@ class Runtime:
                 if spec["grad_at_decayed"]:
                     w = self.align(abar, p) * w
                 env[p] = w
-            U = self.grads_fn(env, sz)
+            U = self.token_grads(self.grads_fn(env, sz), A, e - lo)
             U = {f"grad.{p}": self.clip(U[f"grad.{p}"], p) for p in self.params}
             if c > 1 or weight is not None:
                 mix = self.window_mix(gates, lo, s, e, lr)
@@ -666,7 +677,7 @@ def _dual_step(rt, sz, read_order, tags, A, S, init, co, env, env_read, mix):
     for p in rt.params:
         w = A[p].unsqueeze(2)
         env[p] = rt.align(co["abar_all"], p) * w if spec["grad_at_decayed"] else w
-    F = _clip_factors(rt, rt.factors_fn(env, sz))
+    F = _clip_factors(rt, rt.token_grads(rt.factors_fn(env, sz), A, co["Kc"].shape[3] if mix is None else mix.shape[3]))
     Kc, Ks = co["Kc"], co.get("Ks")
     if mix is not None:
         Kw = torch.einsum("bhijc,bhjl->bhilc", Kc, mix)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+import memdsl
 from codegen.module import generate
 from memdsl.api import CompiledRule
-from memdsl.checking import quick_check
+from memdsl.checking import make_inputs, quick_check
 from memdsl.driver import load
 from tests.fuzz_strategies import SHIPPED, CaseTimeout, check_source, mutated_files, rule_files, time_limit
 
@@ -98,6 +100,11 @@ FOUND_BY_FUZZING = {
                                              "  loss sum((l2norm(tanh(M(k))))^2)\n"
                                              "  optim momentum(lr = 0.5, decay = 0.5, clip = 1)\n"
                                              "  retain decay(0.01)\n  window 1\n  read 2 * M(q)\n}\n",
+    # a bias under a loss linear in it: its gradient is a constant with no batch, head or token axis, which the
+    # token loop summed over the token axis (IndexError before; fuzz run 9); the three chunk paths too
+    "constant gradient of a bias": "memory m {\n  param W : [d, d]\n  param b : [d] init zeros\n"
+                                   "  model M(x) = tanh(W @ x) + b\n  loss sum(M(k)) * 0.1\n  optim gd(lr = 0.5)\n"
+                                   "  read M(q)\n}\n",
     # an l2 retention rate of 1e30: the state grows by 1e30 a token, and so does each program's rounding
     "l2 rate 1e30": "memory A {\n  param W : [d, d]\n  retain l2(1e30 - theta)\n  gate theta : [d] sigmoid\n"
                     "  loss sum((tanh(tanh((M(k) - v))))^2)\n  optim momentum(lr = theta, decay = theta)\n"
@@ -168,3 +175,12 @@ def test_the_time_limit_fires():
     with pytest.raises(CaseTimeout), time_limit(0.05):
         while True:
             pass
+
+
+@pytest.mark.parametrize("backend", ["chunk", "materialized", "anchored_loop"])
+def test_a_constant_gradient_runs_on_every_chunk_path(backend):
+    rule = memdsl.compile(FOUND_BY_FUZZING["constant gradient of a bias"])
+    tok, gates, params = make_inputs(rule, B=2, T=11, H=2, D=3)
+    ref, _ = rule(tok["q"], tok["k"], tok["v"], gates, params, chunk=4, backend="anchored_loop")
+    y, _ = rule(tok["q"], tok["k"], tok["v"], gates, params, chunk=4, backend=backend)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
