@@ -135,9 +135,10 @@ def _ratio_last(x):
     if not bool((x > 0).all()):
         R, run = _ratio(x)
         return R[:, :, -1:], run[:, :, -1:], run
-    cum = torch.log(x).cumsum(dim=2)
-    run = torch.exp(cum)
-    return torch.exp(cum[:, :, -1:] - cum).unsqueeze(2), run[:, :, -1:], run
+    # O(n) work, so in float64: a float32 cumsum over a 2048-token chunk loses ~|cum| * 6e-8 in every ratio
+    cum = torch.log(x.double()).cumsum(dim=2)
+    run = torch.exp(cum).to(x.dtype)
+    return torch.exp(cum[:, :, -1:] - cum).unsqueeze(2).to(x.dtype), run[:, :, -1:], run
 
 
 def _momentum_last(keep, mu):
@@ -148,10 +149,12 @@ def _momentum_last(keep, mu):
         D, M, mbar = _ratio(keep)[0][:, :, -1:], *_ratio(mu)
         return (torch.einsum("bhilc,bhljc->bhijc", D, M), M[:, :, -1:], torch.einsum("bhilc,bhlc->bhic", D, mbar),
                 mbar[:, :, -1])
-    ck, cm = torch.log(keep).cumsum(dim=2), torch.log(mu).cumsum(dim=2)
+    # O(n) work, so in float64: tail - cm subtracts two sums of ~n logs (float32 would lose ~|cm| * 6e-8)
+    ck, cm = torch.log(keep.double()).cumsum(dim=2), torch.log(mu.double()).cumsum(dim=2)
     tail = (ck[:, :, -1:] - ck + cm).flip(2).logcumsumexp(dim=2).flip(2)  # log sum_{l >= j} D[n-1, l] mbar_l
-    return (torch.exp(tail - cm).unsqueeze(2), torch.exp(cm[:, :, -1:] - cm).unsqueeze(2), torch.exp(tail[:, :, :1]),
-            torch.exp(cm[:, :, -1]))
+    out = (torch.exp(tail - cm).unsqueeze(2), torch.exp(cm[:, :, -1:] - cm).unsqueeze(2), torch.exp(tail[:, :, :1]),
+           torch.exp(cm[:, :, -1]))
+    return tuple(t.to(keep.dtype) for t in out)
 
 
 def clip_factor(sq, clip):
