@@ -170,6 +170,7 @@ class Runtime:
         self.shapes_fn, self.sizes_fn = fns["shapes"], fns["sizes"]
         self.factors_fn = fns.get("factors")
         self.params = list(spec["params"])
+        self.matrix_params = [p for p in self.params if len(spec["params"][p]["shape_rank"]) == 2]
 
     # ---- values at positions -------------------------------------------------------------------
     def hyper_values(self, gates, outers, sz, T, chunk, like, start=0):
@@ -538,10 +539,6 @@ def _repeat_cols(K, reps, dim=3):
     return K.repeat(*([1] * dim), reps, *([1] * (K.dim() - dim - 1)))
 
 
-def _terms_at(terms, i):
-    return [(c[:, :, i], M) for c, M in terms]
-
-
 def _combine(terms, align):
     return sum(align(c) * M for c, M in terms)
 
@@ -676,7 +673,6 @@ def _dual_step(rt, sz, read_order, tags, A, S, init, co, env, env_read, mix):
     state-independent coefficients (`_dual_coefficients`), `env` the window's tokens, `mix` the window's
     banded weights (None without a window)."""
     spec = rt.spec
-    mats = [p for p in rt.params if len(spec["params"][p]["shape_rank"]) == 2]
     for p in rt.params:
         w = A[p].unsqueeze(2)
         env[p] = rt.align(co["abar_all"], p) * w if spec["grad_at_decayed"] else w
@@ -696,7 +692,7 @@ def _dual_step(rt, sz, read_order, tags, A, S, init, co, env, env_read, mix):
         axis = spec["params"][p]["channel_axis"]
         terms = [(co[f"{shifted}.{t}"], sources[w][p]) for t, w in enumerate(tags)]
         last = [(co[f"tA_last.{t}"], sources[w][p]) for t, w in enumerate(tags)]
-        if p in mats:
+        if p in rt.matrix_params:
             pairs = [(F[f"factor.{p}.{i}.a"], F[f"factor.{p}.{i}.b"]) for i in range(spec["factors"][p])]
             lead = (*Kc.shape[:2], Kw.shape[3])
             a = _cat_tokens([x for x, _ in pairs], lead)

@@ -15,6 +15,8 @@ import re
 import sympy as sp
 from sympy.printing.str import StrPrinter
 
+from .torch_activations import TorchGeluGrad
+
 _SAFE_NAME = re.compile(r"^x[0-9]+$")
 
 
@@ -119,7 +121,7 @@ class TorchPrinter(_ArrayPrinter):
         return f"_gelu_grad(1.0, {self._print(expr.args[0])})"
 
     def _print_Mul(self, expr):
-        grads = [f for f in expr.args if type(f).__name__ == "TorchGeluGrad"]
+        grads = [f for f in expr.args if isinstance(f, TorchGeluGrad)]
         if len(grads) != 1:
             return super()._print_Mul(expr)
         rest = expr / grads[0]

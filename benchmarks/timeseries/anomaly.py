@@ -149,18 +149,14 @@ def train(model: nn.Module, series: np.ndarray, L: int, steps: int, batch: int, 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     data = torch.from_numpy(series)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
+    opt, sched = ltsf.cosine_adam(model, lr, steps)
     t0 = time.perf_counter()
     model.train()
     for step in range(steps):
         start = torch.randint(len(series) - L - 1, (batch,), generator=gen)
         x = data[start[:, None] + torch.arange(L + 1)[None]]
         loss = nn.functional.mse_loss(model(x[:, :-1]), x[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+        ltsf.optimizer_step(opt, sched, loss)
         if step % max(1, steps // 5) == 0:
             log(f"  step {step:5d}  train mse {loss.item():.4f}  {time.perf_counter() - t0:.0f}s")
     return time.perf_counter() - t0

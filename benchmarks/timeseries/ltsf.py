@@ -161,6 +161,20 @@ def build_model(name: str, lookback: int, horizon: int, n_vars: int, d_model: in
     return Forecaster(lookback, horizon, n_vars, d_model, mixers)
 
 
+def cosine_adam(model: nn.Module, lr: float, steps: int):
+    """Adam with a cosine decay to zero over `steps` (every training script here uses this schedule)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
+    return opt, sched
+
+
+def optimizer_step(opt, sched, loss: torch.Tensor) -> None:
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
 def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, steps: int, batch: int = 32,
                    lr: float = 1e-3, seed: int = 0, log=print, test_limit: int | None = None,
                    val_every: int = 0) -> dict[str, float]:
@@ -169,8 +183,7 @@ def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, 
     tested (early stopping by model selection, as the published models do)."""
     torch.manual_seed(seed)
     xtr, ytr = windows(splits["train"], lookback, horizon)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    opt, sched = cosine_adam(model, lr, steps)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     best = None
@@ -178,10 +191,7 @@ def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, 
     for step in range(steps):
         idx = torch.randint(len(xtr), (batch,), generator=gen)
         loss = nn.functional.mse_loss(model(xtr[idx]), ytr[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimizer_step(opt, sched, loss)
         if step % max(1, steps // 5) == 0:
             log(f"  step {step:5d}  train mse {loss.item():.4f}  {time.perf_counter() - t0:.0f}s")
         if val_every and ((step + 1) % val_every == 0 or step + 1 == steps):

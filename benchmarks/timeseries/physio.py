@@ -20,7 +20,6 @@ the same model without the mixer (each cell sees only its own value).
 from __future__ import annotations
 
 import importlib.util
-import math
 import pathlib
 import time
 
@@ -87,8 +86,7 @@ def train_and_test(model: nn.Module, data: dict, pool: int, steps: int, batch: i
     gen = torch.Generator().manual_seed(seed)
     xtr, ytr = grid(torch.from_numpy(data["x_train"]), pool), torch.from_numpy(data["y_train"])
     xte, yte = grid(torch.from_numpy(data["x_test"]), pool), torch.from_numpy(data["y_test"])
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
+    opt, sched = ltsf.cosine_adam(model, lr, steps)
     with torch.no_grad():
         start_loss = nn.functional.cross_entropy(model.eval()(xtr), ytr).item()
     t0 = time.perf_counter()
@@ -96,10 +94,7 @@ def train_and_test(model: nn.Module, data: dict, pool: int, steps: int, batch: i
         model.train()
         idx = torch.randint(len(xtr), (batch,), generator=gen)
         loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+        ltsf.optimizer_step(opt, sched, loss)
         if step % max(1, steps // 5) == 0:
             log(f"  step {step:5d}  train loss {loss.item():.3f}  {time.perf_counter() - t0:.0f}s")
     train_s = time.perf_counter() - t0
