@@ -63,6 +63,7 @@ class _Lower:
                  duals: dict | None = None, valid: int | None = None):
         self.t, self.ir, self.sizes, self.C, self.bind = t, ir, sizes, C, bind
         self.duals = duals or {}
+        self.per_position: dict[int, tuple[int, int]] = {}  # flattened states [C, m*n] -> (m, n) (state_tiles)
         self.val: dict[int, int] = {}
         self.kind: dict[int, str] = {}
         self.valid = t.inputs["valid"] if valid is None else valid  # the rows this lowering fills
@@ -103,7 +104,9 @@ class _Lower:
             return
         args = [self.val[o] for o in ops]
         kinds = [self.kind[o] for o in ops]
-        kind = "tok" if "tok" in kinds else "const"
+        kind = "tok" if "tok" in kinds or "pp" in kinds else "const"
+        if "pp" in kinds and node.op not in ("matvec", "matvec_t"):
+            raise Unsupported(f"op {node.op} on a memory matrix (the kernels only multiply with it)")
         if node.op == "outer":
             self.val[nid], self.kind[nid] = (args[0], args[1]), "outer"
             return
@@ -125,6 +128,9 @@ class _Lower:
             w, x = args
             if kinds[0] == "dual":
                 out = self.duals[ops[0]](x)
+            elif kinds[0] == "pp":  # row i of w is position i's matrix, flattened: out_i = W_i x_i
+                m, n = self.per_position[w]
+                out = t.kron_da(w, self.as_rows((x, kinds[1]), n), m)
             elif kinds[0] == "tok":
                 raise Unsupported("a per-token matrix")
             elif kinds[1] == "tok":
@@ -133,9 +139,13 @@ class _Lower:
                 out = t.trans(t.sum(t.mul(w, x), axis=1))
         elif node.op == "matvec_t":
             w, x = args
-            if kinds[0] != "const":
+            if kinds[0] == "pp":
+                m, n = self.per_position[w]
+                out = t.kron_db(w, self.as_rows((x, kinds[1]), m), n)
+            elif kinds[0] != "const":
                 raise Unsupported("a transposed product with a per-token matrix")
-            out = t.dot(x, w) if kinds[1] == "tok" else t.sum(t.mul(w, t.trans(x)), axis=0)
+            else:
+                out = t.dot(x, w) if kinds[1] == "tok" else t.sum(t.mul(w, t.trans(x)), axis=0)
         elif node.op == "broadcast":
             rows = self.C if kind == "tok" else 1
             out = self.mask_cols(t.expand(args[0], (rows, pad(width or 1))), width or 1)
@@ -206,7 +216,7 @@ def build_chunk_graph(p: Program, spec: dict, shapes: dict[str, list[int]], size
 
     def token_bind(prefix: str, rows: int) -> dict[str, tuple[int, str]]:
         bind = {n: (t.input(f"{prefix}_{n}", tile_shape(n, rows)), "tok") for n in ("q", "k", "v")}
-        bind.update({n: (t.input(f"{prefix}_{n}", (rows, 1)), "tok") for n in spec["gates"]})
+        bind.update({n: (t.input(f"{prefix}_{n}", tile_shape(n, rows)), "tok") for n in spec["gates"]})
         return {**bind, **outers}
 
     bind = token_bind("tok", C)

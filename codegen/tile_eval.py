@@ -50,6 +50,10 @@ def evaluate(graph: TileGraph, inputs: dict[str, torch.Tensor], upto: int | None
         elif tile.op == "kron_db":
             g, a0 = a
             x = (g.reshape(g.shape[0], a0.shape[1], -1) * a0[:, :, None]).sum(1)
+        elif tile.op == "reshape":
+            x = a[0].reshape(tile.shape)
+        elif tile.op == "gmax":
+            x = a[0].reshape(a[0].shape[0], -1, tile.attrs[0]).amax(dim=2)
         elif tile.op == "trinv":
             eye = torch.eye(tile.shape[0], dtype=a[0].dtype)
             x = torch.linalg.solve_triangular(eye + torch.where(a[1], a[0], 0.0), eye, upper=False)

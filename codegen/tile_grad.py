@@ -15,6 +15,10 @@ Adjoint rules (g is the cotangent of the node's output):
     expand(a)      a += reduce_to(g, shape(a))
     X = trinv(L)   L += strictly_lower(-X^T g X^T)      (X = (I + L)^-1, so dX = -X dL X)
     kron(a, b)     a += kron_da(g, b) ;  b += kron_db(g, a)
+    kron_da(h, b)  h += kron(g, b) ;  b += kron_db(h, g)      (a per-position state times a vector)
+    kron_db(h, a)  h += kron(a, g) ;  a += kron_da(h, g)
+    reshape(a)     a += reshape(g, shape(a))
+    gmax(a)        none: a softmax shift, which the softmax does not depend on (tile_ir)
 """
 
 from __future__ import annotations
@@ -88,6 +92,18 @@ def backward(graph: TileGraph, seeds: list[tuple[int, int]], wrt: list[int]) -> 
             a, b = node.args
             accumulate(a, graph.kron_da(g, b, graph.shape(a)[1]))
             accumulate(b, graph.kron_db(g, a, graph.shape(b)[1]))
+        elif node.op == "kron_da":
+            h, b = node.args
+            accumulate(h, graph.kron(g, b))
+            accumulate(b, graph.kron_db(h, g, graph.shape(b)[1]))
+        elif node.op == "kron_db":
+            h, a = node.args
+            accumulate(h, graph.kron(a, g))
+            accumulate(a, graph.kron_da(h, g, graph.shape(a)[1]))
+        elif node.op == "reshape":
+            accumulate(node.args[0], graph.reshape(g, graph.shape(node.args[0])))
+        elif node.op == "gmax":
+            continue
         elif node.op == "trinv":
             a, strict = node.args
             xt = graph.trans(i)

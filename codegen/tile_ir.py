@@ -14,8 +14,12 @@ matrices, boolean masks. A dozen ops are enough for the anchored chunk program i
     where    select by a boolean mask: where(mask, a, b)
     expand   broadcast to a larger shape
     trinv    (I + L)^-1 for a strictly lower-triangular C×C tile L (the WY/UT transform)
-    kron     row-wise Kronecker product [r, n] x [r, m] -> [r, n*m] (polynomial features), with
-             its two adjoints kron_da, kron_db
+    kron     row-wise Kronecker product [r, n] x [r, m] -> [r, n*m] (polynomial features, and the
+             flattened per-position states of `state_tiles`), with its two adjoints kron_da, kron_db
+    reshape  the same elements in another 2-D shape (row-major): a state [m, n] <-> a row [1, m*n]
+    gmax     the maximum over consecutive groups of g columns, [r, k*g] -> [r, k]: a softmax's shift.
+             It has no adjoint (tile_grad skips it): softmax(x - shift) does not depend on the shift,
+             so the kernels use it only there
 
 Tile widths are powers of two (≥ 16 where a product needs it): a logical size that is not — the
 1 + d + d^2 of polynomial features — is padded, and a column mask keeps the padding at zero.
@@ -187,6 +191,24 @@ class TileGraph:
     def kron_db(self, g: int, a: int, m: int) -> int:
         """sum_i g[:, i*m + j] a[:, i]: the adjoint of kron in its second operand (width m)."""
         return self.add(Tile("kron_db", (g, a), (self.shape(g)[0], m)))
+
+    def reshape(self, a: int, shape: Shape) -> int:
+        m, n = self.shape(a)
+        if m * n != shape[0] * shape[1]:
+            raise ValueError(f"cannot reshape {self.shape(a)} to {shape}")
+        if self.shape(a) == tuple(shape):
+            return a
+        node = self.nodes[a]
+        if node.op == "reshape" and self.shape(node.args[0]) == tuple(shape):
+            return node.args[0]
+        return self.add(Tile("reshape", (a,), tuple(shape)))
+
+    def gmax(self, a: int, group: int) -> int:
+        """max over each group of `group` consecutive columns (a softmax shift: no adjoint, see above)."""
+        r, n = self.shape(a)
+        if n % group:
+            raise ValueError(f"gmax: width {n} is not a multiple of {group}")
+        return self.add(Tile("gmax", (a,), (r, n // group), (group,)))
 
     def reduce_to(self, a: int, shape: Shape) -> int:
         """Sum the axes along which `a` was broadcast from `shape` (the adjoint of broadcasting)."""

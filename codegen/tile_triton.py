@@ -66,6 +66,12 @@ def print_tiles(graph: TileGraph, bound: dict[str, str], nodes: list[int], names
         elif t.op == "kron_db":
             width = graph.shape(t.args[1])[1]
             rhs = f"tl.sum(tl.reshape({a[0]}, [{m}, {width}, {n}]) * {a[1]}[:, :, None], axis=1)"
+        elif t.op == "reshape":
+            rhs = f"tl.reshape({a[0]}, [{m}, {n}])"
+        elif t.op == "gmax":
+            group = t.attrs[0]
+            rhs = f"tl.max({a[0]}, axis=1, keep_dims=True)" if n == 1 else \
+                f"tl.max(tl.reshape({a[0]}, [{m}, {n}, {group}]), axis=2)"
         elif t.op == "trinv":
             # forward substitution, one row per step: X_r = e_r - sum_{j<r} L_rj X_j (rows j < r are final)
             x, r = f"{prefix}{i}", f"{prefix}{i}_r"

@@ -30,6 +30,7 @@ import sympy as sp
 from memdsl.program import Program
 
 from .chunk_tiles import Unsupported, build_chunk_graph, tile_shape_of
+from .state_tiles import build_state_graph
 from .tile_grad import backward
 from .tile_ir import TileGraph
 from .tile_triton import mask_code, print_tiles
@@ -57,8 +58,12 @@ def supported(p: Program, spec: dict, read_order: str | None = None) -> str | No
         if any(r["kind"] != "decay" for r in spec["retain"]):
             return "a retention other than a plain decay"
         return None
-    if not spec.get("dual") or spec["algorithm"] not in ("anchored", "linear"):
+    if spec["algorithm"] not in ("anchored", "linear"):
         return f"algorithm {spec['algorithm']} without the dual form"
+    if per_position(spec):
+        return _per_position_limits(p, spec, read_order)
+    if not spec.get("dual"):
+        return f"algorithm {spec['algorithm']} without the dual form ({spec['optim']})"
     if spec["window_weight"] is not None and spec["window_weight"] not in spec["gates"]:
         return "a window weight that is not a gate"
     if spec.get("clip") is not None:
@@ -71,6 +76,34 @@ def supported(p: Program, spec: dict, read_order: str | None = None) -> str | No
     roots = [p.graph.outputs[f"grad.{t.name}"] for t in p.params] + [p.graph.outputs["read"]]
     ops = {p.graph.node(n).op for n in p.graph.topo(roots)}
     if ops & {"slice", "unflatten", "flatten"}:
+        return "feature maps built with slice/flatten"
+    return None
+
+
+def per_position(spec: dict) -> bool:
+    """Whether the kernels build every position's state (state_tiles.py) rather than the dual form:
+    a state projection (ℓq, row softmax) or per-channel gates."""
+    return spec["projection"] is not None or any(info["channels"] for info in spec["gates"].values())
+
+
+def _per_position_limits(p: Program, spec: dict, read_order: str) -> str | None:
+    """None if state_tiles covers this rule; else what it lacks."""
+    if spec["optim"] != "gd":
+        return f"per-position states (a state projection or per-channel gates) with optim {spec['optim']}"
+    if spec["projection"] not in (None, "lq", "softmax"):
+        return f"a {spec['projection']} state projection"
+    if spec["window"] > 1 or spec["window_weight"] is not None:
+        return "an Omega window with per-position states"
+    if spec["scale"] is not None:
+        return "a position scale with per-position states"
+    if any(r.get("rate") for r in spec["retain"]) or spec["grad_at_decayed"] or spec.get("clip") is not None:
+        return "a retention toward the initial state, a decayed anchor or clipping with per-position states"
+    if read_order != "after":
+        return "a read before write or at the chunk start with per-position states"
+    if any(len(t.shape) == 2 and t.name not in (spec.get("factors") or {}) for t in p.params):
+        return "a gradient that is not a sum of outer products"
+    roots = [p.graph.outputs[f"grad.{t.name}"] for t in p.params] + [p.graph.outputs["read"]]
+    if {p.graph.node(n).op for n in p.graph.topo(roots)} & {"slice", "unflatten", "flatten"}:
         return "feature maps built with slice/flatten"
     return None
 
@@ -151,12 +184,24 @@ class _Layout:
                                  "other=0.0)")
             for n in self.gates:
                 if f"{prefix}_{n}" in graph.inputs:
-                    lines.append(f"{prefix}_{n} = tl.load({self.gate_ptr('G_' + n, rows)}, mask={mask}_r, "
-                                 "other=0.0)[:, None]")
+                    width = graph.shape(graph.inputs[f"{prefix}_{n}"])[1]
+                    lines.append(f"{prefix}_{n} = {self.load_rows('G_' + n, width, rows, mask, '0.0')}")
         for name, (ptr, other) in HYPER.items():
             if name in graph.inputs:
-                lines.append(f"{name} = tl.load({self.gate_ptr(ptr)}, mask=valid_r, other={other})[:, None]")
+                width = graph.shape(graph.inputs[name])[1]
+                lines.append(f"{name} = {self.load_rows(ptr, width, 'rows', 'valid', other)}")
+        if "later" in graph.inputs:  # a lag token's second segment: the valid rows after row 0
+            lines.append("later = valid & (ii > 0)[:, None]")
         return lines
+
+    def rows_ptr(self, ptr: str, width: int, rows: str = "rows") -> str:
+        """Gates and hyper-parameters: [B, T, H] (a [C, 1] tile) or per channel [B, T, H, width]."""
+        if width == 1:
+            return f"{self.gate_ptr(ptr, rows)}[:, None]"
+        return f"{ptr} + ((bos + {rows}[:, None]) * H + pid_h) * {width} + tl.arange(0, {width})[None, :]"
+
+    def load_rows(self, ptr: str, width: int, rows: str, mask: str, other) -> str:
+        return f"tl.load({self.rows_ptr(ptr, width, rows)}, mask={mask}, other={other})"
 
     def load_outers(self) -> list[str]:
         return [f"out_{n} = {self.load(f'O_{n} + pid_h * {self.numel(n)} + {self.idx(n)}', n)}" for n in self.outers]
@@ -170,7 +215,8 @@ class _Layout:
 
 def _graph(p: Program, spec: dict, layout: _Layout, chunk: int, read_order: str | None = None) -> TileGraph:
     shapes = {n: layout.shape[n] for n in layout.shape}
-    build = build_wy_graph if spec["algorithm"] == "wy" else build_chunk_graph
+    build = build_wy_graph if spec["algorithm"] == "wy" else build_state_graph if per_position(spec) else \
+        build_chunk_graph
     return build(p, spec, shapes, layout.sym, chunk, read_order or spec["read_order"])
 
 
@@ -280,14 +326,13 @@ def generate_backward(p: Program, spec: dict, sizes: dict[str, int], chunk: int,
     for n in TOKENS:
         if f"tok_{n}" in grad_of:
             store.append(f"tl.store({lay.token_ptr('D' + n.upper(), n)}, {names[grad_of['tok_' + n]]}, mask=valid)")
-    for n in lay.gates:
-        if f"tok_{n}" in grad_of:
-            store.append(f"tl.store({lay.gate_ptr('DG_' + n)}, tl.sum({names[grad_of['tok_' + n]]}, axis=1), "
-                         "mask=valid_r)")
-    for name, (ptr, _) in HYPER.items():
-        if name in grad_of:
-            store.append(f"tl.store({lay.gate_ptr('D' + ptr)}, tl.sum({names[grad_of[name]]}, axis=1), "
-                         "mask=valid_r)")
+    for ptr, key in [("DG_" + n, "tok_" + n) for n in lay.gates] + [("D" + p, n) for n, (p, _) in HYPER.items()]:
+        if key in grad_of:
+            width = graph.shape(graph.inputs[key])[1]
+            value = names[grad_of[key]]  # an adjoint may come out broadcast: store the input's own shape
+            value = f"tl.sum({value}, axis=1)[:, None]" if width == 1 else \
+                f"tl.broadcast_to({value}, [{chunk}, {width}])"
+            store.append(f"tl.store({lay.rows_ptr(ptr, width)}, {value}, mask=valid)")
     for n in lay.outers:
         store.append(f"acc_{n} += {names[grad_of['out_' + n]]}")
     fill = {

@@ -91,16 +91,19 @@ def test_generated_chunk_backward_matches_autograd(path):
             inputs[name] = 0.6 + 0.4 * torch.rand(shape, generator=gen, dtype=torch.float64)
         elif name in ("lr", "scale") or name.startswith("tok_") and shape[1] == 1:
             inputs[name] = 0.05 + 0.3 * torch.rand(shape, generator=gen, dtype=torch.float64)
-        elif name not in ("lower", "strict", "valid", "is_last", "hist_valid"):
+        elif name not in ("lower", "strict", "valid", "is_last", "hist_valid", "first", "later"):
             inputs[name] = 0.5 * torch.randn(shape, generator=gen, dtype=torch.float64)
     rows = torch.arange(C)
     inputs["lower"] = rows[:, None] >= rows[None, :]
     inputs["strict"] = rows[:, None] > rows[None, :]
     inputs["valid"] = (rows < T_valid)[:, None]
     inputs["is_last"] = (rows == T_valid - 1)[:, None]
+    inputs["first"] = (rows == 0)[:, None]  # a lag token's own segment, and the rows after it
+    inputs["later"] = ((rows > 0) & (rows < T_valid))[:, None]
     if "hist_valid" in graph.inputs:  # window history: the first history row is before the sequence
         hh = graph.shape(graph.inputs["hist_valid"])[0]
         inputs["hist_valid"] = (torch.arange(hh) >= 1)[:, None]
+    inputs = {n: x for n, x in inputs.items() if n in graph.inputs}
     for name in list(inputs):  # padded rows hold what the kernel loads there: zeros, lr 0, keep 1
         if inputs[name].dtype == torch.float64 and inputs[name].shape[0] == C and name != "lower":
             inputs[name][T_valid:] = 1.0 if name in ("keep", "mu") else 0.0

@@ -1,0 +1,193 @@
+"""The anchored chunk program with per-position states, as a tile graph of one chunk.
+
+For rules whose read needs each position's whole memory — a state projection: Moneta's ℓq
+normalisation `P(A) = A / ‖A‖_q^(q-2)`, Memora's row softmax — or whose learning rate and keep are
+per channel (Moneta's η, α ∈ R^d), the dual form's `A_i x` trick is not enough. Here every
+position's state is built, flattened row-major into one row of a [C, m*n] tile (MATH.md §1.4
+without momentum, §4.5):
+
+    A_i = abar_i A0 - sum_{j<=i} D_ij lr_j a_j b_j^T        row i = abar_i vec(A0) - (Kc @ kron(a, b))_i
+
+Per-channel coefficients (a channel is a row of the matrix, `channel_axis` "row", or a column,
+"col"/"vec") factor through the running products, D_ij = abar_i / abar_j (per channel), as the
+gated-linear-attention kernels do: row i = abar_i ⊙ (vec(A0) - (lower @ kron(a ⊙ lr / abar, b))_i).
+That form overflows when a channel's keep product inside one chunk falls below e^-80; the launcher
+checks for it (triton_launch.check_separable).
+
+The gradient of every token is taken at the projected chunk-start state P(A0), the reads see
+P(A_i) (`matvec` on a flattened state is kron_da), the chunk ends in the unprojected A_last — what
+`runtime_torch.Runtime.chunkwise` computes. Memora's lag token (runtime_torch.segments): row 0 is a
+segment of its own, and rows 1.. are a second segment anchored at P(A_1) — two passes over the
+chunk, each with the other rows' learning rate 0 and keep 1.
+
+Inputs as in chunk_tiles, plus `first` / `later` ([C, 1] boolean: row 0, the valid rows after it)
+with a lag token; lr and keep are [C, 1] or [C, channels].
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+from memdsl.program import Program
+
+from .chunk_tiles import Unsupported, _Lower, _ratio_matrix, _safe_log, pad, tile_shape_of
+from .tile_ir import TileGraph, X
+
+FP32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny: the runtime's floor of an ℓq sum
+
+
+def hyper_width(p: Program, name: str | None, sizes: dict) -> int:
+    """Channels of a hyper-parameter (graph output `name`): 1 for a scalar, else its vector's size."""
+    if name is None:
+        return 1
+    shape = p.graph.node(p.graph.outputs[name]).shape
+    return int(sp.sympify(shape[0]).subs(sizes)) if shape else 1
+
+
+def _lq_scale(q: float) -> sp.Expr:
+    """1 / ‖A‖_q^(q-2) from s = sum |A|^q, floored as runtime_torch.Runtime.project floors it."""
+    return 1 / sp.Max(sp.Max(X[0], FP32_TINY) ** sp.Float(1.0 / q), sp.Float(1e-12)) ** sp.Float(q - 2)
+
+
+def _power(q: float) -> sp.Expr:
+    return X[0] ** int(q) if float(q).is_integer() and int(q) % 2 == 0 else sp.Abs(X[0]) ** sp.Float(q)
+
+
+def build_state_graph(p: Program, spec: dict, shapes: dict[str, list[int]], sizes: dict, C: int,
+                      read_order: str = "after") -> TileGraph:
+    """The forward tile graph of one chunk (outputs y, A_<p>) with per-position states."""
+    if read_order != "after":
+        raise Unsupported("a read before write or at the chunk start with per-position states")
+    ir = p.graph
+    t = TileGraph()
+    mats = [x.name for x in p.params if len(x.shape) == 2]
+    vecs = [x.name for x in p.params if len(x.shape) == 1]
+    zero, one = t.const(0.0), t.const(1.0)
+    proj = spec["projection"]
+
+    def tile_shape(name: str, rows: int | None = None) -> tuple[int, int]:
+        return tile_shape_of(shapes[name], rows)
+
+    if proj == "softmax" and any(pad(s) != s for n in mats + vecs for s in shapes[n]):
+        raise Unsupported("a row softmax over a padded width (a size that is not a power of two)")
+    lower = t.input("lower", (C, C), boolean=True)
+    valid = t.input("valid", (C, 1), boolean=True)
+    is_last = t.input("is_last", (C, 1), boolean=True)
+    A = {n: t.input(f"A_{n}", tile_shape(n)) for n in mats + vecs}
+    bind = {n: (t.input(f"tok_{n}", tile_shape(n, C)), "tok") for n in ("q", "k", "v")}
+    bind.update({n: (t.input(f"tok_{n}", tile_shape(n, C)), "tok") for n in spec["gates"]})
+    bind.update({n: (t.input(f"out_{n}", tile_shape(n)), "const") for n in spec["outers"]})
+    lr = t.input("lr", (C, hyper_width(p, spec["lr"], sizes)))
+    keeps = [r["keep"] for r in spec["retain"] if r.get("keep")]
+    keep = t.input("keep", (C, max(hyper_width(p, k, sizes) for k in keeps))) if keeps else None
+    for n in mats + vecs:  # a per-channel coefficient must match the axis it scales
+        width = max(t.shape(lr)[1], t.shape(keep)[1] if keep is not None else 1)
+        axis = spec["params"][n]["channel_axis"]
+        side = tile_shape(n)[0 if axis == "row" else 1]
+        if width > 1 and width != side:
+            raise Unsupported(f"per-channel coefficients of width {width} on {n}, whose {axis} axis is {side}")
+    outs = {n: ir.outputs[f"grad.{n}"] for n in mats + vecs}
+    factors = {n: [(ir.outputs[f"factor.{n}.{i}.a"], ir.outputs[f"factor.{n}.{i}.b"])
+                   for i in range(spec["factors"][n])] for n in mats}
+
+    def ones(n: int) -> int:
+        return t.expand(one, (1, n))
+
+    def project(x: int, n: int, flat: bool) -> int:
+        """P(x) of a state tile [m, n] (flat=False) or of per-position states [C, m*n] (flat=True)."""
+        if proj == "lq":
+            power = t.ew(_power(spec["lq"]), x)
+            total = t.sum(power, axis=1) if flat else t.sum(t.sum(power, axis=1), axis=0)
+            return t.mul(x, t.ew(_lq_scale(spec["lq"]), total))
+        if proj == "softmax":  # per row of each matrix: groups of n consecutive columns
+            shift = t.gmax(x, n)
+            wide = (lambda r: t.kron(r, ones(n))) if flat and t.shape(x)[1] != n else (lambda r: r)
+            e = t.ew(sp.exp(X[0] - X[1]), x, wide(shift))
+            total = t.kron_da(e, ones(n), t.shape(x)[1] // n) if flat and t.shape(x)[1] != n else t.sum(e, axis=1)
+            return t.ew(X[0] / X[1], e, wide(total))
+        return x
+
+    def last_row(x: int) -> int:
+        return t.sum(t.where(is_last, x, zero), axis=0)
+
+    def segment(state: dict[str, int], rows: int | None, lr_s: int, keep_s: int | None):
+        """One anchor segment over the rows `rows` (None: every valid row): the flattened per-position
+        states of every param, their projections (the read's weights) and the segment's end state."""
+        row_valid = valid if rows is None else rows
+        anchor = {n: project(state[n], tile_shape(n)[1], flat=False) for n in state}
+        low = _Lower(t, ir, sizes, C, {**bind, **{n: (anchor[n], "const") for n in anchor}}, valid=row_valid)
+        done = low.emit([x for n in mats for pair in factors[n] for x in pair] + [outs[n] for n in vecs])
+        if keep_s is not None:
+            cum = t.cumsum(t.ew(_safe_log(X[0]), keep_s), axis=0)
+            abar = t.ew(sp.exp(X[0]), cum)
+        else:
+            cum, abar = None, one
+        scalar = t.shape(lr_s)[1] == 1 and (keep_s is None or t.shape(keep_s)[1] == 1)
+        if scalar:
+            D = _ratio_matrix(t, cum) if cum is not None else t.where(lower, one, zero)
+            Kc, scaled = t.mul(D, t.trans(lr_s)), lr_s
+        else:  # per channel: D_ij = abar_i / abar_j, the 1 / abar_j folded into the factors
+            Kc = t.where(lower, one, zero)
+            scaled = t.mul(lr_s, t.ew(sp.exp(-X[0]), cum)) if cum is not None else lr_s
+        flat, read, end = {}, {}, {}
+        for n in mats + vecs:
+            m_p, n_p = tile_shape(n)
+            axis = spec["params"][n]["channel_axis"]
+            if n in vecs:
+                u = low.as_rows(done[outs[n]], n_p)
+                upd = t.dot(Kc, u if scalar else t.mul(u, scaled))
+                base = state[n]
+            else:
+                upd = None
+                for a, b in factors[n]:
+                    a_r, b_r = low.as_rows(done[a], m_p), low.as_rows(done[b], n_p)
+                    if not scalar:
+                        a_r, b_r = (t.mul(a_r, scaled), b_r) if axis == "row" else (a_r, t.mul(b_r, scaled))
+                    term = t.kron(a_r, b_r)
+                    upd = term if upd is None else t.add2(upd, term)
+                upd = t.dot(Kc, upd)
+                base = t.reshape(state[n], (1, m_p * n_p))
+            if scalar:
+                states = t.sub(t.mul(abar, base), upd)
+            else:
+                wide = abar
+                if n in mats and t.shape(abar)[1] > 1:
+                    wide = t.kron(abar, ones(n_p)) if axis == "row" else t.kron(ones(m_p), abar)
+                states = t.mul(wide, t.sub(base, upd))
+            flat[n] = states
+            read[n] = project(states, n_p, flat=True)
+            end[n] = last_row(states) if n in vecs else t.reshape(last_row(states), (m_p, n_p))
+        return read, end
+
+    def read_at(weights: dict[str, int], row_valid: int) -> int:
+        low = _Lower(t, ir, sizes, C, bind, valid=row_valid)
+        rb = dict(bind)
+        for n in mats:
+            rb[n] = (weights[n], "pp")
+        for n in vecs:
+            rb[n] = (low.mask(weights[n]), "tok")
+        reader = _Lower(t, ir, sizes, C, rb, valid=row_valid)
+        reader.per_position = {weights[n]: tile_shape(n) for n in mats}
+        y, _ = reader.emit([ir.outputs["read"]])[ir.outputs["read"]]
+        return low.mask(y)
+
+    if spec["lag"]:
+        first = t.input("first", (C, 1), boolean=True)
+        later = t.input("later", (C, 1), boolean=True)
+        lr1 = t.where(first, lr, zero)
+        keep1 = t.where(first, keep, one) if keep is not None else None
+        read1, mid = segment(A, first, lr1, keep1)
+        lr2 = t.where(first, zero, lr)
+        keep2 = t.where(first, one, keep) if keep is not None else None
+        read2, end = segment(mid, later, lr2, keep2)
+        y = t.where(first, read_at(read1, first), read_at(read2, later))
+    else:
+        read, end = segment(A, None, lr, keep)
+        y = read_at(read, valid)
+    t.outputs["y"] = t.where(valid, y, zero)
+    for n in mats + vecs:
+        t.outputs[f"A_{n}"] = end[n]
+    return t
+
+
+__all__ = ["build_state_graph", "hyper_width"]
