@@ -61,6 +61,25 @@ def test_every_adjoint_rule_matches_autograd():
     _check_adjoints(g, inputs, [k, s, g.sum(f, axis=0), inv])
 
 
+def test_per_position_state_ops_match_autograd():
+    """The ops of state_tiles: a state flattened to a row (reshape), per-position states [r, m*n] times a
+    vector (kron_da, kron_db) and a row softmax whose shift (gmax) has no adjoint."""
+    g = TileGraph()
+    w, x, xm = g.input("w", (5, 12)), g.input("x", (5, 4)), g.input("xm", (1, 3))
+    flat = g.reshape(g.input("st", (3, 4)), (1, 12))
+    ones = g.expand(g.const(1.0), (1, 4))
+    states = g.ew(X[0] * X[1], w, flat)
+    e = g.ew(sp.exp(X[0] - X[1]), states, g.kron(g.gmax(states, 4), ones))
+    soft = g.ew(X[0] / X[1], e, g.kron(g.kron_da(e, ones, 3), ones))
+    outs = [g.kron_da(soft, x, 3), g.kron_db(states, xm, 4), g.reshape(g.sum(states, axis=0), (3, 4))]
+    gen = torch.Generator().manual_seed(2)
+    inputs = {n: torch.randn(g.shape(i), generator=gen, dtype=torch.float64) for n, i in g.inputs.items()}
+    values = evaluate(g, inputs)
+    rows = (inputs["w"] * inputs["st"].reshape(1, 12)).reshape(5, 3, 4).softmax(-1)
+    assert torch.allclose(values[outs[0]], torch.einsum("rmn,rn->rm", rows, inputs["x"]))
+    _check_adjoints(g, inputs, outs)
+
+
 def test_constants_fold_and_unused_operands_drop():
     g = TileGraph()
     a = g.input("a", (2, 2))

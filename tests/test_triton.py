@@ -248,3 +248,40 @@ def test_window_history_is_returned_and_an_incoming_one_is_refused():
         assert torch.equal(state[key], s_ref[key]), key
     with pytest.raises(ValueError, match="window history"):
         rule(tok["q"], tok["k"], tok["v"], gates, params, state, chunk=16, backend="triton")
+
+
+PER_CHANNEL = """
+memory gated_channels {
+  param W : [d, d] init normal(std = 0.1)
+  param b : [d] init zeros
+  model M(x) = W @ x + b
+  gate eta   : [d] sigmoid
+  gate alpha : [d] sigmoid
+  loss sum((M(k) - v)^2)
+  optim gd(lr = eta)
+  retain decay(alpha)
+  read M(q)
+}
+schedule {
+  chunk 16
+}
+"""
+
+
+def test_per_channel_gates_without_a_projection():
+    """Per-channel learning rate and keep (a matrix's rows, a vector's entries) on the kernels with
+    per-position states, against the torch dual form; a keep product out of their range is refused."""
+    rule = memdsl.compile(PER_CHANNEL)
+    assert rule.triton_reason() is None and rule.spec["dual"]
+    tok, gates, params = make_inputs(rule, B=1, T=37, H=2, D=16, dtype=torch.float32)
+    gates["alpha"] = gates["alpha"] + 0.6
+    y, s, g = run_with_grads(rule, tok, gates, params, backend="triton", chunk=16)
+    y_ref, s_ref, g_ref = run_with_grads(rule, tok, gates, params, backend="dual", chunk=16)
+    assert rel_rms(y, y_ref) <= 1e-5
+    for key in s_ref:
+        assert rel_rms(s[key], s_ref[key]) <= 1e-5, key
+    for key in g_ref:
+        assert rel_rms(g[key], g_ref[key]) <= 1e-5, key
+    gates["alpha"] = torch.full_like(gates["alpha"], 1e-3)  # 16 tokens: e^-110
+    with pytest.raises(ValueError, match="e\\^-80"):
+        rule(tok["q"], tok["k"], tok["v"], gates, params, chunk=16, backend="triton")
