@@ -119,16 +119,21 @@ class Runtime2D:
         # (s, 0) through kv; their responses are the columns of K_in [B, H, tiles, n, Vc + Tc]
         e_left = torch.zeros(Vc, Tc, Vc, dtype=kt.dtype, device=kt.device)
         e_left[torch.arange(Vc), 0, torch.arange(Vc)] = 1
-        e_top = torch.zeros(Vc, Tc, Tc, dtype=kt.dtype, device=kt.device)
-        e_top[0, torch.arange(Tc), torch.arange(Tc)] = 1
         kt0, kv0 = kt_b[..., 0, :], kv_b[..., :, 0]  # [B, H, tiles, Vc], [B, H, tiles, Tc]
-        src = torch.cat([e_left * kt0[..., None, None, :], e_top * kv0[..., None, None, :]], dim=-1)
+        # with one variate chunk the row above every tile is the initial memory: one source column for all of it
+        # (Vc + 1 columns instead of Vc + Tc: a 3x smaller boundary scan and anchor product at tile 16 x 8, V = 7)
+        collapse = nV == 1
+        e_top = torch.zeros(Vc, Tc, 1 if collapse else Tc, dtype=kt.dtype, device=kt.device)
+        e_top[0, torch.arange(Tc), 0 if collapse else torch.arange(Tc)] = 1
+        src_top = e_top * (kv0[..., None, :, None] if collapse else kv0[..., None, None, :])
+        src = torch.cat([(e_left * kt0[..., None, None, :]).expand(*src_top.shape[:-1], Vc), src_top], dim=-1)
         K_in = scan2d(D, kvs, src).flatten(-3, -2)
         shapes = {p: left[p].shape[3:] for p in self.params}
         flat = _Flat(self.params, shapes)
         left_f = cut.pad_variates(flat.join(left, 3))  # [B, H, V, F]
         top_f = flat.join(top, 2)  # [B, H, F]
-        top_in = [top_f.unsqueeze(2).expand(*top_f.shape[:2], Tc, top_f.shape[-1])] * nT
+        top_row = top_f.unsqueeze(2)  # [B, H, 1, F]
+        top_in = [top_row if collapse else top_row.expand(*top_f.shape[:2], Tc, top_f.shape[-1])] * nT
         K_in_l, D_l, kvs_l = K_in.unbind(2), D.unbind(2), kvs.unbind(2)
         if self.spec["linear"]:  # no gradient reads the memory: every step at once, at any anchor, all scanned
             steps = self._steps({p: top[p].unsqueeze(2).unsqueeze(2) for p in self.params}, tok, lr, outers, sz)
@@ -150,7 +155,9 @@ class Runtime2D:
                                         outers, sz)
                     scanned = scan2d(D_l[b], kvs_l[b], flat.join(steps, 3).unflatten(2, (Vc, Tc)))
                 grid = anchors.unflatten(2, (Vc, Tc)) + scanned  # [B, H, Vc, Tc, F]
-                cur, top_in[i] = grid[:, :, :, -1], grid[:, :, -1]
+                cur = grid[:, :, :, -1]
+                if not collapse:
+                    top_in[i] = grid[:, :, -1]
                 A[b] = grid.flatten(2, 3)
         A = torch.stack(A, dim=2)  # [B, H, tiles, n, F]
         y = self._read(flat.split(A.flatten(2, 3), 3), {name: cut.cells(x).flatten(2, 3) for name, x in tok.items()},

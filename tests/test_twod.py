@@ -33,8 +33,10 @@ def _run(rule, toks, gates, **kw):
     """Outputs, final state and the gradients of a fixed random functional of both w.r.t. every input."""
     y, state = rule(*toks, gates, **kw)
     g = torch.Generator().manual_seed(1)
-    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum()
-    loss = loss + sum((s * torch.randn(s.shape, generator=g, dtype=s.dtype)).sum() for s in state.values())
+    # cotangents drawn in float64 whatever the dtype, so float32 and float64 runs get the same ones
+    loss = (y * torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)).sum()
+    loss = loss + sum((s * torch.randn(s.shape, generator=g, dtype=torch.float64).to(s.dtype)).sum()
+                      for s in state.values())
     inputs = [*toks, *gates.values()]
     grads = torch.autograd.grad(loss, inputs)
     return y.detach(), {k: s.detach() for k, s in state.items()}, grads
@@ -170,3 +172,20 @@ def test_forecast_example_beats_the_naive_forecast():
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert res.stdout.rstrip().endswith("ok")
+
+
+@pytest.mark.parametrize("tile", [(4, 5), (3, 2)])
+def test_float32_tiles_and_every_gradient_track_the_float64_oracle(tile):
+    """float32 tiles against the float64 anchored loop, outputs and every input gradient: one variate chunk
+    (the boundary row above is the initial memory, one source column) and several."""
+    rule = compile_2d(str(ROOT / "rules" / "hydra.mem"))
+    toks, gates = _inputs(rule, seed=3)
+    want = _run(rule, toks, gates, backend="anchored_loop", tile=tile)
+    toks32 = [x.detach().float().requires_grad_() for x in toks]
+    gates32 = {n: g.detach().float().requires_grad_() for n, g in gates.items()}
+    got = _run(rule, toks32, gates32, backend="tiles", tile=tile)
+    assert got[0].dtype == torch.float32
+    for a, b in [(got[0], want[0]), *zip(got[1].values(), want[1].values(), strict=True),
+                 *zip(got[2], want[2], strict=True)]:
+        err = (a.double() - b).norm() / b.norm()
+        assert err < 1e-5, err

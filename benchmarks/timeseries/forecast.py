@@ -54,6 +54,9 @@ def main() -> int:
     ap.add_argument("--linear-steps", type=int, default=300, help="steps for the linear-only model")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--d-model", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--dropout", type=float, default=0.0, help="dropout on the head's input features")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (0: Adam)")
     ap.add_argument("--val-every", type=int, default=0, help="validate every N steps and test the best weights "
                     "(0: test the last weights)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (2 threads on 2 busy cores is slower)")
@@ -72,13 +75,16 @@ def main() -> int:
         for h in (int(x) for x in horizons.split(",")):
             torch.manual_seed(0)
             tile = tuple(int(x) for x in args.tile.split("x")) if args.tile else None
-            model = ltsf.build_model(name, 96, h, splits["train"].shape[1], d_model=args.d_model, tile=tile)
+            model = ltsf.build_model(name, 96, h, splits["train"].shape[1], d_model=args.d_model, tile=tile,
+                                     dropout=args.dropout)
             steps = args.linear_steps if name == "linear" else args.steps
             print(f"{name} horizon {h}: {steps} steps, batch {args.batch}", flush=True)
-            res = ltsf.train_and_test(model, splits, 96, h, steps, args.batch, log=lambda s: print(s, flush=True),
-                                      val_every=args.val_every)
+            res = ltsf.train_and_test(model, splits, 96, h, steps, args.batch, lr=args.lr,
+                                      log=lambda s: print(s, flush=True), val_every=args.val_every,
+                                      weight_decay=args.weight_decay)
             row = {"model": name, "horizon": h, "steps": steps, "batch": args.batch, "d_model": args.d_model,
                    "tile": args.tile, "threads": args.threads,
+                   "lr": args.lr, "dropout": args.dropout, "weight_decay": args.weight_decay,
                    "params": sum(p.numel() for p in model.parameters()), **res,
                    "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                    "date": time.strftime("%Y-%m-%d %H:%M")}

@@ -117,9 +117,12 @@ class Forecaster(nn.Module):
     """Window-normalised input -> cell embedding (value, variate, time) -> mixers -> per-variate linear head,
     plus a per-variate linear map of the input window (the DLinear-style path; `mixers=[]` is that alone)."""
 
-    def __init__(self, lookback: int, horizon: int, n_vars: int, d_model: int, mixers: list[nn.Module]):
+    def __init__(self, lookback: int, horizon: int, n_vars: int, d_model: int, mixers: list[nn.Module],
+                 dropout: float = 0.0):
         super().__init__()
         self.value = nn.Linear(1, d_model)
+        self.drop = nn.Dropout(dropout)  # on the head's input features (PatchTST's head dropout): the head is most
+        # of the parameters at long horizons (L * d * horizon) and fits the 8,640 training windows too closely
         self.var_emb = nn.Parameter(torch.randn(n_vars, d_model) * 0.02)
         self.time_emb = nn.Parameter(torch.randn(lookback, d_model) * 0.02)
         self.mixers = nn.ModuleList(mixers)
@@ -136,7 +139,7 @@ class Forecaster(nn.Module):
             for m in self.mixers:
                 h = m(h)
             B, L, V, d = h.shape
-            out = out + self.head(h.transpose(1, 2).reshape(B, V, L * d))
+            out = out + self.head(self.drop(h.transpose(1, 2).reshape(B, V, L * d)))
         return out.transpose(1, 2) * sd + mu
 
 
@@ -152,18 +155,20 @@ MODELS = {
 
 
 def build_model(name: str, lookback: int, horizon: int, n_vars: int, d_model: int = 16, n_heads: int = 2,
-                tile: tuple[int, int] | None = None, backend: str = "auto") -> Forecaster:
+                tile: tuple[int, int] | None = None, backend: str = "auto", dropout: float = 0.0) -> Forecaster:
     path, bias = MODELS[name]
     if path == "identity":
         mixers = [nn.Identity()]
     else:
         mixers = [] if path is None else [RuleMixer(str(ROOT / path), d_model, n_heads, tile, bias, backend)]
-    return Forecaster(lookback, horizon, n_vars, d_model, mixers)
+    return Forecaster(lookback, horizon, n_vars, d_model, mixers, dropout)
 
 
-def cosine_adam(model: nn.Module, lr: float, steps: int):
-    """Adam with a cosine decay to zero over `steps` (every training script here uses this schedule)."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+def cosine_adam(model: nn.Module, lr: float, steps: int, weight_decay: float = 0.0):
+    """Adam with a cosine decay to zero over `steps` (every training script here uses this schedule); with
+    `weight_decay`, AdamW's decoupled decay."""
+    opt = (torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay) if weight_decay
+           else torch.optim.Adam(model.parameters(), lr=lr))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
     return opt, sched
 
@@ -177,13 +182,13 @@ def optimizer_step(opt, sched, loss: torch.Tensor) -> None:
 
 def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, steps: int, batch: int = 32,
                    lr: float = 1e-3, seed: int = 0, log=print, test_limit: int | None = None,
-                   val_every: int = 0) -> dict[str, float]:
+                   val_every: int = 0, weight_decay: float = 0.0) -> dict[str, float]:
     """A fixed budget of Adam steps on random training windows; MSE/MAE on every test window. With `val_every`,
     the validation MSE is measured every that many steps (and at the end) and the weights with the best one are
     tested (early stopping by model selection, as the published models do)."""
     torch.manual_seed(seed)
     xtr, ytr = windows(splits["train"], lookback, horizon)
-    opt, sched = cosine_adam(model, lr, steps)
+    opt, sched = cosine_adam(model, lr, steps, weight_decay)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     best = None
