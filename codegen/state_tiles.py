@@ -36,6 +36,17 @@ from .tile_ir import TileGraph, X
 FP32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny: the runtime's floor of an ℓq sum
 
 
+MAX_NUMEL = 1 << 20  # Triton's largest tensor (TRITON_MAX_TENSOR_NUMEL)
+
+
+def check_tile_size(C: int, mats: dict[str, tuple[int, int]]) -> None:
+    """Per-position states are [C, m*n] tiles: past Triton's largest tensor there is no kernel."""
+    for n, (m, k) in mats.items():
+        if C * m * k > MAX_NUMEL:
+            raise Unsupported(f"the per-position states of {n} ({C} x {m}*{k} after padding) exceed Triton's "
+                              f"{MAX_NUMEL} elements per tile")
+
+
 def hyper_width(p: Program, name: str | None, sizes: dict) -> int:
     """Channels of a hyper-parameter (graph output `name`): 1 for a scalar, else its vector's size."""
     if name is None:
@@ -70,6 +81,7 @@ def build_state_graph(p: Program, spec: dict, shapes: dict[str, list[int]], size
 
     if proj == "softmax" and any(pad(s) != s for n in mats + vecs for s in shapes[n]):
         raise Unsupported("a row softmax over a padded width (a size that is not a power of two)")
+    check_tile_size(C, {n: tile_shape(n) for n in mats})
     lower = t.input("lower", (C, C), boolean=True)
     valid = t.input("valid", (C, 1), boolean=True)
     is_last = t.input("is_last", (C, 1), boolean=True)
@@ -190,4 +202,4 @@ def build_state_graph(p: Program, spec: dict, shapes: dict[str, list[int]], size
     return t
 
 
-__all__ = ["build_state_graph", "hyper_width"]
+__all__ = ["MAX_NUMEL", "build_state_graph", "check_tile_size", "hyper_width"]

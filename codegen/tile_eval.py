@@ -50,6 +50,11 @@ def evaluate(graph: TileGraph, inputs: dict[str, torch.Tensor], upto: int | None
         elif tile.op == "kron_db":
             g, a0 = a
             x = (g.reshape(g.shape[0], a0.shape[1], -1) * a0[:, :, None]).sum(1)
+        elif tile.op == "bmm":
+            m, k, n, ta, tb = tile.attrs
+            a3 = a[0].reshape(-1, k, m).mT if ta else a[0].reshape(-1, m, k)
+            b3 = a[1].reshape(-1, n, k).mT if tb else a[1].reshape(-1, k, n)
+            x = (a3 @ b3).reshape(-1, m * n)
         elif tile.op == "reshape":
             x = a[0].reshape(tile.shape)
         elif tile.op == "gmax":

@@ -18,6 +18,7 @@ Adjoint rules (g is the cotangent of the node's output):
     kron_da(h, b)  h += kron(g, b) ;  b += kron_db(h, g)      (a per-position state times a vector)
     kron_db(h, a)  h += kron(a, g) ;  a += kron_da(h, g)
     reshape(a)     a += reshape(g, shape(a))
+    bmm(a, b)      per row, C = op(a) op(b): op(a) += g op(b)^T ; op(b) += op(a)^T g (stored as a, b are)
     gmax(a)        none: a softmax shift, which the softmax does not depend on (tile_ir)
 """
 
@@ -100,6 +101,17 @@ def backward(graph: TileGraph, seeds: list[tuple[int, int]], wrt: list[int]) -> 
             h, a = node.args
             accumulate(h, graph.kron(a, g))
             accumulate(a, graph.kron_da(h, g, graph.shape(a)[1]))
+        elif node.op == "bmm":
+            a, b = node.args
+            m, k, n, ta, tb = node.attrs
+            if ta:  # a stored [k, m]: da = (g op(b)^T)^T = op(b) g^T
+                accumulate(a, graph.bmm(b, g, k, n, m, tb, True))
+            else:
+                accumulate(a, graph.bmm(g, b, m, n, k, False, not tb))
+            if tb:  # b stored [n, k]: db = (op(a)^T g)^T = g^T op(a)
+                accumulate(b, graph.bmm(g, a, n, m, k, True, ta))
+            else:
+                accumulate(b, graph.bmm(a, g, k, m, n, not ta, False))
         elif node.op == "reshape":
             accumulate(node.args[0], graph.reshape(g, graph.shape(node.args[0])))
         elif node.op == "gmax":

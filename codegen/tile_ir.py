@@ -17,6 +17,8 @@ matrices, boolean masks. A dozen ops are enough for the anchored chunk program i
     kron     row-wise Kronecker product [r, n] x [r, m] -> [r, n*m] (polynomial features, and the
              flattened per-position states of `state_tiles`), with its two adjoints kron_da, kron_db
     reshape  the same elements in another 2-D shape (row-major): a state [m, n] <-> a row [1, m*n]
+    bmm      per-row matrix products of flattened matrices: row r of [R, m*k] times row r of [R, k*n]
+             (either side stored transposed) -> [R, m*n]; Muon's Newton–Schulz on every position
     gmax     the maximum over consecutive groups of g columns, [r, k*g] -> [r, k]: a softmax's shift.
              It has no adjoint (tile_grad skips it): softmax(x - shift) does not depend on the shift,
              so the kernels use it only there
@@ -202,6 +204,13 @@ class TileGraph:
         if node.op == "reshape" and self.shape(node.args[0]) == tuple(shape):
             return node.args[0]
         return self.add(Tile("reshape", (a,), tuple(shape)))
+
+    def bmm(self, a: int, b: int, m: int, k: int, n: int, ta: bool = False, tb: bool = False) -> int:
+        """Row r: op(a_r) @ op(b_r), a_r stored [m, k] ([k, m] if ta), b_r stored [k, n] ([n, k] if tb)."""
+        if self.shape(a)[1] != m * k or self.shape(b)[1] != k * n:
+            raise ValueError(f"bmm {m}x{k}x{n} of {self.shape(a)} and {self.shape(b)}")
+        rows = _broadcast([(self.shape(a)[0], 1), (self.shape(b)[0], 1)])[0]
+        return self.add(Tile("bmm", (a, b), (rows, m * n), (m, k, n, bool(ta), bool(tb))))
 
     def gmax(self, a: int, group: int) -> int:
         """max over each group of `group` consecutive columns (a softmax shift: no adjoint, see above)."""

@@ -66,6 +66,13 @@ def print_tiles(graph: TileGraph, bound: dict[str, str], nodes: list[int], names
         elif t.op == "kron_db":
             width = graph.shape(t.args[1])[1]
             rhs = f"tl.sum(tl.reshape({a[0]}, [{m}, {width}, {n}]) * {a[1]}[:, :, None], axis=1)"
+        elif t.op == "bmm":
+            mm, k, nn, ta, tb = t.attrs
+            a3 = _batched(a[0], graph.shape(t.args[0])[0], m, (k, mm) if ta else (mm, k), ta)
+            b3 = _batched(a[1], graph.shape(t.args[1])[0], m, (nn, k) if tb else (k, nn), tb)
+            prod = f"tl.dot({a3}, {b3}, input_precision=PRECISION)" if min(mm, k, nn) >= 16 else \
+                f"tl.sum({a3}[:, :, :, None] * {b3}[:, None, :, :], axis=2)"
+            rhs = f"tl.reshape({prod}, [{m}, {n}])"
         elif t.op == "reshape":
             rhs = f"tl.reshape({a[0]}, [{m}, {n}])"
         elif t.op == "gmax":
@@ -92,6 +99,14 @@ def print_tiles(graph: TileGraph, bound: dict[str, str], nodes: list[int], names
             rhs = f"tl.broadcast_to({rhs}, [{m}, {n}])"
         lines.append(f"{names[i]} = {rhs}")
     return lines
+
+
+def _batched(x: str, rows: int, out_rows: int, shape: tuple[int, int], transposed: bool) -> str:
+    """A [rows, p*q] tile as [out_rows, p, q] matrices (broadcast over rows), transposed to [.., q, p]."""
+    if rows != out_rows:
+        x = f"tl.broadcast_to({x}, [{out_rows}, {shape[0] * shape[1]}])"
+    x = f"tl.reshape({x}, [{out_rows}, {shape[0]}, {shape[1]}])"
+    return f"tl.permute({x}, (0, 2, 1))" if transposed else x
 
 
 def mask_code(name: str, definition: tuple) -> str:

@@ -30,6 +30,7 @@ import sympy as sp
 from memdsl.program import Program
 
 from .chunk_tiles import Unsupported, build_chunk_graph, tile_shape_of
+from .muon_tiles import build_muon_graph
 from .state_tiles import build_state_graph
 from .tile_grad import backward
 from .tile_ir import TileGraph
@@ -60,6 +61,8 @@ def supported(p: Program, spec: dict, read_order: str | None = None) -> str | No
         return None
     if spec["algorithm"] not in ("anchored", "linear"):
         return f"algorithm {spec['algorithm']} without the dual form"
+    if spec["optim"] == "muon":
+        return _muon_limits(p, spec, read_order)
     if per_position(spec):
         return _per_position_limits(p, spec, read_order)
     if not spec.get("dual"):
@@ -108,6 +111,25 @@ def _per_position_limits(p: Program, spec: dict, read_order: str) -> str | None:
     return None
 
 
+def _muon_limits(p: Program, spec: dict, read_order: str) -> str | None:
+    """None if muon_tiles covers this rule; else what it lacks."""
+    if per_position(spec):
+        return "muon with a state projection or per-channel gates"
+    if spec["window_weight"] is not None and spec["window_weight"] not in spec["gates"]:
+        return "a window weight that is not a gate"
+    if spec["scale"] is not None or any(r.get("rate") for r in spec["retain"]) or spec["grad_at_decayed"] or \
+            spec.get("clip") is not None:
+        return "muon with a position scale, a retention toward the init, a decayed anchor or clipping"
+    if read_order != "after":
+        return "a read before write or at the chunk start with muon"
+    if any(len(t.shape) != 2 or t.name not in (spec.get("factors") or {}) for t in p.params):
+        return "muon on a vector parameter or a gradient that is not a sum of outer products"
+    roots = [p.graph.outputs[f"grad.{t.name}"] for t in p.params] + [p.graph.outputs["read"]]
+    if {p.graph.node(n).op for n in p.graph.topo(roots)} & {"slice", "unflatten", "flatten"}:
+        return "feature maps built with slice/flatten"
+    return None
+
+
 class _Layout:
     """Shapes and pointer arithmetic shared by the two kernels."""
 
@@ -118,7 +140,7 @@ class _Layout:
         self.params = [_ident(t.name) for t in p.params]
         self.gates = [_ident(n) for n in spec["gates"]]
         self.outers = [_ident(n) for n in spec["outers"]]
-        self.momentum = spec["optim"] == "momentum"
+        self.momentum = spec["optim"] in ("momentum", "muon")
         self.window = spec["window"]
         self.states = [f"A_{n}" for n in self.params] + ([f"S_{n}" for n in self.params] if self.momentum else [])
 
@@ -215,8 +237,12 @@ class _Layout:
 
 def _graph(p: Program, spec: dict, layout: _Layout, chunk: int, read_order: str | None = None) -> TileGraph:
     shapes = {n: layout.shape[n] for n in layout.shape}
-    build = build_wy_graph if spec["algorithm"] == "wy" else build_state_graph if per_position(spec) else \
-        build_chunk_graph
+    if spec["algorithm"] == "wy":
+        build = build_wy_graph
+    elif spec["optim"] == "muon":
+        build = build_muon_graph
+    else:
+        build = build_state_graph if per_position(spec) else build_chunk_graph
     return build(p, spec, shapes, layout.sym, chunk, read_order or spec["read_order"])
 
 

@@ -57,7 +57,7 @@ def autotuned(kernel):
 
 def _state_keys(spec) -> list[str]:
     keys = [f"A.{p}" for p in spec["params"]]
-    if spec["optim"] == "momentum":
+    if spec["optim"] in ("momentum", "muon"):
         keys += [f"S.{p}" for p in spec["params"]]
     return keys
 

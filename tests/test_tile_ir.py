@@ -72,11 +72,18 @@ def test_per_position_state_ops_match_autograd():
     e = g.ew(sp.exp(X[0] - X[1]), states, g.kron(g.gmax(states, 4), ones))
     soft = g.ew(X[0] / X[1], e, g.kron(g.kron_da(e, ones, 3), ones))
     outs = [g.kron_da(soft, x, 3), g.kron_db(states, xm, 4), g.reshape(g.sum(states, axis=0), (3, 4))]
+    for ta in (False, True):  # per-row matrix products (Muon's Newton–Schulz), either side stored transposed
+        for tb in (False, True):
+            m, k = (4, 3) if ta else (3, 4)  # states' rows are 3 x 4 matrices
+            outs.append(g.bmm(states, g.input(f"b{ta:d}{tb:d}", (1, k * 2)), m, k, 2, ta, tb))
     gen = torch.Generator().manual_seed(2)
     inputs = {n: torch.randn(g.shape(i), generator=gen, dtype=torch.float64) for n, i in g.inputs.items()}
     values = evaluate(g, inputs)
     rows = (inputs["w"] * inputs["st"].reshape(1, 12)).reshape(5, 3, 4).softmax(-1)
     assert torch.allclose(values[outs[0]], torch.einsum("rmn,rn->rm", rows, inputs["x"]))
+    w3 = values[states].reshape(5, 3, 4)
+    assert torch.allclose(values[outs[3]], (w3 @ inputs["b00"].reshape(4, 2)).reshape(5, 6))
+    assert torch.allclose(values[outs[6]], (w3.mT @ inputs["b11"].reshape(2, 3).mT).reshape(5, 8))
     _check_adjoints(g, inputs, outs)
 
 
