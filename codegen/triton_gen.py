@@ -14,10 +14,13 @@ Variable-length batches (`cu_seqlens`, flash-linear-attention's convention): B =
 tokens cu[i]..cu[i+1]; one program per (sequence, head); state and saved buffers are per sequence.
 
 Coverage of this slice (anything else runs on the torch path; `supported` says why): the anchored
-dual form — a single memory block of matrices and vectors, `gd` or `momentum` (with an optional
-position scale), a scalar `decay` retention, Omega windows up to chunk + 1 tokens, polynomial
-features (concat, kron; padded sizes), any read order, scalar gates — and the
-exact WY algorithm of state-linear rules (wy_tiles.py); power-of-two sizes ≥ 16.
+dual form (chunk_tiles.py) — a single memory block of matrices and vectors, `gd` or `momentum` (with
+an optional position scale), a scalar `decay` retention, Omega windows up to chunk + 1 tokens,
+polynomial features (concat, kron; padded sizes), any read order, scalar gates; per-position states
+(state_tiles.py) — `gd` with an ℓq or row-softmax state projection (Memora's lag token) or
+per-channel gates, reads after write; Muon (muon_tiles.py) — per-position momenta and Newton–Schulz,
+Omega windows; and the exact WY algorithm of state-linear rules (wy_tiles.py); power-of-two token
+widths and chunks ≥ 16.
 """
 
 from __future__ import annotations

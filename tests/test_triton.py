@@ -145,16 +145,17 @@ def test_unsupported_rule_says_why():
         rule(tok["q"], tok["k"], tok["v"], gates, params, backend="triton")
 
 
-@pytest.mark.parametrize("name", ["titans", "ttt_linear"])
+@pytest.mark.parametrize("name", ["titans", "ttt_linear", "moneta"])
 def test_packed_sequences_equal_separate_calls(name):
     """cu_seqlens: kernels (fwd and bwd) on packed sequences == the torch chunk program per sequence.
-    Lengths are ragged, one is empty, one is shorter than a chunk; TTT's position scale restarts."""
+    Lengths are ragged, one is empty, one is shorter than a chunk; TTT's position scale restarts;
+    Moneta's per-channel hyper-parameters ([B, T, H, channels]) are cut per sequence too."""
     rule = memdsl.compile(f"rules/{name}.mem")
     cu = torch.tensor([0, 21, 21, 30, 67])
-    tok, gates, params = make_inputs(rule, B=1, T=67, H=2, D=16, dtype=torch.float32)
+    tok, gates, params = inputs(rule, B=1, T=67, H=2, D=16, dtype=torch.float32)
     state = rule.init_state(4, 2, d=16, generator=torch.Generator().manual_seed(3))
     runs = {}
-    for backend in ("triton", "dual"):
+    for backend in ("triton", reference(rule)):
         leaves = {n: t.clone().requires_grad_() for n, t in {**tok, **gates}.items()}
         s0 = {n: t.clone().requires_grad_() for n, t in state.items()}
         y, s = rule(leaves["q"], leaves["k"], leaves["v"], {n: leaves[n] for n in gates}, params, s0,
@@ -164,7 +165,7 @@ def test_packed_sequences_equal_separate_calls(name):
         loss = loss + sum((s[n] * torch.randn(s[n].shape, generator=gen)).sum() for n in sorted(s0))
         grads = torch.autograd.grad(loss, [*leaves.values(), *s0.values()])
         runs[backend] = (y, s, dict(zip([*leaves, *[f"state.{n}" for n in s0]], grads, strict=True)))
-    (y, s, g), (y_ref, s_ref, g_ref) = runs["triton"], runs["dual"]
+    (y, s, g), (y_ref, s_ref, g_ref) = runs["triton"], runs[reference(rule)]
     assert rel_rms(y, y_ref) <= 1e-5
     for n in s_ref:
         assert rel_rms(s[n], s_ref[n]) <= 1e-5, n
