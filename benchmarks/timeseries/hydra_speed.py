@@ -5,7 +5,8 @@ side by side in one run, at the ETTh1 setting (lookback 96, 7 variates).
 
 Executions: `tiles` (the anchored 2-D chunkwise program, the rule's tile), `wavefront` (the exact recurrence,
 anti-diagonal by anti-diagonal: T + V - 1 sequential steps, each batched over a diagonal) and `cell loop`
-(the exact recurrence cell by cell: tile 1 x 1 of the token-serial oracle, T * V sequential steps).
+(the exact recurrence cell by cell: tile 1 x 1 of the token-serial oracle, T * V sequential steps); `--floor`
+adds the per-cell work alone (hydra_train.floor_seconds).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def main() -> int:
     ap.add_argument("--tiles", nargs="*", default=[], help="more tiles to time, e.g. 32x8 96x8 (each a different "
                     "anchored model: the tile is semantic)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--floor", action="store_true", help="also time the per-cell gradient + read over every cell in "
+                    "one batched call (materialised states, no recurrence): a bound no schedule of these ops beats")
     ap.add_argument("--against-rev", default=None, help="also time the tiles of codegen/runtime_2d.py as of this git "
                     "revision (the same model: a before/after of the runtime)")
     args = ap.parse_args()
@@ -75,6 +78,11 @@ def main() -> int:
         rows.append((f"tiles {text}", step_time(rule, inputs, "tiles", tile, args.repeat)))
     if args.cell_loop:
         rows.append(("cell loop (exact)", step_time(rule, inputs, "anchored_loop", (1, 1), 1)))
+    if args.floor:
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+        from hydra_train import floor_seconds
+        rows.append(("floor: per-cell gradient + read, all cells at once", floor_seconds(rule, B, T, V, H, D,
+                                                                                     args.repeat)))
     if args.against_rev:
         old = compile_2d(str(pathlib.Path(__file__).resolve().parents[2] / "rules" / "hydra.mem"))
         old = copy.copy(old)
