@@ -23,6 +23,9 @@ from .driver import load, read_source
 _MEMO: dict[str, CompiledRule] = {}
 _LOCK = threading.Lock()
 _HEADER = "# memdsl-cache sha256="
+# backend="auto" on CPU tensors that need a gradient: the torch-printed tile programs (codegen/tile_torch.py)
+# when True, else the torch chunk path (measured side by side: benchmarks/cpu.py)
+TILES_BY_DEFAULT = False
 
 
 def cache_dir() -> Path:
@@ -116,6 +119,7 @@ class CompiledRule:
         self.spec = mod.SPEC
         self.impl = mod.RULE
         self._triton_reasons: dict[str, str | None] = {}
+        self._tiles_reasons: dict[tuple, str | None] = {}
 
     @property
     def name(self) -> str:
@@ -134,8 +138,8 @@ class CompiledRule:
         """y, state = rule(q, k, v, gates, params, state). With `cu_seqlens` (flash-linear-attention's
         convention: B = 1, sequence i is tokens cu[i]..cu[i+1]) every packed sequence runs from its own
         state ([N, H, ...]); y is [1, T, H, Dv] and the state has one entry per sequence."""
+        from codegen.triton_launch import check_cu_seqlens, run_packed
         if cu_seqlens is not None:
-            from codegen.triton_launch import check_cu_seqlens, run_packed
             check_cu_seqlens(cu_seqlens, q)
         read_order = kw.get("read_order")
         unknown = set(kw) - {"chunk", "read_order"}  # options only the torch paths have (sizes, check_finite)
@@ -149,12 +153,81 @@ class CompiledRule:
             if unknown:
                 raise ValueError(f"the Triton path does not take {sorted(unknown)} yet: use a torch backend")
             return run_triton(self, q, k, v, gates, params, state, kw.get("chunk"), cu_seqlens, read_order)
+        def init_state():
+            return self.impl.init_state(1, q.shape[2], sizes=self.impl.sizes(k=k, v=v, q=q), device=q.device,
+                                        params=params)
+        if backend == "tiles" or (backend == "auto" and self._tiles_by_default(q, k, v, gates, params, state, unknown,
+                                                                               kw.get("chunk"), read_order)):
+            return self._run_tiles(q, k, v, gates, params, state, kw.get("chunk"), read_order, unknown, cu_seqlens,
+                                   init_state)
         if cu_seqlens is not None:
-            def init_state():
-                return self.impl.init_state(1, q.shape[2], sizes=self.impl.sizes(k=k, v=v, q=q), device=q.device,
-                                            params=params)
             return run_packed(self.impl, init_state, q, k, v, gates, params, state, cu_seqlens, backend=backend, **kw)
         return self.impl(q, k, v, gates, params, state, backend=backend, **kw)
+
+    def _run_tiles(self, q, k, v, gates, params, state, chunk, read_order, unknown, cu_seqlens, init_state):
+        from codegen.tile_torch import run_tiles
+        from codegen.triton_launch import run_packed
+        if unknown:
+            raise ValueError(f"the tile programs do not take {sorted(unknown)} yet: use backend='chunk'")
+        chunk = self.spec["chunk"] if chunk is None else chunk
+        if isinstance(chunk, (bool, str, bytes)) or not hasattr(chunk, "__index__") or int(chunk) < 1:
+            raise ValueError(f"chunk must be an integer ≥ 1, got {chunk!r}")
+        sz = self.impl.sizes(k=k, v=v, q=q)
+        shapes = self.impl.fns["shapes"](sz)
+        self.impl._check_tokens(q, k, v, shapes)  # the frontend's own checks: the same messages on every path
+        extra = sorted(set(params or {}) - set(self.spec["outers"]) - set(self.spec["params"]))
+        if extra:
+            raise ValueError(f"unknown params {extra}; rule {self.name} takes outers {list(self.spec['outers'])} "
+                             f"and initial memories {list(self.spec['params'])}")
+        if state is not None:
+            self.impl._check_state(state, len(cu_seqlens) - 1 if cu_seqlens is not None else q.shape[0], q.shape[2],
+                                   shapes, q.device)
+        why = self.tiles_reason(read_order, {n: int(x) for n, x in sz.items()}, int(chunk))
+        if why is not None:
+            raise ValueError(f"rule {self.name} has no tile program: {why}")
+
+        def call(q, k, v, gates, params, state):
+            return run_tiles(self, q, k, v, gates, params, state, int(chunk), read_order)
+        if cu_seqlens is not None:
+            return run_packed(call, init_state, q, k, v, gates, params, state, cu_seqlens)
+        return call(q, k, v, gates, params, state)
+
+    def _tiles_by_default(self, q, k, v, gates, params, state, unknown, chunk, read_order) -> bool:
+        """backend="auto" on CPU tensors takes the tile programs (a generated backward) when a gradient is
+        needed and they cover the rule at these sizes; fp32/bf16/fp16 inputs only (they compute in fp32:
+        float64 stays on the torch chunk path). Anything malformed goes to the frontend, which says why."""
+        import torch
+        if not TILES_BY_DEFAULT or unknown or not isinstance(q, torch.Tensor) or q.is_cuda or q.dtype == torch.float64 \
+                or not torch.is_grad_enabled():
+            return False
+        tensors = [q, k, v, *(gates or {}).values(), *(params or {}).values(), *(state or {}).values()] \
+            if isinstance(gates or {}, dict) and isinstance(params or {}, dict) and isinstance(state or {}, dict) else []
+        if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+            return False
+        try:
+            sizes = {n: int(x) for n, x in self.impl.sizes(k=k, v=v, q=q).items()}
+            c = int(self.spec["chunk"] if chunk is None else chunk)
+        except Exception:  # noqa: BLE001 - a malformed call: the frontend raises the helpful error
+            return False
+        return c >= 1 and q.dim() == 4 and self.tiles_reason(read_order, sizes, c) is None
+
+    def tiles_reason(self, read_order: str | None = None, sizes: dict[str, int] | None = None,
+                     chunk: int | None = None) -> str | None:
+        """None when the torch-printed tile programs (backend="tiles") cover this rule (read at `read_order`;
+        with sizes and chunk: at those sizes, both directions generated); else why the torch chunk path runs."""
+        read_order = read_order or self.spec["read_order"]
+        key = (read_order, tuple(sorted((sizes or {}).items())), chunk)
+        if key not in self._tiles_reasons:
+            from codegen.tile_torch import Unsupported, kernel_for
+            why = self.triton_reason(read_order)  # the same slice: the tile graphs the Triton kernels print
+            if why is None and sizes is not None:
+                try:
+                    for direction in ("fwd", "bwd"):
+                        kernel_for(self, sizes, int(chunk or self.chunk), direction, read_order)
+                except Unsupported as err:
+                    why = str(err)
+            self._tiles_reasons[key] = why
+        return self._tiles_reasons[key]
 
     def triton_reason(self, read_order: str | None = None) -> str | None:
         """None when the generated Triton kernels cover this rule (read at `read_order`); else why not."""

@@ -1,0 +1,615 @@
+"""Tile graphs printed as batched torch code: the CPU backend of the generated chunk kernels.
+
+The Triton kernels (triton_gen.py) run one program per (batch, head) and walk its chunks. Here the
+same forward and backward tile graphs are printed as torch statements on [..., r, c] tensors that
+hold every program at once, and the work is split by what it depends on:
+
+    setup   masks, outer constants: computed once                           [r, c] / [H, r, c]
+    pre     no carried value: every chunk at once, before the loop          [NC, B, H, r, c]
+    loop    what the carried value needs (forward: the state; backward:   [B, H, r, c]
+            the state cotangent), one chunk per iteration
+    post    the rest, every chunk at once, after the loop (the loop's       [NC, B, H, r, c]
+            values stacked)
+
+So the forward loop holds only the state recurrence (the read of every chunk runs after it, from
+the stacked chunk-start states), and the backward, which reloads every chunk-start state, recomputes
+the whole forward for all chunks at once and loops only over the state cotangent. A kernel object
+has the Triton kernels' calling convention (`kernel[grid](*pointers, C=..., ...)`), so
+`triton_launch.TritonChunk` drives it unchanged.
+
+Sizes: tile widths are still padded to powers of two (the graph's column masks keep padding at
+zero), but no width or chunk needs to be a power of two or ≥ 16 here: tl.dot's limits do not apply.
+A sequence whose length is a multiple of the chunk runs a variant specialised to full chunks (the
+valid-row masks vanish, the last row is a slice); otherwise every chunk is masked.
+"""
+
+from __future__ import annotations
+
+import linecache
+import re
+
+import sympy as sp
+import torch
+import torch.nn.functional as F
+
+from .chunk_tiles import Unsupported, pad
+from .sympy_print import TorchPrinter
+from .tile_eval import mask_value
+from .tile_grad import backward
+from .tile_ir import Tile, TileGraph, X
+from .torch_activations import PRELUDE, TorchGeluGrad, fold_activations
+from .triton_gen import HYPER, TOKENS, _graph, _Layout, supported
+
+FILL = {"lr": 0.0, "mu": 1.0, "keep": 1.0, "scale": 0.0}  # hyper-parameters on padded rows (as the kernels load)
+
+
+class _Named(TorchPrinter):
+    """The torch printer over named operands; a sum with products in it accumulates them with addcmul
+    (one pass instead of a product and a sum)."""
+
+    def __init__(self, names: list[str]):
+        super().__init__()
+        self.names = names
+
+    def _print_Symbol(self, expr):
+        return self.names[int(expr.name[1:])]
+
+    def _print_Add(self, expr):
+        def product(term):
+            coeff, factors = term.as_coeff_mul()
+            return len(factors) >= 2 and not any(isinstance(f, TorchGeluGrad) for f in factors)
+        prods = [term for term in expr.args if product(term)]
+        rest = [term for term in expr.args if not product(term)]
+        if not prods or not rest or sp.Add(*rest).is_number:
+            return super()._print_Add(expr)
+        out = self._print(sp.Add(*rest))
+        for term in prods:
+            coeff, (f0, *more) = term.as_coeff_mul()
+            out = f"torch.addcmul({out}, {self._print(f0)}, {self._print(sp.Mul(*more))}, value={float(coeff)!r})"
+        return out
+
+
+def _addmm(p, a, b, beta: float, alpha: float):
+    """beta * p + alpha * a @ b, as one batched GEMM when the batch dims agree."""
+    lead = p.shape[:-2]
+    if a.shape[:-2] == lead and b.shape[:-2] == lead and p.shape[-2:] == (a.shape[-2], b.shape[-1]):
+        return torch.baddbmm(p.reshape(-1, *p.shape[-2:]), a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]),
+                             beta=beta, alpha=alpha).view(p.shape)
+    return beta * p + alpha * torch.matmul(a, b)
+
+
+class _Fusion:
+    """Which nodes print inside another: an elementwise node with a single consumer, elementwise and in
+    the same phase, is substituted into its expression; a negation read only by products is folded
+    into them; `p ± a @ b` with a single-use product is one batched GEMM (`_addmm`)."""
+
+    def __init__(self, g: TileGraph, live: list[int], level: dict[int, str], roots: set[int]):
+        self.g = g
+        users: dict[int, set[int]] = {}
+        for i in live:
+            for a in g.nodes[i].args:
+                users.setdefault(a, set()).add(i)
+        printed = {i for i in live if g.nodes[i].op not in ("input", "const")}
+
+        def single(j: int, op: str | None = None) -> int | None:
+            u = users.get(j, set())
+            if j in roots or j not in printed or len(u) != 1:
+                return None
+            (c,) = u
+            return c if level[c] == level[j] and (op is None or g.nodes[c].op == op) else None
+
+        self.negated = {j for j in printed if g.nodes[j].op == "ew" and g.nodes[j].attrs[0] == -X[0]
+                        and j not in roots and users.get(j) and all(g.nodes[c].op == "dot" and level[c] == level[j]
+                                                                     for c in users[j])}
+        self.addmm: dict[int, tuple[int, int, float, float]] = {}
+        for e in printed:
+            t = g.nodes[e]
+            if t.op != "ew" or len(t.args) != 2:
+                continue
+            coef = t.attrs[0].as_coefficients_dict()
+            if set(coef) != {X[0], X[1]} or any(abs(c) != 1 for c in coef.values()):
+                continue
+            for d, p in ((1, 0), (0, 1)):
+                dot, other = t.args[d], t.args[p]
+                if g.nodes[dot].op == "dot" and single(dot) == e and g.shape(dot)[0] > 0 and \
+                        g.shape(g.nodes[dot].args[0])[1] > 1 and g.shape(other) == g.shape(dot):
+                    self.addmm[e] = (other, dot, float(coef[X[p]]), float(coef[X[d]]))
+                    break
+        fused = set(self.addmm) | {x for other, *_ in self.addmm.values() for x in (other,)}
+        self.inline = {j for j in printed if g.nodes[j].op == "ew" and j not in fused
+                       and single(j, "ew") not in (None, *self.addmm)}
+        self.skip = self.inline | self.negated | {d for _, d, _, _ in self.addmm.values()}
+
+    def expr(self, i: int) -> tuple[sp.Expr, list[int]]:
+        """Node i's expression with single-use elementwise operands substituted; its leaf operands."""
+        leaves: list[int] = []
+        marks = [sp.Symbol(f"leaf{k}", real=True) for k in range(64)]
+
+        def build(n: int) -> sp.Expr:
+            t = self.g.nodes[n]
+            subs = {}
+            for k, a in enumerate(t.args):
+                if a in self.inline:
+                    subs[X[k]] = build(a)
+                else:
+                    if a not in leaves:
+                        leaves.append(a)
+                    subs[X[k]] = marks[leaves.index(a)]
+            return t.attrs[0].xreplace(subs)
+        e = build(i)
+        if len(leaves) > len(X):
+            raise Unsupported("an elementwise expression over too many operands")
+        return e.xreplace({marks[k]: X[k] for k in range(len(leaves))}), leaves
+
+    def operand(self, j: int, ref) -> tuple[str, int]:
+        """A product's operand and its sign (a folded negation reads the negated value's operand)."""
+        if j in self.negated:
+            return ref(self.g.nodes[j].args[0]), -1
+        return ref(j), 1
+
+
+def _specialise_full(g: TileGraph) -> TileGraph:
+    """A copy of `g` for full chunks: every row valid (where(valid, a, b) is a), and the last row of a
+    tile is a slice (sum(where(is_last, x, 0), axis 0) is `lastrow(x)`)."""
+    out = TileGraph()
+    out.inputs, out.boolean, out.mask_defs = {}, set(), dict(g.mask_defs)
+    new: dict[int, int] = {}
+    valid, last = g.inputs.get("valid"), g.inputs.get("is_last")
+    for i, t in enumerate(g.nodes):
+        args = tuple(new[a] for a in t.args)
+        if t.op == "where" and t.args[0] == valid:
+            new[i] = out.expand(args[1], t.shape) if out.shape(args[1]) != t.shape else args[1]
+            continue
+        if t.op == "sum" and t.attrs == (0,):
+            w = g.nodes[t.args[0]]
+            zero = g.nodes[w.args[2]] if w.op == "where" else None
+            if w.op == "where" and w.args[0] == last and zero.op == "const" and zero.attrs[0] == 0.0:
+                x = new[w.args[1]]
+                if out.shape(x)[0] == 1:
+                    new[i] = out.expand(x, t.shape) if out.shape(x) != t.shape else x
+                else:
+                    new[i] = out.add(Tile("lastrow", (x,), t.shape))
+                continue
+        new[i] = out.add(Tile(t.op, args, t.shape, t.attrs))
+        if t.op == "input":
+            out.inputs[t.attrs[0]] = new[i]
+        if i in g.boolean:
+            out.boolean.add(new[i])
+    out.outputs = {n: new[i] for n, i in g.outputs.items()}
+    out._renamed = new  # old id -> new id, for the caller's result nodes
+    return out
+
+
+def _statement(g: TileGraph, i: int, ref, fuse: _Fusion | None = None) -> str:
+    """`t<i> = ...`: one tile op on tensors with any leading batch dims (the tile is the last two)."""
+    t = g.nodes[i]
+    a = [ref(j) for j in t.args]
+    m, n = t.shape
+    if t.op == "ew" and fuse and i in fuse.addmm:
+        other, dot, beta, alpha = fuse.addmm[i]
+        (x, sx), (y, sy) = (fuse.operand(j, ref) for j in g.nodes[dot].args)
+        rhs = f"_addmm({ref(other)}, {x}, {y}, {beta!r}, {alpha * sx * sy!r})"
+    elif t.op == "ew":
+        expr, leaves = fuse.expr(i) if fuse else (t.attrs[0], list(t.args))
+        rhs = _Named([ref(j) for j in leaves]).doprint(fold_activations(expr))
+    elif t.op == "dot":
+        k = g.shape(t.args[0])[1]
+        (x, sx), (y, sy) = (fuse.operand(j, ref) if fuse else (ref(j), 1) for j in t.args)
+        rhs = f"{x} * {y}" if k == 1 else f"torch.matmul({x}, {y})"
+        if sx * sy < 0:
+            rhs = f"({rhs}).neg_()"
+    elif t.op == "trans":
+        rhs = f"{a[0]}.transpose(-1, -2)"
+    elif t.op == "sum":
+        rhs = f"{a[0]}.sum({t.attrs[0] - 2}, keepdim=True)"
+    elif t.op == "cumsum":
+        axis, reverse = t.attrs
+        d = axis - 2
+        rhs = f"{a[0]}.flip({d}).cumsum({d}).flip({d})" if reverse else f"{a[0]}.cumsum({d})"
+    elif t.op == "where":
+        rhs = f"torch.where({a[0]}, {a[1]}, {a[2]})"
+        if all(g.nodes[j].op == "const" for j in t.args[1:]):
+            rhs += ".to(DT)"
+    elif t.op == "expand":
+        if g.nodes[t.args[0]].op == "const":
+            rhs = f"torch.full(({m}, {n}), {a[0]}, dtype=DT)"
+        else:
+            rhs = f"{a[0]}.expand(*{a[0]}.shape[:-2], {m}, {n})"
+    elif t.op == "lastrow":
+        rhs = f"{a[0]}[..., -1:, :]"
+    elif t.op == "kron":
+        rhs = f"({a[0]}.unsqueeze(-1) * {a[1]}.unsqueeze(-2)).flatten(-2)"
+    elif t.op == "kron_da":
+        rhs = f"({a[0]}.unflatten(-1, ({n}, {g.shape(t.args[1])[1]})) * {a[1]}.unsqueeze(-2)).sum(-1)"
+    elif t.op == "kron_db":
+        rhs = f"({a[0]}.unflatten(-1, ({g.shape(t.args[1])[1]}, {n})) * {a[1]}.unsqueeze(-1)).sum(-2)"
+    elif t.op == "reshape":
+        rhs = f"{a[0]}.reshape(*{a[0]}.shape[:-2], {m}, {n})"
+    elif t.op == "gmax":
+        rhs = f"{a[0]}.unflatten(-1, ({n}, {t.attrs[0]})).amax(-1)"
+    elif t.op == "trinv":
+        low = f"torch.where({a[1]}, {a[0]}, 0.0)"
+        rhs = (f"torch.linalg.solve_triangular({low}, torch.eye({m}, dtype=DT).expand(*{a[0]}.shape[:-2], {m}, {m}), "
+               "upper=False, unitriangular=True)")
+    else:
+        raise Unsupported(f"tile op {t.op} has no torch printing")
+    return f"t{i} = {rhs}"
+
+
+NAME = re.compile(r"\b(?:c_)?(?:t\d+|i_\w+)\b")
+VIEWS = ("trans", "lastrow", "expand", "reshape")  # cheap to redo after the loop: never buffered per chunk
+LARGE = 4096  # elements per program: a loop value this large is not buffered for a reduction after the loop
+
+
+def print_program(g: TileGraph, carried: dict[str, int], chunked: set[str], results: dict[str, int],
+                  reverse: bool, name: str, after_loop: bool = True, saved: tuple[str, ...] = ()) -> str:
+    """The source of `name(I, B, H, NC, DT)`. I maps input names to tensors: setup inputs [r, c] or
+    [H, 1, r, c]; chunked inputs [B, H, NC, r, c]; carried inputs [B, H, 1, r, c] (their value at the
+    first chunk); and for every carried input n a buffer `start:n` [B, H, NC, r, c] that receives its
+    value at each chunk's start (the forward's saved states). carried: {input name: the node holding
+    its value for the next chunk}; results: per-chunk values, returned as [B, H, NC, r, c] (or
+    broadcastable); the carried values after the last chunk come back as `final:<name>`. `reverse`: the
+    loop runs from the last chunk to the first. `after_loop=False` keeps every carried-dependent value
+    in the loop (small per-chunk ops instead of per-chunk buffers). `saved`: carried inputs whose
+    `start:` buffer is filled even when nothing after the loop reads it."""
+    roots = list(results.values()) + list(carried.values())
+    live = g.live(roots)
+    dep_c, dep_k = set(), set()
+    for i in live:
+        t = g.nodes[i]
+        if t.op == "input":
+            (dep_c if t.attrs[0] in carried else dep_k if t.attrs[0] in chunked else set()).add(i)
+        elif any(a in dep_c for a in t.args):
+            dep_c.add(i)
+        elif any(a in dep_k for a in t.args):
+            dep_k.add(i)
+    in_loop = set(g.live(list(carried.values()))) & dep_c if after_loop else dep_c
+    level = {}
+    for i in live:
+        t = g.nodes[i]
+        if t.op in ("input", "const"):
+            level[i] = t.op
+        elif i in dep_c:
+            level[i] = "loop" if i in in_loop else "post"
+        else:
+            level[i] = "pre" if i in dep_k else "setup"
+    # a value after the loop that shrinks a large per-chunk loop value (a reduction, a product with a
+    # chunk tile) is computed inside the loop instead: buffering its input for every chunk costs more
+    free = set(saved) if after_loop else set()
+    for i in live:
+        if level[i] != "post" or any(level[a] == "post" for a in g.nodes[i].args):
+            continue
+        size = g.shape(i)[0] * g.shape(i)[1]
+        if any((level[a] == "loop" or (level[a] == "input" and g.nodes[a].attrs[0] in carried
+                                       and g.nodes[a].attrs[0] not in free))
+               and size <= g.shape(a)[0] * g.shape(a)[1] and g.shape(a)[0] * g.shape(a)[1] >= LARGE
+               for a in g.nodes[i].args):
+            level[i] = "loop"
+    post = [i for i in live if level[i] == "post"]
+    # loop values the post phase reads: views of them are redone after the loop, the rest buffered
+    redo: set[int] = set()
+    while True:
+        reads = {j for i in post + sorted(redo) for j in g.nodes[i].args} | set(results.values())
+        more = {j for j in reads if level[j] == "loop" and g.nodes[j].op in VIEWS} - redo
+        if not more:
+            break
+        redo |= more
+    post = sorted(set(post) | redo)
+    keep = sorted(j for j in reads if level[j] == "loop" and j not in redo)
+    starts = [n for n in carried if g.inputs[n] in reads or n in saved]
+
+    def ref(j: int, where: str) -> str:
+        t = g.nodes[j]
+        if t.op == "const":
+            return repr(float(t.attrs[0]))
+        var = f"i_{t.attrs[0]}" if t.op == "input" else f"t{j}"
+        if where == "loop" and (level[j] == "pre" or (t.op == "input" and t.attrs[0] in chunked)):
+            return f"c_{var}"
+        return var
+
+    roots = set(results.values()) | set(carried.values()) | set(keep) | set(redo)
+    roots |= {j for i in live for j in g.nodes[i].args if level.get(j) != level[i]}  # read across phases
+    fuse = _Fusion(g, live, level, roots)
+
+    def stmts(nodes: list[int], where: str) -> list[tuple[str, set[str]]]:
+        out = []
+        for i in nodes:
+            if i in fuse.skip:
+                continue
+            st = _statement(g, i, lambda j: ref(j, where), fuse)
+            out.append((st, set(NAME.findall(st.split(" = ", 1)[1]))))
+        return out
+
+    loop = [i for i in live if level[i] == "loop"]
+    loop_reads = {j for i in loop for j in g.nodes[i].args} | set(carried.values())
+    sliced = sorted(j for j in loop_reads if ref(j, "loop") != ref(j, "pre"))
+    lines = [f"def {name}(I, B, H, NC, DT):"]
+    lines += [f"    i_{n} = I[{n!r}]" for n in sorted(g.inputs) if g.inputs[n] in live]
+    for n in starts:
+        r, c = g.shape(g.inputs[n])
+        lines.append(f"    S_{n} = I.get('start:{n}')")
+        lines.append(f"    S_{n} = torch.empty(B, H, NC, {r}, {c}, dtype=DT) if S_{n} is None else S_{n}")
+    tail = {ref(j, "pre") for j in loop_reads | reads}
+    lines += _with_dels(stmts([i for i in live if level[i] in ("setup", "pre")], "pre"), tail)
+    # ---- the loop: what the carried values need ------------------------------------------------------
+    lines += [f"    L_t{j} = torch.empty(B, H, NC, {g.shape(j)[0]}, {g.shape(j)[1]}, dtype=DT)" for j in keep]
+    lines.append(f"    for ci in {'range(NC - 1, -1, -1)' if reverse else 'range(NC)'}:")
+    lines += [f"        c_{ref(j, 'pre')} = {ref(j, 'pre')}[:, :, ci:ci + 1]" for j in sliced]
+    lines += [f"        S_{n}[:, :, ci:ci + 1] = i_{n}" for n in starts]
+    lines += ["        " + st for st, _ in stmts(loop, "loop")]
+    lines += [f"        L_t{j}[:, :, ci:ci + 1] = t{j}" for j in keep]
+    if carried:
+        lines.append("        " + ", ".join(f"i_{n}" for n in carried) + " = " +
+                     ", ".join(ref(carried[n], "loop") for n in carried))
+    lines += [f"    final_{n} = i_{n}" for n in carried]
+    lines += [f"    t{j} = L_t{j}" for j in keep] + [f"    i_{n} = S_{n}" for n in starts]
+    # ---- after the loop: every chunk at once ---------------------------------------------------------
+    lines += _with_dels(stmts(post, "post"), {ref(j, "post") for j in results.values()})
+    out = [f"{k!r}: {ref(j, 'post')}" for k, j in results.items()] + [f"'final:{n}': final_{n}" for n in carried]
+    lines.append("    return {" + ", ".join(out) + "}")
+    return "\n".join(lines) + "\n"
+
+
+def _with_dels(body: list[tuple[str, set[str]]], kept: set[str]) -> list[str]:
+    """Statements with `del` of every temporary after its last read (full-sequence tiles are large)."""
+    last: dict[str, int] = {}
+    for k, (_, reads) in enumerate(body):
+        for r in reads:
+            last[r] = k
+    out = []
+    for k, (stmt, _) in enumerate(body):
+        out.append("    " + stmt)
+        dead = sorted(r for r, at in last.items() if at == k and r.startswith("t") and r not in kept)
+        if dead:
+            out.append("    del " + ", ".join(dead))
+    return out
+
+
+# ---- the kernels: graphs, layouts, the Triton calling convention ----------------------------------
+
+def _compile(source: str, name: str, key: str):
+    filename = f"<memdsl tiles {key}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    ns = {"torch": torch, "_addmm": _addmm}
+    exec(PRELUDE, ns)  # _gelu_grad, for the fused gelu derivative the printer emits
+    exec(compile(source, filename, "exec"), ns)
+    return ns[name]
+
+
+class TorchChunkKernel:
+    """The chunk program of one rule, sizes and chunk as batched torch code, called like a Triton kernel:
+    `kernel[grid](*tensors, CU, T, H, NC, C=..., VARLEN=..., SAVE=...)` (the grid is ignored: every
+    (batch, head) program runs at once). `source(variant)` is the generated function's text; variants:
+    full or ragged chunks, and for the forward whether the chunk-start states are saved."""
+
+    def __init__(self, p, spec: dict, sizes: dict[str, int], chunk: int, direction: str,
+                 read_order: str | None = None):
+        why = supported(p, spec, read_order)
+        if why:
+            raise Unsupported(why)
+        self.lay = lay = _Layout(p, spec, sizes)
+        self.direction, self.chunk = direction, chunk
+        graph = _graph(p, spec, lay, chunk, read_order)
+        self.window = graph.shape(graph.inputs["hist_valid"])[0] if "hist_valid" in graph.inputs else 0
+        if direction == "fwd":
+            results = {"y": graph.outputs["y"]}
+            carried = {s: graph.outputs[s] for s in lay.states}
+        else:
+            seeds = [(graph.outputs["y"], graph.input("dy", graph.shape(graph.outputs["y"])))]
+            seeds += [(graph.outputs[s], graph.input(f"d{s}", graph.shape(graph.outputs[s]))) for s in lay.states]
+            wrt = [f"{prefix}_{n}" for prefix in ("tok", "hist") for n in (*TOKENS, *lay.gates)]
+            wrt = [n for n in wrt + list(HYPER) + [f"out_{n}" for n in lay.outers] + lay.states if n in graph.inputs]
+            adj = backward(graph, seeds, [graph.inputs[n] for n in wrt])
+            results = {n: adj[graph.inputs[n]] for n in wrt if n not in lay.states}
+            for n in [n for n in results if n.startswith("hist_")]:  # rows before the sequence get nothing
+                results[n] = graph.where(graph.inputs["hist_valid"], results[n], graph.const(0.0))
+            carried = {f"d{s}": adj[graph.inputs[s]] for s in lay.states}
+        chunked = {n for n in graph.inputs if n.startswith(("tok_", "hist_")) or n in HYPER or n in
+                   ("valid", "is_last", "hist_valid", "dy")}
+        if direction == "bwd":
+            chunked |= set(lay.states)  # every chunk-start state was saved by the forward
+        self.graph, self.results, self.carried, self.chunked = graph, results, carried, chunked
+        self.inputs = set(graph.inputs)
+        self._sources: dict[tuple, str] = {}
+        self._fns: dict[tuple, object] = {}
+        self.masks = {n: mask_value(d) for n, d in graph.mask_defs.items()}
+        ii = torch.arange(chunk)
+        self.masks.update(lower=ii[:, None] >= ii[None, :], strict=ii[:, None] > ii[None, :],
+                          shift=ii[:, None] == ii[None, :] + 1, first=(ii == 0)[:, None])
+        self.full_masks = {"valid": torch.ones(chunk, 1, dtype=torch.bool), "is_last": (ii == chunk - 1)[:, None]}
+        self.key = f"{p.name}-{sorted(sizes.items())}-{chunk}-{direction}-{read_order}"
+
+    def source(self, ragged: bool, save: bool = True) -> str:
+        """The generated function for full (T a multiple of C) or ragged sequences; `save`: the forward
+        keeps every chunk-start state (for the backward) and reads after the loop, else reads inside it."""
+        key = (ragged, save or self.direction == "bwd")
+        if key not in self._sources:
+            g, res, car, chk = self.graph, self.results, self.carried, self.chunked
+            if not ragged:
+                g = _specialise_full(self.graph)
+                res = {n: g._renamed[i] for n, i in res.items()}
+                car = {n: g._renamed[i] for n, i in car.items()}
+                chk = chk - {"valid", "is_last"}
+            name = f"chunk_{self.direction}_{'ragged' if ragged else 'full'}{'' if key[1] else '_nosave'}"
+            self._sources[key] = print_program(g, car, chk, res, self.direction == "bwd", name, after_loop=key[1],
+                                               saved=tuple(car) if self.direction == "fwd" and key[1] else ())
+        return self._sources[key]
+
+    def function(self, ragged: bool, save: bool = True):
+        key = (ragged, save or self.direction == "bwd")
+        if key not in self._fns:
+            src = self.source(*key)
+            name = src[4:src.index("(")]
+            self._fns[key] = _compile(src, name, f"{self.key}-{name}")
+        return self._fns[key]
+
+    def __getitem__(self, grid):
+        return self
+
+    # ---- the kernels' layouts <-> tiles [B, H, NC, r, c] --------------------------------------------
+    def _tiles(self, x, NC: int, width: int, fill: float = 0.0):
+        """[B, T, H, d] -> [B, H, NC, C, width] (rows past T filled with `fill`, columns past d with 0)."""
+        B, T, H, d = x.shape
+        C = self.chunk
+        if width != d:
+            x = F.pad(x, (0, width - d))
+        if NC * C != T:
+            x = F.pad(x, (0, 0, 0, 0, 0, NC * C - T), value=fill)
+        return x.reshape(B, NC, C, H, width).permute(0, 3, 1, 2, 4).contiguous()
+
+    def _untile(self, x, T: int, width: int):
+        """[B, H, NC, C, w] -> [B, T, H, width]."""
+        B, H, NC, C, w = x.shape
+        return x.permute(0, 2, 3, 1, 4).reshape(B, NC * C, H, w)[:, :T, :, :width]
+
+    def _history(self, x, NC: int, width: int):
+        """The `window` rows before each chunk: [B, T, H, d] -> [B, H, NC, Hh, width]."""
+        B, T, H, d = x.shape
+        C, hh = self.chunk, self.window
+        x = F.pad(x, (0, width - d, 0, 0, hh, NC * C - T))
+        return x[:, :NC * C].reshape(B, NC, C, H, width)[:, :, :hh].permute(0, 3, 1, 2, 4).contiguous()
+
+    def _state(self, x, name: str, *lead: int):
+        """[*lead, *shape] -> [*lead, pm, pn] (zero padding)."""
+        (pm, pn), (m, n) = self.lay.tile_of(name), self.lay.logical(name)
+        x = x.reshape(*lead, m, n)
+        return F.pad(x, (0, pn - n, 0, pm - m)) if (pm, pn) != (m, n) else x
+
+    def _unstate(self, x, name: str):
+        (m, n) = self.lay.logical(name)
+        return x[..., :m, :n]
+
+    def _inputs(self, x: dict, NC: int, T: int, B: int, H: int) -> dict:
+        I: dict[str, torch.Tensor] = {}
+        for n in TOKENS:
+            width = pad(self.lay.shape[n][0])
+            if f"tok_{n}" in self.inputs:
+                I[f"tok_{n}"] = self._tiles(x[n], NC, width)
+            if f"hist_{n}" in self.inputs:
+                I[f"hist_{n}"] = self._history(x[n], NC, width)
+        for n in self.lay.gates:
+            g = x[f"G_{n}"].unsqueeze(-1)
+            if f"tok_{n}" in self.inputs:
+                I[f"tok_{n}"] = self._tiles(g, NC, 1)
+            if f"hist_{n}" in self.inputs:
+                I[f"hist_{n}"] = self._history(g, NC, 1)
+        for n in HYPER:
+            if n in self.inputs:
+                I[n] = self._tiles(x[n].unsqueeze(-1), NC, 1, FILL[n])
+        for n in self.lay.outers:
+            I[f"out_{n}"] = self._state(x[f"O_{n}"], n, H, 1)
+        I.update({n: m for n, m in self.masks.items() if n in self.inputs})
+        C = self.chunk
+        if T % C == 0:
+            I.update({n: m for n, m in self.full_masks.items() if n in self.inputs})
+        else:
+            start = (torch.arange(NC) * C).reshape(1, 1, NC, 1, 1)  # chunked inputs are [B, H, NC, r, c]
+            rows = start + torch.arange(C).reshape(C, 1)
+            I["valid"], I["is_last"] = rows < T, rows == torch.clamp(start + C, max=T) - 1
+        if self.window:
+            hh, c = self.window, self.lay.window
+            start = (torch.arange(NC) * C).reshape(1, 1, NC, 1, 1)
+            rows_h = start - hh + torch.arange(hh).reshape(hh, 1)
+            I["hist_valid"] = (rows_h >= 0) & (rows_h > start - c)
+        return I
+
+    def __call__(self, *args, C: int, VARLEN: bool, SAVE: bool = True):
+        if VARLEN:
+            raise Unsupported("packed sequences (cu_seqlens): run one call per sequence")
+        if C != self.chunk:
+            raise ValueError(f"kernel built for chunk {self.chunk}, called with {C}")
+        lay = self.lay
+        head = ["q", "k", "v", *HYPER, *[f"G_{n}" for n in lay.gates], *[f"O_{n}" for n in lay.outers]]
+        if self.direction == "fwd":
+            names = head + ["Y"] + [f"P_{s}" for s in lay.states] + [f"SAVE_{s}" for s in lay.states]
+        else:
+            names = head + [f"SAVE_{s}" for s in lay.states] + ["DY"] + [f"D{s}" for s in lay.states]
+            names += ["DQ", "DK", "DV", *[f"D_{n}" for n in HYPER], *[f"DG_{n}" for n in lay.gates]]
+            names += [f"DO_{n}" for n in lay.outers]
+        if len(args) != len(names) + 4:
+            raise TypeError(f"expected {len(names) + 4} arguments ({', '.join(names)}, CU, T, H, NC)")
+        x = dict(zip(names, args[:-4], strict=True))
+        T, H = args[-3], args[-2]
+        B, NC = x["q"].shape[0], -(-T // self.chunk)
+        I = self._inputs(x, NC, T, B, H)
+        ragged, DT = T % self.chunk != 0, x["q"].dtype
+        if self.direction == "fwd":
+            I.update({s: self._state(x[f"P_{s}"], s[2:], B, H, 1) for s in lay.states})
+            for s in lay.states:  # the saved states are written in place when they need no padding
+                exact = lay.tile_of(s[2:]) == lay.logical(s[2:])
+                I[f"start:{s}"] = self._state(x[f"SAVE_{s}"], s[2:], B, H, NC) if SAVE and exact else \
+                    torch.empty(B, H, NC, *lay.tile_of(s[2:]), dtype=DT)
+            out = self.function(ragged, SAVE)(I, B, H, NC, DT)
+            x["Y"].copy_(self._untile(out["y"].expand(B, H, NC, C, -1), T, x["v"].shape[-1]))
+            for s in lay.states:
+                x[f"P_{s}"].copy_(self._unstate(out[f"final:{s}"], s[2:]).reshape(x[f"P_{s}"].shape))
+                if SAVE and lay.tile_of(s[2:]) != lay.logical(s[2:]):
+                    x[f"SAVE_{s}"].copy_(self._unstate(I[f"start:{s}"], s[2:]).reshape(x[f"SAVE_{s}"].shape))
+            return None
+        for s in lay.states:
+            I[s] = self._state(x[f"SAVE_{s}"], s[2:], B, H, NC)
+            I[f"d{s}"] = self._state(x[f"D{s}"], s[2:], B, H, 1)
+        I["dy"] = self._tiles(x["DY"], NC, pad(lay.shape["v"][0]))
+        out = self.function(ragged)(I, B, H, NC, DT)
+        for s in lay.states:
+            x[f"D{s}"].copy_(self._unstate(out[f"final:d{s}"], s[2:]).reshape(x[f"D{s}"].shape))
+        self._store_grads(out, x, NC, T, B, H)
+        return None
+
+    def _store_grads(self, out: dict, x: dict, NC: int, T: int, B: int, H: int):
+        C, hh = self.chunk, self.window
+        for n, dst in (("q", "DQ"), ("k", "DK"), ("v", "DV"), *[(g, f"DG_{g}") for g in self.lay.gates]):
+            if f"tok_{n}" not in out:
+                continue
+            g = out[f"tok_{n}"]
+            width = g.shape[-1]
+            grad = self._untile(g.expand(B, H, NC, C, width), T, width)
+            if hh and f"hist_{n}" in out:  # the window's rows before each chunk: add them back where they came from
+                buf = g.new_zeros(B, hh + NC * C, H, width)
+                buf[:, hh:hh + T] = grad
+                hist = out[f"hist_{n}"].expand(B, H, NC, hh, width).permute(0, 2, 3, 1, 4)
+                buf[:, :NC * C].view(B, NC, C, H, width)[:, :, :hh] += hist
+                grad = buf[:, hh:hh + T]
+            x[dst].copy_(grad[..., 0] if dst.startswith("DG_") else grad[..., :x[dst].shape[-1]])
+        for n in HYPER:
+            if n in out:
+                x[f"D_{n}"].copy_(self._untile(out[n].expand(B, H, NC, C, 1), T, 1)[..., 0])
+        for n in self.lay.outers:
+            g = out[f"out_{n}"]
+            g = g.expand(B, H, NC, *g.shape[-2:]).sum(2)
+            x[f"DO_{n}"].copy_(self._unstate(g, n).reshape(x[f"DO_{n}"].shape))
+
+
+# ---- compiled rules ---------------------------------------------------------------------------------
+
+_KERNELS: dict[str, TorchChunkKernel] = {}
+
+
+def kernel_for(rule, sizes: dict[str, int], chunk: int, direction: str = "fwd",
+               read_order: str | None = None) -> TorchChunkKernel:
+    """The torch-printed forward or backward chunk program of a compiled rule (cached per process)."""
+    from .triton_run import program_for
+    read_order = read_order or rule.spec["read_order"]
+    key = f"{rule.key}-{sorted(sizes.items())}-{chunk}-{direction}-{read_order}"
+    if key not in _KERNELS:
+        _KERNELS[key] = TorchChunkKernel(program_for(rule), rule.spec, sizes, chunk, direction, read_order)
+    return _KERNELS[key]
+
+
+def tiles_reason(rule, read_order: str | None = None) -> str | None:
+    """None when the tile graphs cover this rule; otherwise why the torch chunk path runs instead."""
+    from .triton_run import program_for
+    return supported(program_for(rule), rule.spec, read_order or rule.spec["read_order"])
+
+
+def run_tiles(rule, q, k, v, gates, params, state, chunk=None, read_order=None):
+    """A compiled rule through the torch-printed tile programs: [B, T, H, D] in, (y, state) out,
+    differentiable (the generated backward, through triton_launch.TritonChunk)."""
+    from .triton_launch import launch
+
+    def get_kernel(direction: str, sizes: dict[str, int], c: int):
+        return kernel_for(rule, sizes, c, direction, read_order)
+    return launch(rule.impl, rule.spec, get_kernel, q, k, v, gates, params, state, chunk or rule.chunk)
+
+
+__all__ = ["TorchChunkKernel", "Unsupported", "kernel_for", "print_program", "run_tiles", "tiles_reason"]
