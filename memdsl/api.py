@@ -200,8 +200,8 @@ class CompiledRule:
         if not TILES_BY_DEFAULT or unknown or not isinstance(q, torch.Tensor) or q.is_cuda or q.dtype == torch.float64 \
                 or not torch.is_grad_enabled():
             return False
-        tensors = [q, k, v, *(gates or {}).values(), *(params or {}).values(), *(state or {}).values()] \
-            if isinstance(gates or {}, dict) and isinstance(params or {}, dict) and isinstance(state or {}, dict) else []
+        dicts = [d or {} for d in (gates, params, state)]
+        tensors = [q, k, v, *(t for d in dicts for t in d.values())] if all(isinstance(d, dict) for d in dicts) else []
         if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
             return False
         try:
