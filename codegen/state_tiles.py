@@ -9,10 +9,11 @@ without momentum, §4.5):
     A_i = abar_i A0 - sum_{j<=i} D_ij lr_j a_j b_j^T        row i = abar_i vec(A0) - (Kc @ kron(a, b))_i
 
 Per-channel coefficients (a channel is a row of the matrix, `channel_axis` "row", or a column,
-"col"/"vec") factor through the running products, D_ij = abar_i / abar_j (per channel), as the
-gated-linear-attention kernels do: row i = abar_i ⊙ (vec(A0) - (lower @ kron(a ⊙ lr / abar, b))_i).
-That form overflows when a channel's keep product inside one chunk falls below e^-80; the launcher
-checks for it (triton_launch.check_separable).
+"col"/"vec"): one C×C matrix per channel, D_ij lr_j = exp(cum_i - cum_j) lr_j in log space as in the
+scalar case, kept channel-major as a [w, C*C] tile; the flattened outer products are permuted to
+channel-major [w, C*other] (`permute`), multiplied channel by channel (`bmm`) and permuted back.
+(Factoring D_ij = abar_i / abar_j instead, as gated-linear-attention kernels do, overflows past a
+chunk product of e^-80, and was further from float64 in fp32: gate α 6.6e-5 vs 3.3e-5 on moneta.)
 
 The gradient of every token is taken at the projected chunk-start state P(A0), the reads see
 P(A_i) (`matvec` on a flattened state is kron_da), the chunk ends in the unprojected A_last — what
@@ -137,35 +138,42 @@ def build_state_graph(p: Program, spec: dict, shapes: dict[str, list[int]], size
         scalar = t.shape(lr_s)[1] == 1 and (keep_s is None or t.shape(keep_s)[1] == 1)
         if scalar:
             D = _ratio_matrix(t, cum) if cum is not None else t.where(lower, one, zero)
-            Kc, scaled = t.mul(D, t.trans(lr_s)), lr_s
-        else:  # per channel: D_ij = abar_i / abar_j, the 1 / abar_j folded into the factors
-            Kc = t.where(lower, one, zero)
-            scaled = t.mul(lr_s, t.ew(sp.exp(-X[0]), cum)) if cum is not None else lr_s
+            Kc = t.mul(D, t.trans(lr_s))
+        else:  # per channel: a C×C coefficient matrix per channel, channel-major [w, C*C], in log space
+            tri = t.mask("ltri", C)
+            lr_cols = t.kron(ones(C), t.trans(lr_s))  # lr_j at column i*C + j
+            if cum is not None:
+                cum_t = t.trans(cum)
+                diff = t.where(tri, t.sub(t.kron(cum_t, ones(C)), t.kron(ones(C), cum_t)), zero)
+                Kc = t.where(tri, t.mul(t.ew(sp.exp(X[0]), diff), lr_cols), zero)
+            else:
+                Kc = t.where(tri, lr_cols, zero)
         flat, read, end = {}, {}, {}
         for n in mats + vecs:
             m_p, n_p = tile_shape(n)
             axis = spec["params"][n]["channel_axis"]
             if n in vecs:
                 u = low.as_rows(done[outs[n]], n_p)
-                upd = t.dot(Kc, u if scalar else t.mul(u, scaled))
-                base = state[n]
+                upd = t.dot(Kc, u) if scalar else t.trans(t.bmm(Kc, t.trans(u), C, C, 1))
+                states = t.sub(t.mul(abar, state[n]), upd)
             else:
                 upd = None
                 for a, b in factors[n]:
-                    a_r, b_r = low.as_rows(done[a], m_p), low.as_rows(done[b], n_p)
-                    if not scalar:
-                        a_r, b_r = (t.mul(a_r, scaled), b_r) if axis == "row" else (a_r, t.mul(b_r, scaled))
-                    term = t.kron(a_r, b_r)
+                    term = t.kron(low.as_rows(done[a], m_p), low.as_rows(done[b], n_p))
                     upd = term if upd is None else t.add2(upd, term)
-                upd = t.dot(Kc, upd)
-                base = t.reshape(state[n], (1, m_p * n_p))
-            if scalar:
-                states = t.sub(t.mul(abar, base), upd)
-            else:
-                wide = abar
-                if n in mats and t.shape(abar)[1] > 1:
-                    wide = t.kron(abar, ones(n_p)) if axis == "row" else t.kron(ones(m_p), abar)
-                states = t.mul(wide, t.sub(base, upd))
+                base, wide = t.reshape(state[n], (1, m_p * n_p)), abar
+                if scalar:
+                    upd = t.dot(Kc, upd)
+                else:  # [C, m*n] (j, m, n) -> channel-major, one product per channel, and back
+                    dims, to, back = ((C, m_p, n_p), (1, 0, 2), (1, 0, 2)) if axis == "row" else \
+                        ((C, m_p, n_p), (2, 0, 1), (1, 2, 0))
+                    chan = t.permute(upd, dims, to)
+                    inner = dims[2] if axis == "row" else dims[1]
+                    prod = t.bmm(Kc, chan, C, C, inner)
+                    upd = t.permute(prod, (t.shape(chan)[0], C, inner), back)
+                    if t.shape(abar)[1] > 1:
+                        wide = t.kron(abar, ones(n_p)) if axis == "row" else t.kron(ones(m_p), abar)
+                states = t.sub(t.mul(wide, base), upd)
             flat[n] = states
             read[n] = project(states, n_p, flat=True)
             end[n] = last_row(states) if n in vecs else t.reshape(last_row(states), (m_p, n_p))

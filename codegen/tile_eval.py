@@ -55,6 +55,9 @@ def evaluate(graph: TileGraph, inputs: dict[str, torch.Tensor], upto: int | None
             a3 = a[0].reshape(-1, k, m).mT if ta else a[0].reshape(-1, m, k)
             b3 = a[1].reshape(-1, n, k).mT if tb else a[1].reshape(-1, k, n)
             x = (a3 @ b3).reshape(-1, m * n)
+        elif tile.op == "permute":
+            dims, perm = tile.attrs
+            x = a[0].reshape(dims).permute(perm).reshape(tile.shape)
         elif tile.op == "reshape":
             x = a[0].reshape(tile.shape)
         elif tile.op == "gmax":
@@ -78,6 +81,10 @@ def mask_value(definition: tuple) -> torch.Tensor:
         c, C = args
         j, col = torch.arange(C)[:, None], torch.arange(C)[None, :]
         return (col <= j) & (col > j - c)
+    if kind == "ltri":
+        (C,) = args
+        col = torch.arange(C * C)[None, :]
+        return col // C >= col % C
     if kind == "hband":
         c, C, hh = args
         return torch.arange(hh)[None, :] > torch.arange(C)[:, None] + hh - c

@@ -18,6 +18,7 @@ Adjoint rules (g is the cotangent of the node's output):
     kron_da(h, b)  h += kron(g, b) ;  b += kron_db(h, g)      (a per-position state times a vector)
     kron_db(h, a)  h += kron(a, g) ;  a += kron_da(h, g)
     reshape(a)     a += reshape(g, shape(a))
+    permute(a)     a += permute(g) by the inverse permutation
     bmm(a, b)      per row, C = op(a) op(b): op(a) += g op(b)^T ; op(b) += op(a)^T g (stored as a, b are)
     gmax(a)        none: a softmax shift, which the softmax does not depend on (tile_ir)
 """
@@ -112,6 +113,10 @@ def backward(graph: TileGraph, seeds: list[tuple[int, int]], wrt: list[int]) -> 
                 accumulate(b, graph.bmm(g, a, n, m, k, True, ta))
             else:
                 accumulate(b, graph.bmm(a, g, k, m, n, not ta, False))
+        elif node.op == "permute":
+            dims, perm = node.attrs
+            inverse = tuple(perm.index(k) for k in range(3))
+            accumulate(node.args[0], graph.permute(g, tuple(dims[k] for k in perm), inverse))
         elif node.op == "reshape":
             accumulate(node.args[0], graph.reshape(g, graph.shape(node.args[0])))
         elif node.op == "gmax":

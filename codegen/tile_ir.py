@@ -19,6 +19,8 @@ matrices, boolean masks. A dozen ops are enough for the anchored chunk program i
     reshape  the same elements in another 2-D shape (row-major): a state [m, n] <-> a row [1, m*n]
     bmm      per-row matrix products of flattened matrices: row r of [R, m*k] times row r of [R, k*n]
              (either side stored transposed) -> [R, m*n]; Muon's Newton–Schulz on every position
+    permute  a [d0, d1*d2] tile seen as [d0, d1, d2], its axes permuted, back to 2-D: position-major
+             per-position states [C, m*n] <-> channel-major [m, C*n] (per-channel decays)
     gmax     the maximum over consecutive groups of g columns, [r, k*g] -> [r, k]: a softmax's shift.
              It has no adjoint (tile_grad skips it): softmax(x - shift) does not depend on the shift,
              so the kernels use it only there
@@ -100,10 +102,12 @@ class TileGraph:
         """A boolean tile built from indices: ("cols", n, P) is [1, P] with j < n; ("place", off, n, P_in,
         P_out) is [P_in, P_out] with j == i + off and i < n (puts a width-n block at column off);
         ("band", c, C) is [C, C] with j - c < l <= j (an Omega window over this chunk's rows);
-        ("hband", c, C, Hh) is [C, Hh] with r > j + Hh - c (the window over the Hh rows before)."""
+        ("hband", c, C, Hh) is [C, Hh] with r > j + Hh - c (the window over the Hh rows before);
+        ("ltri", C) is [1, C*C] with i >= j at column i*C + j (a flattened lower triangle)."""
         name = "_".join(["m" + kind, *map(str, args)])
         shape = {"cols": lambda: (1, args[1]), "place": lambda: (args[2], args[3]),
-                 "band": lambda: (args[1], args[1]), "hband": lambda: (args[1], args[2])}[kind]()
+                 "band": lambda: (args[1], args[1]), "hband": lambda: (args[1], args[2]),
+                 "ltri": lambda: (1, args[0] * args[0])}[kind]()
         self.mask_defs[name] = (kind, *args)
         return self.input(name, shape, boolean=True)
 
@@ -211,6 +215,15 @@ class TileGraph:
             raise ValueError(f"bmm {m}x{k}x{n} of {self.shape(a)} and {self.shape(b)}")
         rows = _broadcast([(self.shape(a)[0], 1), (self.shape(b)[0], 1)])[0]
         return self.add(Tile("bmm", (a, b), (rows, m * n), (m, k, n, bool(ta), bool(tb))))
+
+    def permute(self, a: int, dims: tuple[int, int, int], perm: tuple[int, int, int]) -> int:
+        """[d0, d1*d2] as [d0, d1, d2], axes permuted by `perm`, flattened to [dp0, dp1*dp2]."""
+        if self.shape(a) != (dims[0], dims[1] * dims[2]) or sorted(perm) != [0, 1, 2]:
+            raise ValueError(f"permute {dims} {perm} of {self.shape(a)}")
+        if tuple(perm) == (0, 1, 2):
+            return a
+        p = [dims[i] for i in perm]
+        return self.add(Tile("permute", (a,), (p[0], p[1] * p[2]), (tuple(dims), tuple(perm))))
 
     def gmax(self, a: int, group: int) -> int:
         """max over each group of `group` consecutive columns (a softmax shift: no adjoint, see above)."""

@@ -73,6 +73,9 @@ def print_tiles(graph: TileGraph, bound: dict[str, str], nodes: list[int], names
             prod = f"tl.dot({a3}, {b3}, input_precision=PRECISION)" if min(mm, k, nn) >= 16 else \
                 f"tl.sum({a3}[:, :, :, None] * {b3}[:, None, :, :], axis=2)"
             rhs = f"tl.reshape({prod}, [{m}, {n}])"
+        elif t.op == "permute":
+            dims, perm = t.attrs
+            rhs = f"tl.reshape(tl.permute(tl.reshape({a[0]}, {list(dims)}), {tuple(perm)}), [{m}, {n}])"
         elif t.op == "reshape":
             rhs = f"tl.reshape({a[0]}, [{m}, {n}])"
         elif t.op == "gmax":
@@ -119,6 +122,9 @@ def mask_code(name: str, definition: tuple) -> str:
         c, C = args
         return (f"{name} = (tl.arange(0, {C})[None, :] <= tl.arange(0, {C})[:, None]) & "
                 f"(tl.arange(0, {C})[None, :] > tl.arange(0, {C})[:, None] - {c})")
+    if kind == "ltri":
+        (C,) = args
+        return f"{name} = (tl.arange(0, {C * C}) // {C} >= tl.arange(0, {C * C}) % {C})[None, :]"
     if kind == "hband":
         c, C, hh = args
         return f"{name} = tl.arange(0, {hh})[None, :] > tl.arange(0, {C})[:, None] + {hh - c}"

@@ -178,23 +178,9 @@ def _hyper(impl, spec, gates_bht, outers, sz, T, chunk, q, cu_seqlens) -> list[t
         for n in HYPER_NAMES:
             value = values[n] if values[n] is not None else like[:, :, lo:hi, :1] * 0
             parts[n].append(value[..., 0] if value.shape[-1] == 1 else value)  # per channel: [B, H, T, ch]
-        if values["keep"] is not None and max(values["keep"].shape[-1], values["lr"].shape[-1]) > 1:
-            check_separable(values["keep"], chunk)
     B, H = like.shape[:2]
     return [torch.cat(parts[n], dim=2).transpose(1, 2).contiguous() if parts[n] else torch.zeros(B, T, H)
             for n in HYPER_NAMES]
-
-
-def check_separable(keep, chunk):
-    """Per-channel decays enter the kernels as abar_i / abar_j (the running products inside a chunk): a
-    product below e^-80 overflows its reciprocal in fp32. keep: [B, H, T, ch] for one sequence."""
-    T = keep.shape[2]
-    padded = torch.nn.functional.pad(keep.detach().float(), (0, 0, 0, -T % chunk), value=1.0)
-    logs = torch.log(padded.clamp_min(1e-38)).unflatten(2, (-1, chunk)).cumsum(dim=3)
-    if bool((logs < -80).any()):
-        raise ValueError("a per-channel keep product inside one chunk falls below e^-80 (or a keep is <= 0), out of "
-                         "the Triton kernels' range (they factor the decay as abar_i / abar_j in log space): use a "
-                         "smaller chunk or a torch backend")
 
 
 def run_packed(call, init_state, q, k, v, gates, params, state, cu_seqlens, **kw):

@@ -62,8 +62,9 @@ def test_every_adjoint_rule_matches_autograd():
 
 
 def test_per_position_state_ops_match_autograd():
-    """The ops of state_tiles: a state flattened to a row (reshape), per-position states [r, m*n] times a
-    vector (kron_da, kron_db) and a row softmax whose shift (gmax) has no adjoint."""
+    """The ops of state_tiles and muon_tiles: a state flattened to a row (reshape), per-position states
+    [r, m*n] times a vector (kron_da, kron_db), a row softmax whose shift (gmax) has no adjoint, the
+    position-major <-> channel-major permutes and per-row matrix products (bmm)."""
     g = TileGraph()
     w, x, xm = g.input("w", (5, 12)), g.input("x", (5, 4)), g.input("xm", (1, 3))
     flat = g.reshape(g.input("st", (3, 4)), (1, 12))
@@ -72,6 +73,7 @@ def test_per_position_state_ops_match_autograd():
     e = g.ew(sp.exp(X[0] - X[1]), states, g.kron(g.gmax(states, 4), ones))
     soft = g.ew(X[0] / X[1], e, g.kron(g.kron_da(e, ones, 3), ones))
     outs = [g.kron_da(soft, x, 3), g.kron_db(states, xm, 4), g.reshape(g.sum(states, axis=0), (3, 4))]
+    outs += [g.permute(states, (5, 3, 4), (1, 0, 2)), g.permute(states, (5, 3, 4), (2, 0, 1))]  # channel-major
     for ta in (False, True):  # per-row matrix products (Muon's Newton–Schulz), either side stored transposed
         for tb in (False, True):
             m, k = (4, 3) if ta else (3, 4)  # states' rows are 3 x 4 matrices
@@ -82,8 +84,9 @@ def test_per_position_state_ops_match_autograd():
     rows = (inputs["w"] * inputs["st"].reshape(1, 12)).reshape(5, 3, 4).softmax(-1)
     assert torch.allclose(values[outs[0]], torch.einsum("rmn,rn->rm", rows, inputs["x"]))
     w3 = values[states].reshape(5, 3, 4)
-    assert torch.allclose(values[outs[3]], (w3 @ inputs["b00"].reshape(4, 2)).reshape(5, 6))
-    assert torch.allclose(values[outs[6]], (w3.mT @ inputs["b11"].reshape(2, 3).mT).reshape(5, 8))
+    assert torch.allclose(values[outs[4]], w3.permute(2, 0, 1).reshape(4, 15))
+    assert torch.allclose(values[outs[5]], (w3 @ inputs["b00"].reshape(4, 2)).reshape(5, 6))
+    assert torch.allclose(values[outs[8]], (w3.mT @ inputs["b11"].reshape(2, 3).mT).reshape(5, 8))
     _check_adjoints(g, inputs, outs)
 
 

@@ -57,9 +57,10 @@ CHANNEL_KEEPS = {"moneta": "alpha"}  # the per-channel gate that is the keep (re
 
 
 def inputs(rule, **kw):
-    """make_inputs, with per-channel keeps in 0.65-0.95: the kernels factor a per-channel decay as
-    abar_i / abar_j, and at make_inputs' keeps of 0.05-0.35 (a chunk's product ~1e-12) their fp32 gradients
-    lose an order of magnitude against the torch path (docs/triton.md)."""
+    """make_inputs, with Moneta's per-channel keeps in 0.65-0.95 (sigmoid gates near their middle): at
+    make_inputs' keeps of 0.05-0.35 the state decays ~1e-12 per chunk and its ℓq normalisation turns
+    fp32 rounding into gradient errors of ~1e-5 on both paths, which draw by draw land on either side
+    of the 4x criterion (docs/triton.md)."""
     tok, gates, params = make_inputs(rule, **kw)
     if rule.name in CHANNEL_KEEPS:
         gates[CHANNEL_KEEPS[rule.name]] = gates[CHANNEL_KEEPS[rule.name]] + 0.6
@@ -269,13 +270,14 @@ def test_window_history_is_returned_and_an_incoming_one_is_refused():
         rule(tok["q"], tok["k"], tok["v"], gates, params, state, chunk=16, backend="triton")
 
 
-def test_per_channel_gates_without_a_projection():
+@pytest.mark.parametrize("shift", [0.0, 0.6])
+def test_per_channel_gates_without_a_projection(shift):
     """Per-channel learning rate and keep (a matrix's rows, a vector's entries) on the kernels with
-    per-position states, against the torch dual form; a keep product out of their range is refused."""
+    per-position states, against the torch dual form, at strong (0.05-0.35) and mild keeps."""
     rule = memdsl.compile(PER_CHANNEL)
     assert rule.triton_reason() is None and rule.spec["dual"]
     tok, gates, params = make_inputs(rule, B=1, T=37, H=2, D=16, dtype=torch.float32)
-    gates["alpha"] = gates["alpha"] + 0.6
+    gates["alpha"] = gates["alpha"] + shift
     y, s, g = run_with_grads(rule, tok, gates, params, backend="triton", chunk=16)
     y_ref, s_ref, g_ref = run_with_grads(rule, tok, gates, params, backend="dual", chunk=16)
     assert rel_rms(y, y_ref) <= 1e-5
@@ -283,6 +285,3 @@ def test_per_channel_gates_without_a_projection():
         assert rel_rms(s[key], s_ref[key]) <= 1e-5, key
     for key in g_ref:
         assert rel_rms(g[key], g_ref[key]) <= 1e-5, key
-    gates["alpha"] = torch.full_like(gates["alpha"], 1e-3)  # 16 tokens: e^-110
-    with pytest.raises(ValueError, match="e\\^-80"):
-        rule(tok["q"], tok["k"], tok["v"], gates, params, chunk=16, backend="triton")
