@@ -48,9 +48,8 @@ def newton_schulz(t: TileGraph, x: int, m: int, n: int, steps: int) -> int:
 
 def build_muon_graph(p: Program, spec: dict, shapes: dict[str, list[int]], sizes: dict, C: int,
                      read_order: str = "after") -> TileGraph:
-    """The forward tile graph of one chunk (outputs y, A_<p>, S_<p>) of a rule with `optim muon`."""
-    if read_order != "after":
-        raise Unsupported("a read before write or at the chunk start with Muon")
+    """The forward tile graph of one chunk (outputs y, A_<p>, S_<p>) of a rule with `optim muon`, read after
+    write, before write or at the chunk start (`read_order`, as in chunk_tiles)."""
     ir = p.graph
     t = TileGraph()
     mats = [x.name for x in p.params if len(x.shape) == 2]
@@ -127,8 +126,16 @@ def build_muon_graph(p: Program, spec: dict, shapes: dict[str, list[int]], sizes
             mom = t.add2(mom, t.dot(k, rows[n]))
         step = t.mul(t.ew(-X[0], lr), newton_schulz(t, mom, m_p, n_p, spec["ns_steps"]))
         states = t.add2(t.mul(abar, t.reshape(A[n], flat)), t.dot(D, step))
-        read_bind[n] = (states, "pp")
-        per_position[states] = (m_p, n_p)
+        if read_order == "chunk_start":  # every position reads the chunk-start state
+            read_bind[n] = (A[n], "const")
+        else:
+            read = states
+            if read_order == "before":  # position i reads A_{i-1}: rows shifted down, row 0 reads A0
+                first = t.input("first", (C, 1), boolean=True)
+                down = t.where(t.input("shift", (C, C), boolean=True), one, zero)
+                read = t.add2(t.dot(down, states), t.where(first, t.reshape(A[n], flat), zero))
+            read_bind[n] = (read, "pp")
+            per_position[read] = (m_p, n_p)
         t.outputs[f"A_{n}"] = t.reshape(last_row(states), (m_p, n_p))
         t.outputs[f"S_{n}"] = t.reshape(last_row(mom), (m_p, n_p))
     reader = _Lower(t, ir, sizes, C, read_bind)

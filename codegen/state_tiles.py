@@ -67,9 +67,8 @@ def _power(q: float) -> sp.Expr:
 
 def build_state_graph(p: Program, spec: dict, shapes: dict[str, list[int]], sizes: dict, C: int,
                       read_order: str = "after") -> TileGraph:
-    """The forward tile graph of one chunk (outputs y, A_<p>) with per-position states."""
-    if read_order != "after":
-        raise Unsupported("a read before write or at the chunk start with per-position states")
+    """The forward tile graph of one chunk (outputs y, A_<p>) with per-position states. `read_order` as in
+    chunk_tiles: after write, before write (A_{i-1}: the rows shifted down), at the segment's start."""
     ir = p.graph
     t = TileGraph()
     mats = [x.name for x in p.params if len(x.shape) == 2]
@@ -175,24 +174,32 @@ def build_state_graph(p: Program, spec: dict, shapes: dict[str, list[int]], size
                         wide = t.kron(abar, ones(n_p)) if axis == "row" else t.kron(ones(m_p), abar)
                 states = t.sub(t.mul(wide, base), upd)
             flat[n] = states
-            read[n] = project(states, n_p, flat=True)
-            end[n] = last_row(states) if n in vecs else t.reshape(last_row(states), (m_p, n_p))
+            if read_order == "chunk_start":  # every position reads the segment's start state: P(A0)
+                read[n] = anchor[n]
+            else:
+                if read_order == "before":  # position i reads A_{i-1}: rows shifted down, row 0 reads A0
+                    start = state[n] if n in vecs else t.reshape(state[n], (1, m_p * n_p))
+                    states = t.add2(t.dot(down, states), t.where(first, start, zero))
+                read[n] = project(states, n_p, flat=True)
+            end[n] = last_row(flat[n]) if n in vecs else t.reshape(last_row(flat[n]), (m_p, n_p))
         return read, end
 
     def read_at(weights: dict[str, int], row_valid: int) -> int:
         low = _Lower(t, ir, sizes, C, bind, valid=row_valid)
         rb = dict(bind)
-        for n in mats:
-            rb[n] = (weights[n], "pp")
-        for n in vecs:
-            rb[n] = (low.mask(weights[n]), "tok")
+        if read_order == "chunk_start":
+            rb.update({n: (weights[n], "const") for n in mats + vecs})
+        else:
+            rb.update({n: (weights[n], "pp") for n in mats})
+            rb.update({n: (low.mask(weights[n]), "tok") for n in vecs})
         reader = _Lower(t, ir, sizes, C, rb, valid=row_valid)
         reader.per_position = {weights[n]: tile_shape(n) for n in mats}
         y, _ = reader.emit([ir.outputs["read"]])[ir.outputs["read"]]
         return low.mask(y)
 
+    first = t.input("first", (C, 1), boolean=True) if spec["lag"] or read_order == "before" else None
+    down = t.where(t.input("shift", (C, C), boolean=True), one, zero) if read_order == "before" else None
     if spec["lag"]:
-        first = t.input("first", (C, 1), boolean=True)
         later = t.input("later", (C, 1), boolean=True)
         lr1 = t.where(first, lr, zero)
         keep1 = t.where(first, keep, one) if keep is not None else None

@@ -18,7 +18,7 @@ dual form (chunk_tiles.py) — a single memory block of matrices and vectors, `g
 an optional position scale), a scalar `decay` retention, Omega windows up to chunk + 1 tokens,
 polynomial features (concat, kron; padded sizes), any read order, scalar gates; per-position states
 (state_tiles.py) — `gd` with an ℓq or row-softmax state projection (Memora's lag token) or
-per-channel gates, reads after write; Muon (muon_tiles.py) — per-position momenta and Newton–Schulz,
+per-channel gates, any read order; Muon (muon_tiles.py) — per-position momenta and Newton–Schulz,
 Omega windows; and the exact WY algorithm of state-linear rules (wy_tiles.py); power-of-two token
 widths and chunks ≥ 16.
 """
@@ -104,8 +104,6 @@ def _per_position_limits(p: Program, spec: dict, read_order: str) -> str | None:
         return "a position scale with per-position states"
     if any(r.get("rate") for r in spec["retain"]) or spec["grad_at_decayed"] or spec.get("clip") is not None:
         return "a retention toward the initial state, a decayed anchor or clipping with per-position states"
-    if read_order != "after":
-        return "a read before write or at the chunk start with per-position states"
     if any(len(t.shape) == 2 and t.name not in (spec.get("factors") or {}) for t in p.params):
         return "a gradient that is not a sum of outer products"
     roots = [p.graph.outputs[f"grad.{t.name}"] for t in p.params] + [p.graph.outputs["read"]]
@@ -123,8 +121,6 @@ def _muon_limits(p: Program, spec: dict, read_order: str) -> str | None:
     if spec["scale"] is not None or any(r.get("rate") for r in spec["retain"]) or spec["grad_at_decayed"] or \
             spec.get("clip") is not None:
         return "muon with a position scale, a retention toward the init, a decayed anchor or clipping"
-    if read_order != "after":
-        return "a read before write or at the chunk start with muon"
     if any(len(t.shape) != 2 or t.name not in (spec.get("factors") or {}) for t in p.params):
         return "muon on a vector parameter or a gradient that is not a sum of outer products"
     roots = [p.graph.outputs[f"grad.{t.name}"] for t in p.params] + [p.graph.outputs["read"]]

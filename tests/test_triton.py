@@ -235,6 +235,25 @@ def test_read_orders(name, read_order, ref):
     assert "chunk-start" in memdsl.compile("rules/deltanet.mem").triton_reason("chunk_start")
 
 
+@pytest.mark.parametrize("name, read_order", [(n, r) for n in ("moneta", "memora", "atlas")
+                                               for r in ("before", "chunk_start")])
+def test_read_orders_with_per_position_states(name, read_order):
+    """Reads before write (A_{i-1}) and at the segment start (TNT's global memory) on the per-position
+    kernels (the lag token's second segment starts at row 1), forward and every gradient: within 1e-5 of
+    float64 or 4x the torch fp32 path's own error, as in the main tests."""
+    rule = memdsl.compile(f"rules/{name}.mem")
+    assert rule.triton_reason(read_order) is None
+    tok, gates, params = inputs(rule, B=1, T=37, H=2, D=16, dtype=torch.float32)
+    y, _, g = run_with_grads(rule, tok, gates, params, backend="triton", chunk=16, read_order=read_order)
+    y32, _, g32 = run_with_grads(rule, tok, gates, params, backend="chunk", chunk=16, read_order=read_order)
+    as64 = [{n: t.double() for n, t in x.items()} for x in (tok, gates, params)]
+    y64, _, g64 = run_with_grads(rule, *as64, backend="chunk", chunk=16, read_order=read_order)
+    assert rel_rms(y, y64) <= max(1e-5, 4 * rel_rms(y32, y64))
+    for key in g64:
+        if g64[key].abs().sum() > 0:
+            assert rel_rms(g[key], g64[key]) <= max(1e-5, 4 * rel_rms(g32[key], g64[key])), key
+
+
 def test_tnt_hierarchy_runs_on_the_kernels():
     """TNT on the Triton path: the global memory reads its chunk-start state, the locals are shards
     folded on the batch axis — forward and gradients equal the torch chunk program."""
