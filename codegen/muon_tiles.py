@@ -57,7 +57,9 @@ def build_muon_graph(p: Program, spec: dict, shapes: dict[str, list[int]], sizes
         raise Unsupported("Muon on a vector parameter")
     zero, one = t.const(0.0), t.const(1.0)
     c, weight = spec["window"], spec["window_weight"]
-    Hh = pad(c - 1) if c > 1 else 0
+    # at least 16 history rows: the window's [C, Hh] coefficients then multiply the [Hh, m*n] outer
+    # products with tl.dot (a thinner Hh would print as a [C, Hh, m*n] broadcast, past Triton's largest tensor)
+    Hh = max(pad(c - 1), min(16, C)) if c > 1 else 0
     if Hh > C:
         raise Unsupported(f"a window of {c} tokens is longer than the chunk ({C})")
 

@@ -57,8 +57,12 @@ def hyper_width(p: Program, name: str | None, sizes: dict) -> int:
 
 
 def _lq_scale(q: float) -> sp.Expr:
-    """1 / ‖A‖_q^(q-2) from s = sum |A|^q, floored as runtime_torch.Runtime.project floors it."""
-    return 1 / sp.Max(sp.Max(X[0], FP32_TINY) ** sp.Float(1.0 / q), sp.Float(1e-12)) ** sp.Float(q - 2)
+    """1 / ‖A‖_q^(q-2) from s = sum |A|^q, floored as runtime_torch.Runtime.project floors it. The floor
+    is a Piecewise, not a Max: its derivative is then a select, where a Max's step function would
+    multiply a derivative that overflows at s = 0 (a zero state) by 0, giving NaN."""
+    def scale(x: sp.Expr) -> sp.Expr:
+        return 1 / sp.Max(x ** sp.Float(1.0 / q), sp.Float(1e-12)) ** sp.Float(q - 2)
+    return sp.Piecewise((scale(X[0]), X[0] > FP32_TINY), (scale(sp.Float(FP32_TINY)), True))
 
 
 def _power(q: float) -> sp.Expr:

@@ -254,25 +254,27 @@ def test_read_orders_with_per_position_states(name, read_order):
             assert rel_rms(g[key], g64[key]) <= max(1e-5, 4 * rel_rms(g32[key], g64[key])), key
 
 
-def test_tnt_hierarchy_runs_on_the_kernels():
+@pytest.mark.parametrize("name", ["titans", "moneta"])
+def test_tnt_hierarchy_runs_on_the_kernels(name):
     """TNT on the Triton path: the global memory reads its chunk-start state, the locals are shards
-    folded on the batch axis — forward and gradients equal the torch chunk program."""
+    folded on the batch axis — forward and gradients equal the torch chunk program (Moneta: per-position
+    states, a global chunk of 32)."""
     from memdsl.tnt import TNTSchedule, tnt_forward
-    rule = memdsl.compile("rules/titans.mem")
+    rule = memdsl.compile(f"rules/{name}.mem")
     schedule = TNTSchedule(32, ((16, 32),))
-    tok, gates, params = make_inputs(rule, B=1, T=70, H=2, D=16, dtype=torch.float32)
+    tok, gates, params = inputs(rule, B=1, T=70, H=2, D=16, dtype=torch.float32)
     gates = {**gates, **{f"local0.{n}": g.flip(1) for n, g in gates.items()}}
     params = {**params, **{f"local0.{n}": p * 0.5 for n, p in params.items()}}
     runs = {}
-    for backend in ("triton", "dual"):
+    for backend in ("triton", reference(rule)):
         leaves = {n: t.clone().requires_grad_() for n, t in {**tok, **gates}.items()}
         y = tnt_forward(rule, [rule], leaves["q"], leaves["k"], leaves["v"], {n: leaves[n] for n in gates}, params,
                         schedule, backend=backend)
         ct = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
         runs[backend] = (y, dict(zip(leaves, torch.autograd.grad((y * ct).sum(), list(leaves.values())),
                                      strict=True)))
-    assert rel_rms(runs["triton"][0], runs["dual"][0]) <= 1e-5
-    for n, g in runs["dual"][1].items():
+    assert rel_rms(runs["triton"][0], runs[reference(rule)][0]) <= 1e-5
+    for n, g in runs[reference(rule)][1].items():
         assert rel_rms(runs["triton"][1][n], g) <= 1e-5, n
 
 
