@@ -55,8 +55,13 @@ class _Named(TorchPrinter):
         return self.names[int(expr.name[1:])]
 
     def _print_Add(self, expr):
+        def split(term):  # (number, [factors that are not numbers])
+            factors = sp.Mul.make_args(term)
+            number = sp.Mul(*[f for f in factors if f.is_number])
+            return number, [f for f in factors if not f.is_number]
+
         def product(term):
-            coeff, factors = term.as_coeff_mul()
+            _, factors = split(term)
             return len(factors) >= 2 and not any(isinstance(f, TorchGeluGrad) for f in factors)
         prods = [term for term in expr.args if product(term)]
         rest = [term for term in expr.args if not product(term)]
@@ -64,8 +69,8 @@ class _Named(TorchPrinter):
             return super()._print_Add(expr)
         out = self._print(sp.Add(*rest))
         for term in prods:
-            coeff, (f0, *more) = term.as_coeff_mul()
-            out = f"torch.addcmul({out}, {self._print(f0)}, {self._print(sp.Mul(*more))}, value={float(coeff)!r})"
+            number, (f0, *more) = split(term)
+            out = f"torch.addcmul({out}, {self._print(f0)}, {self._print(sp.Mul(*more))}, value={float(number)!r})"
         return out
 
 
@@ -225,6 +230,14 @@ def _statement(g: TileGraph, i: int, ref, fuse: _Fusion | None = None) -> str:
         rhs = f"({a[0]}.unflatten(-1, ({g.shape(t.args[1])[1]}, {n})) * {a[1]}.unsqueeze(-1)).sum(-2)"
     elif t.op == "reshape":
         rhs = f"{a[0]}.reshape(*{a[0]}.shape[:-2], {m}, {n})"
+    elif t.op == "bmm":
+        mm, k, nn, ta, tb = t.attrs
+        x = f"{a[0]}.unflatten(-1, ({k}, {mm})).transpose(-1, -2)" if ta else f"{a[0]}.unflatten(-1, ({mm}, {k}))"
+        y = f"{a[1]}.unflatten(-1, ({nn}, {k})).transpose(-1, -2)" if tb else f"{a[1]}.unflatten(-1, ({k}, {nn}))"
+        rhs = f"torch.matmul({x}, {y}).flatten(-2)"
+    elif t.op == "permute":
+        (d0, d1, d2), perm = t.attrs
+        rhs = f"{a[0]}.unflatten(-1, ({d1}, {d2})).movedim({tuple(p - 3 for p in perm)}, {(-3, -2, -1)}).flatten(-2)"
     elif t.op == "gmax":
         rhs = f"{a[0]}.unflatten(-1, ({n}, {t.attrs[0]})).amax(-1)"
     elif t.op == "trinv":
@@ -408,6 +421,7 @@ class TorchChunkKernel:
                    ("valid", "is_last", "hist_valid", "dy")}
         if direction == "bwd":
             chunked |= set(lay.states)  # every chunk-start state was saved by the forward
+        self._check_inputs(graph, chunk)
         self.graph, self.results, self.carried, self.chunked = graph, results, carried, chunked
         self.inputs = set(graph.inputs)
         self._sources: dict[tuple, str] = {}
@@ -418,6 +432,24 @@ class TorchChunkKernel:
                           shift=ii[:, None] == ii[None, :] + 1, first=(ii == 0)[:, None])
         self.full_masks = {"valid": torch.ones(chunk, 1, dtype=torch.bool), "is_last": (ii == chunk - 1)[:, None]}
         self.key = f"{p.name}-{sorted(sizes.items())}-{chunk}-{direction}-{read_order}"
+        self.source(ragged=True)  # every node printed once now: an op without a torch spelling is Unsupported here
+
+    def _check_inputs(self, graph: TileGraph, C: int) -> None:
+        """Every graph input must be one this driver prepares, in the shape it prepares it (the per-position
+        state kernels of state_tiles.py bind more: per-channel hyper-parameters, lag masks)."""
+        lay, hh = self.lay, self.window
+        want = {"valid": (C, 1), "is_last": (C, 1), "hist_valid": (hh, 1), "lower": (C, C), "strict": (C, C),
+                "shift": (C, C), "first": (C, 1), "dy": (C, pad(lay.shape["v"][0]))}
+        want.update({n: (C, 1) for n in HYPER})
+        for prefix, rows in (("tok", C), ("hist", hh)):
+            want.update({f"{prefix}_{n}": (rows, pad(lay.shape[n][0])) for n in TOKENS})
+            want.update({f"{prefix}_{n}": (rows, 1) for n in lay.gates})
+        want.update({f"out_{n}": lay.tile_of(n) for n in lay.outers})
+        for s in lay.states:
+            want[s] = want[f"d{s}"] = lay.tile_of(s[2:])
+        for name, i in graph.inputs.items():
+            if name not in graph.mask_defs and want.get(name) != graph.shape(i):
+                raise Unsupported(f"tile input {name} {list(graph.shape(i))} is not one the torch driver prepares")
 
     def source(self, ragged: bool, save: bool = True) -> str:
         """The generated function for full (T a multiple of C) or ragged sequences; `save`: the forward
