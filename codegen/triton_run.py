@@ -11,6 +11,7 @@ from .triton_gen import Unsupported, generate_backward, generate_forward
 from .triton_launch import launch, load_kernel
 
 _KERNELS: dict[str, object] = {}
+_REASONS: dict[str, str | None] = {}
 
 
 def program_for(rule):
@@ -35,6 +36,23 @@ def kernel_for(rule, sizes: dict[str, int], chunk: int, direction: str = "fwd", 
     return _KERNELS[key]
 
 
+def kernel_reason(rule, sizes: dict[str, int], chunk: int, read_order: str | None = None) -> str | None:
+    """None when kernels can be generated for these sizes and chunk; else why not — what `rule.triton_reason()`
+    cannot know without sizes: token widths or a chunk that are not powers of two ≥ 16, per-position state
+    tiles past Triton's largest tensor (ATLAS at d = 64). An automatic dispatch should ask this before it
+    chooses the Triton path: a kernel that cannot be generated raises Unsupported at the first call."""
+    from .triton_gen import _prepare
+    read_order = read_order or rule.spec["read_order"]
+    key = f"{rule.key}-{sorted(sizes.items())}-{chunk}-{read_order}"
+    if key not in _REASONS:
+        try:
+            _prepare(program_for(rule), rule.spec, sizes, chunk, read_order)
+            _REASONS[key] = None
+        except Unsupported as why:
+            _REASONS[key] = str(why)
+    return _REASONS[key]
+
+
 def kernel_sources(rule, sizes: dict[str, int], chunk: int) -> tuple[str, str]:
     """The generated (forward, backward) Triton sources, for reading and for standalone modules."""
     program = program_for(rule)
@@ -48,4 +66,4 @@ def run_triton(rule, q, k, v, gates, params, state, chunk, cu_seqlens=None, read
     return launch(rule.impl, rule.spec, get_kernel, q, k, v, gates, params, state, chunk or rule.chunk, cu_seqlens)
 
 
-__all__ = ["Unsupported", "kernel_for", "kernel_sources", "program_for", "run_triton"]
+__all__ = ["Unsupported", "kernel_for", "kernel_reason", "kernel_sources", "program_for", "run_triton"]

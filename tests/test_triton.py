@@ -211,6 +211,19 @@ def test_standalone_module_carries_its_kernels(tmp_path):
         mod.memory(q, q, q, {n: torch.rand(1, 4, 1) for n in gates}, backend="triton")
 
 
+def test_kernel_reason_knows_sizes():
+    """Sizes the rule alone cannot rule out: per-position tiles past Triton's largest tensor, odd widths."""
+    from codegen.triton_run import kernel_reason
+    atlas = memdsl.compile("rules/atlas.mem")
+    assert atlas.triton_reason() is None
+    assert kernel_reason(atlas, {n: int(v) for n, v in atlas.impl.sizes(sizes={"d": 16}).items()}, 16) is None
+    big = kernel_reason(atlas, {n: int(v) for n, v in atlas.impl.sizes(sizes={"d": 64}).items()}, 16)
+    assert "exceed Triton's 1048576 elements" in big
+    titans = memdsl.compile("rules/titans.mem")
+    assert "power of two" in kernel_reason(titans, {n: int(v) for n, v in titans.impl.sizes(sizes={"d": 24}).items()},
+                                           16)
+
+
 def test_compile_refuses_kernels_it_cannot_generate(capsys):
     from memdsl.cli import main
     assert main(["compile", "rules/atlas.mem", "--triton", "d=64"]) == 2  # per-position tiles past 2^20
