@@ -6,8 +6,8 @@ kernel is not written by hand: `tile_grad.backward` differentiates the same chun
 mode, and the one printer (`tile_triton.print_tiles`) emits forward recompute and adjoints.
 
 Layouts the kernels read and write (the launcher in triton_run.py prepares them):
-    tokens, y, dy      [B, T, H, d] contiguous          gates      [B, T, H]
-    lr, mu, keep, scale and their gradients  [B, T, H]  outers     [H, *shape]
+    tokens, y, dy      [B, T, H, d] contiguous          gates      [B, T, H] (per channel [B, T, H, ch])
+    lr, mu, keep, scale and their gradients  [B, T, H] (per channel [B, T, H, ch])     outers  [H, *shape]
     state, dstate      [B, H, *shape]                   saved      [B, H, NC, *shape]
     outer gradients    [B, H, *shape] (summed over B by the launcher)
 Variable-length batches (`cu_seqlens`, flash-linear-attention's convention): B = 1, sequence i is
@@ -65,9 +65,9 @@ def supported(p: Program, spec: dict, read_order: str | None = None) -> str | No
     if spec["algorithm"] not in ("anchored", "linear"):
         return f"algorithm {spec['algorithm']} without the dual form"
     if spec["optim"] == "muon":
-        return _muon_limits(p, spec, read_order)
+        return _muon_limits(p, spec)
     if per_position(spec):
-        return _per_position_limits(p, spec, read_order)
+        return _per_position_limits(p, spec)
     if not spec.get("dual"):
         return f"algorithm {spec['algorithm']} without the dual form ({spec['optim']})"
     if spec["window_weight"] is not None and spec["window_weight"] not in spec["gates"]:
@@ -92,7 +92,7 @@ def per_position(spec: dict) -> bool:
     return spec["projection"] is not None or any(info["channels"] for info in spec["gates"].values())
 
 
-def _per_position_limits(p: Program, spec: dict, read_order: str) -> str | None:
+def _per_position_limits(p: Program, spec: dict) -> str | None:
     """None if state_tiles covers this rule; else what it lacks."""
     if spec["optim"] != "gd":
         return f"per-position states (a state projection or per-channel gates) with optim {spec['optim']}"
@@ -112,7 +112,7 @@ def _per_position_limits(p: Program, spec: dict, read_order: str) -> str | None:
     return None
 
 
-def _muon_limits(p: Program, spec: dict, read_order: str) -> str | None:
+def _muon_limits(p: Program, spec: dict) -> str | None:
     """None if muon_tiles covers this rule; else what it lacks."""
     if per_position(spec):
         return "muon with a state projection or per-channel gates"

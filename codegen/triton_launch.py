@@ -8,8 +8,9 @@
 # Both directions are generated kernels: the forward saves every chunk-start state (`SAVE`), the
 # backward walks the chunks in reverse, recomputes each chunk from its saved state and carries the
 # state cotangent. Hyper-parameters (learning rates, decays, keeps, position scales) are computed
-# from the gates in torch before the kernel and enter it as [B, T, H] tensors, so their own
-# derivatives (through sigmoid gates, outer constants, ...) are left to torch autograd.
+# from the gates in torch before the kernel and enter it as [B, T, H] tensors ([B, T, H, channels] for
+# per-channel ones), so their own derivatives (through sigmoid gates, outer constants, ...) are left to
+# torch autograd.
 import hashlib
 import importlib.util
 import itertools
