@@ -4,17 +4,22 @@
 
 Configuration cpu-small (../shared/BENCH.md): B=2, H=4, d_head=64, T=2048, C in {16, 64}; Titans
 with a 2-layer MLP memory (rules/titans.mem, expansion 4) and with a linear memory
-(rules/titans_linear.mem). Peers: `titans_pytorch.NeuralMemory` with `chunk_size=1, batch_size=C`
-(gradients anchored per C tokens, the same model class as memdsl's) and with its cheaper default
-`chunk_size=C` (one anchor per call). Ratios are measured side by side in one run; medians of
-repeats. The glibc allocator variables of BENCH.md are set for every candidate (the script
-re-executes itself with them). FLOPs of the memdsl forward are counted by torch's FlopCounterMode.
+(rules/titans_linear.mem). memdsl runs its torch chunk program (`backend="chunk"`) and the
+torch-printed tile programs (`backend="tiles"`, codegen/tile_torch.py: a generated backward).
+Peers: `titans_pytorch.NeuralMemory` with `chunk_size=1, batch_size=C` (gradients anchored per C
+tokens, the same model class as memdsl's) and with its cheaper default `chunk_size=C` (one anchor
+per call). Every candidate runs in its own subprocess (a peer that exhausts the address-space cap
+cannot starve the next one), one after the other in one run; ratios are taken between those
+medians. The glibc allocator variables of BENCH.md are set for every candidate (the script
+re-executes itself with them). FLOPs of each memdsl forward being timed are counted by torch's
+FlopCounterMode.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import resource
@@ -106,6 +111,59 @@ def titans_runner(depth: int, chunk: int, same_semantics: bool, B: int, T: int, 
     return run
 
 
+MEMDSL = {"memdsl chunk": "chunk", "memdsl tiles": "tiles"}
+CANDIDATES = [*MEMDSL, "memdsl exact loop", "titans-pytorch same semantics", "titans-pytorch default"]
+RULES = (("titans", 2), ("titans_linear", 1))
+
+
+def run_candidate(args) -> dict:
+    """One candidate of one configuration, in this (child) process: median times, and for memdsl's chunk
+    programs the FLOPs of the forward being timed and its error against the anchored token loop."""
+    B, T, H, D, chunk, name = args.B, args.T, args.H, args.D, args.chunk, args.candidate
+    depth = dict(RULES)[args.rule]
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    rule = memdsl.compile(str(ROOT / "rules" / f"{args.rule}.mem"))
+    tok, gates, _ = make_inputs(rule, B=B, T=T, H=H, D=D, dtype=torch.float32)
+    out: dict = {}
+    if name in MEMDSL:
+        backend = MEMDSL[name]
+        # correctness first: the chunk program against the anchored token loop on a prefix, with a gradient
+        # asked for (the tile programs' forward runs as it does in training)
+        short = {n: t[:, :4 * chunk].clone().requires_grad_() for n, t in tok.items()}
+        g_short = {n: g[:, :4 * chunk] for n, g in gates.items()}
+        y_ref, _ = rule(short["q"], short["k"], short["v"], g_short, chunk=chunk, backend="anchored_loop")
+        y_got, _ = rule(short["q"], short["k"], short["v"], g_short, chunk=chunk, backend=backend)
+        out["err"] = rel_rms(y_got.detach(), y_ref.detach())
+        assert out["err"] < 1e-4, out["err"]
+        with FlopCounterMode(display=False, custom_mapping=INPLACE_GEMMS) as fc:
+            memdsl_runner(rule, tok, gates, backend, chunk, False)()
+        out["flops"] = fc.get_total_flops()
+        fwd, train, rep = (memdsl_runner(rule, tok, gates, backend, chunk, False),
+                           memdsl_runner(rule, tok, gates, backend, chunk, True), args.repeat)
+    elif name == "memdsl exact loop":
+        fwd, train, rep = (memdsl_runner(rule, tok, gates, "loop", chunk, False),
+                           memdsl_runner(rule, tok, gates, "loop", chunk, True), args.loop_repeat)
+    else:
+        same = name == "titans-pytorch same semantics"
+        fwd, train, rep = (titans_runner(depth, chunk, same, B, T, H, D, False),
+                           titans_runner(depth, chunk, same, B, T, H, D, True), args.repeat)
+    out["fwd"], out["train"] = guarded(fwd, rep), guarded(train, rep)
+    return out
+
+
+def in_subprocess(args, rule_name: str, chunk: int, name: str) -> dict:
+    cmd = [sys.executable, __file__, "--candidate", name, "--rule", rule_name, "--chunk", str(chunk),
+           "--B", str(args.B), "--T", str(args.T), "--H", str(args.H), "--D", str(args.D),
+           "--repeat", str(args.repeat), "--loop-repeat", str(args.loop_repeat)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    sys.stderr.write(done.stderr)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        print(f"  {rule_name} C={chunk} {name}: child exited {done.returncode}", file=sys.stderr, flush=True)
+        return {"fwd": None, "train": None}
+    return json.loads(lines[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--B", type=int, default=2)
@@ -115,46 +173,33 @@ def main() -> None:
     ap.add_argument("--chunks", default="16,64")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--loop-repeat", type=int, default=1, help="repeats of the slow exact loop")
+    ap.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated subset of the candidates")
     ap.add_argument("--out", default=None, help="append the table to this markdown file")
+    ap.add_argument("--candidate", help=argparse.SUPPRESS)  # child mode: one candidate, JSON on stdout
+    ap.add_argument("--rule", help=argparse.SUPPRESS)
+    ap.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.candidate:
+        print(json.dumps(run_candidate(args)))
+        return
     B, T, H, D = args.B, args.T, args.H, args.D
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    chosen = [c for c in CANDIDATES if c in args.candidates.split(",")]
     peak = matmul_rate()
     rows = []
-    for rule_name, depth in (("titans", 2), ("titans_linear", 1)):
+    for rule_name, _ in RULES:
         for chunk in (int(c) for c in args.chunks.split(",")):
-            rule = memdsl.compile(str(ROOT / "rules" / f"{rule_name}.mem"))
-            tok, gates, _ = make_inputs(rule, B=B, T=T, H=H, D=D, dtype=torch.float32)
-            # correctness first: the chunk program against the anchored token loop on a prefix
-            short = {n: t[:, :4 * chunk] for n, t in tok.items()}
-            g_short = {n: g[:, :4 * chunk] for n, g in gates.items()}
-            y_ref, _ = rule(short["q"], short["k"], short["v"], g_short, chunk=chunk, backend="anchored_loop")
-            y_got, _ = rule(short["q"], short["k"], short["v"], g_short, chunk=chunk)
-            err = rel_rms(y_got, y_ref)
-            assert err < 1e-4, err
-            with FlopCounterMode(display=False, custom_mapping=INPLACE_GEMMS) as fc:
-                memdsl_runner(rule, tok, gates, "chunk", chunk, False)()
-            flops = fc.get_total_flops()
-            cands = {
-                "memdsl chunk": (memdsl_runner(rule, tok, gates, "chunk", chunk, False),
-                                 memdsl_runner(rule, tok, gates, "chunk", chunk, True), args.repeat),
-                "memdsl exact loop": (memdsl_runner(rule, tok, gates, "loop", chunk, False),
-                                      memdsl_runner(rule, tok, gates, "loop", chunk, True), args.loop_repeat),
-                "titans-pytorch same semantics": (titans_runner(depth, chunk, True, B, T, H, D, False),
-                                                  titans_runner(depth, chunk, True, B, T, H, D, True), args.repeat),
-                "titans-pytorch default": (titans_runner(depth, chunk, False, B, T, H, D, False),
-                                           titans_runner(depth, chunk, False, B, T, H, D, True), args.repeat),
-            }
             times = {}
-            for name, (fwd, train, rep) in cands.items():
-                times[name] = (guarded(fwd, rep), guarded(train, rep))
-                print(f"{rule_name} C={chunk} {name}: fwd {fmt(times[name][0])} ms, "
-                      f"fwd+bwd {fmt(times[name][1])} ms", file=sys.stderr, flush=True)
-            base = times["memdsl chunk"]
-            for name, (f, fb) in times.items():
-                rows.append((rule_name, chunk, name, f, fb, ratio(f, base[0]), ratio(fb, base[1]),
-                             flops / base[0] / peak if name == "memdsl chunk" else None, err))
-    header = ("| rule | C | candidate | fwd ms | fwd+bwd ms | fwd / memdsl | fwd+bwd / memdsl | "
+            for name in chosen:
+                times[name] = in_subprocess(args, rule_name, chunk, name)
+                r = times[name]
+                print(f"{rule_name} C={chunk} {name}: fwd {fmt(r['fwd'])} ms, fwd+bwd {fmt(r['train'])} ms",
+                      file=sys.stderr, flush=True)
+            base = times.get("memdsl chunk") or next(iter(times.values()))
+            for name, r in times.items():
+                util = r["flops"] / r["fwd"] / peak if r.get("flops") and r["fwd"] else None
+                rows.append((rule_name, chunk, name, r["fwd"], r["train"], ratio(r["fwd"], base["fwd"] or 1),
+                             ratio(r["train"], base["train"] or 1), util))
+    header = ("| rule | C | candidate | fwd ms | fwd+bwd ms | fwd / memdsl chunk | fwd+bwd / memdsl chunk | "
               "memdsl fwd FLOP rate / fp32 matmul peak |\n|---|---|---|---|---|---|---|---|")
     lines = [header]
     for r in rows:
@@ -165,10 +210,10 @@ def main() -> None:
     meta = (f"\n### CPU, {datetime.date.today()} — {cpu or platform.processor()}, {os.cpu_count()} cores, "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads\n\n"
             f"Command: `python benchmarks/cpu.py --T {T} --repeat {args.repeat}` (B={B}, H={H}, d_head={D}, fp32, "
-            f"glibc allocator variables of BENCH.md set for every candidate; address space capped at "
-            f"{MEMORY_CAP >> 30} GiB so a peer that needs more is reported, not killed). Measured fp32 matmul rate "
-            f"(2048³): {peak / 1e9:.1f} GFLOP/s. Before timing, memdsl's chunk program was checked against "
-            f"its anchored token loop on the first 4 chunks (relative RMS ≤ 1e-4).\n\n")
+            f"glibc allocator variables of BENCH.md set for every candidate; every candidate in its own subprocess, "
+            f"address space capped at {MEMORY_CAP >> 30} GiB so a peer that needs more is reported, not killed). "
+            f"Measured fp32 matmul rate (2048³): {peak / 1e9:.1f} GFLOP/s. Before timing, each memdsl chunk "
+            f"program was checked against its anchored token loop on the first 4 chunks (relative RMS ≤ 1e-4).\n\n")
     table = meta + "\n".join(lines) + "\n"
     report(table, args.out)
 
