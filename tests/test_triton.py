@@ -182,29 +182,32 @@ def test_cu_seqlens_is_checked():
             rule(tok["q"], tok["k"], tok["v"], gates, params, cu_seqlens=bad)
 
 
-def test_standalone_module_carries_its_kernels(tmp_path):
+@pytest.mark.parametrize("name", ["titans", "moneta"])
+def test_standalone_module_carries_its_kernels(tmp_path, name):
     """`memdsl compile --triton d=16` writes one module with the generated kernels: its Triton path
-    (forward and backward) equals its own torch path, and it imports without triton."""
+    (forward and backward) equals its own torch path, and it imports without triton (Moneta: per-channel
+    hyper-parameters through the launcher the module carries)."""
     import importlib.util
 
     from memdsl.cli import main
-    out = tmp_path / "titans_mem.py"
-    assert main(["compile", "rules/titans.mem", "--triton", "d=16", "-o", str(out)]) == 0
+    out = tmp_path / f"{name}_mem.py"
+    assert main(["compile", f"rules/{name}.mem", "--triton", "d=16", "-o", str(out)]) == 0
     text = out.read_text()
     assert not any(line.startswith(("import triton", "from triton")) for line in text.splitlines())
-    spec = importlib.util.spec_from_file_location("titans_mem_standalone", out)
+    spec = importlib.util.spec_from_file_location(f"{name}_mem_standalone", out)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    rule = memdsl.compile("rules/titans.mem")
-    tok, gates, params = make_inputs(rule, B=1, T=37, H=2, D=16, dtype=torch.float32)
+    rule = memdsl.compile(f"rules/{name}.mem")
+    tok, gates, params = inputs(rule, B=1, T=37, H=2, D=16, dtype=torch.float32)
     runs = {}
-    for backend in ("triton", "dual"):
+    ref = reference(rule)
+    for backend in ("triton", ref):
         leaves = {n: t.clone().requires_grad_() for n, t in tok.items()}
         y, s = mod.memory(leaves["q"], leaves["k"], leaves["v"], gates, params, backend=backend)
         loss = (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(2))).sum()
         runs[backend] = (y, torch.autograd.grad(loss, list(leaves.values())))
-    assert rel_rms(runs["triton"][0], runs["dual"][0]) <= 1e-5
-    for a, b in zip(runs["triton"][1], runs["dual"][1], strict=True):
+    assert rel_rms(runs["triton"][0], runs[ref][0]) <= 1e-5
+    for a, b in zip(runs["triton"][1], runs[ref][1], strict=True):
         assert rel_rms(a, b) <= 1e-5
     with pytest.raises(ValueError, match="no Triton kernel in this module"):
         q = torch.randn(1, 4, 1, 32)
