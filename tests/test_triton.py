@@ -270,6 +270,20 @@ def test_read_orders_with_per_position_states(name, read_order):
             assert rel_rms(g[key], g64[key]) <= max(1e-5, 4 * rel_rms(g32[key], g64[key])), key
 
 
+def test_a_lag_token_alone_in_the_last_chunk():
+    """Memora at T = 33, chunk 16: the last chunk is one token, a segment of its own (runtime_torch.segments);
+    the kernel's second segment is then empty and the state ends at A_1."""
+    rule = memdsl.compile("rules/memora.mem")
+    tok, gates, params = make_inputs(rule, B=1, T=33, H=2, D=16, dtype=torch.float32)
+    y, s, g = run_with_grads(rule, tok, gates, params, backend="triton", chunk=16)
+    y32, s32, g32 = run_with_grads(rule, tok, gates, params, backend="chunk", chunk=16)
+    y64, s64, g64 = run_with_grads(rule, *[{n: t.double() for n, t in x.items()} for x in (tok, gates, params)],
+                                   backend="chunk", chunk=16)
+    pairs = [(y, y32, y64)] + [(s[k], s32[k], s64[k]) for k in s64] + [(g[k], g32[k], g64[k]) for k in g64]
+    for got, ref32, ref64 in pairs:
+        assert rel_rms(got, ref64) <= max(1e-5, 4 * rel_rms(ref32, ref64))
+
+
 @pytest.mark.parametrize("name", ["titans", "moneta"])
 def test_tnt_hierarchy_runs_on_the_kernels(name):
     """TNT on the Triton path: the global memory reads its chunk-start state, the locals are shards
