@@ -65,10 +65,10 @@ class _Named(TorchPrinter):
             return len(factors) >= 2 and not any(isinstance(f, TorchGeluGrad) for f in factors)
         prods = [term for term in expr.args if product(term)]
         rest = [term for term in expr.args if not product(term)]
-        if not prods or not rest or sp.Add(*rest).is_number:
+        if not prods or (rest and sp.Add(*rest).is_number):
             return super()._print_Add(expr)
-        out = self._print(sp.Add(*rest))
-        for term in prods:
+        out = self._print(sp.Add(*rest)) if rest else self._print(prods[0])
+        for term in prods if rest else prods[1:]:
             number, (f0, *more) = split(term)
             out = f"torch.addcmul({out}, {self._print(f0)}, {self._print(sp.Mul(*more))}, value={float(number)!r})"
         return out
@@ -120,10 +120,24 @@ class _Fusion:
                         g.shape(g.nodes[dot].args[0])[1] > 1 and g.shape(other) == g.shape(dot):
                     self.addmm[e] = (other, dot, float(coef[X[p]]), float(coef[X[d]]))
                     break
+        # sum(sum(x * y)) over both axes: one dot product of the flattened tiles, no product tile
+        self.inner: dict[int, tuple[int, int]] = {}
+        for s2 in printed:
+            t = g.nodes[s2]
+            if t.op != "sum" or g.nodes[t.args[0]].op != "sum":
+                continue
+            s1 = t.args[0]
+            e = g.nodes[s1].args[0]
+            if g.nodes[e].op != "ew" or g.nodes[e].attrs[0] != X[0] * X[1] or single(s1) != s2 or single(e) != s1:
+                continue
+            x, y = g.nodes[e].args
+            if g.shape(x) == g.shape(y) == g.shape(e) and x != y:
+                self.inner[s2] = (x, y)
         fused = set(self.addmm) | {x for other, *_ in self.addmm.values() for x in (other,)}
         self.inline = {j for j in printed if g.nodes[j].op == "ew" and j not in fused
                        and single(j, "ew") not in (None, *self.addmm)}
         self.skip = self.inline | self.negated | {d for _, d, _, _ in self.addmm.values()}
+        self.skip |= {j for s2 in self.inner for j in (g.nodes[s2].args[0], g.nodes[g.nodes[s2].args[0]].args[0])}
 
     def expr(self, i: int) -> tuple[sp.Expr, list[int]]:
         """Node i's expression with single-use elementwise operands substituted; its leaf operands."""
@@ -144,7 +158,12 @@ class _Fusion:
         e = build(i)
         if len(leaves) > len(X):
             raise Unsupported("an elementwise expression over too many operands")
-        return e.xreplace({marks[k]: X[k] for k in range(len(leaves))}), leaves
+        e = e.xreplace({marks[k]: X[k] for k in range(len(leaves))})
+        if isinstance(e, sp.Add):  # sympy distributes a number over a substituted sum: 2(a + b) -> 2a + 2b
+            c, rest = e.as_content_primitive()
+            if c != 1:
+                e = sp.Mul(c, rest, evaluate=False)
+        return e, leaves
 
     def operand(self, j: int, ref) -> tuple[str, int]:
         """A product's operand and its sign (a folded negation reads the negated value's operand)."""
@@ -194,6 +213,9 @@ def _statement(g: TileGraph, i: int, ref, fuse: _Fusion | None = None) -> str:
         other, dot, beta, alpha = fuse.addmm[i]
         (x, sx), (y, sy) = (fuse.operand(j, ref) for j in g.nodes[dot].args)
         rhs = f"_addmm({ref(other)}, {x}, {y}, {beta!r}, {alpha * sx * sy!r})"
+    elif fuse and i in fuse.inner:
+        x, y = (ref(j) for j in fuse.inner[i])
+        rhs = f"torch.einsum('...ij,...ij->...', {x}, {y})[..., None, None]"
     elif t.op == "ew":
         expr, leaves = fuse.expr(i) if fuse else (t.attrs[0], list(t.args))
         rhs = _Named([ref(j) for j in leaves]).doprint(fold_activations(expr))
@@ -289,15 +311,19 @@ def print_program(g: TileGraph, carried: dict[str, int], chunked: set[str], resu
     # a value after the loop that shrinks a large per-chunk loop value (a reduction, a product with a
     # chunk tile) is computed inside the loop instead: buffering its input for every chunk costs more
     free = set(saved) if after_loop else set()
+    pulled: set[int] = set()
+
+    def numel(j: int) -> int:
+        return g.shape(j)[0] * g.shape(j)[1]
     for i in live:
         if level[i] != "post" or any(level[a] == "post" for a in g.nodes[i].args):
             continue
-        size = g.shape(i)[0] * g.shape(i)[1]
-        if any((level[a] == "loop" or (level[a] == "input" and g.nodes[a].attrs[0] in carried
+        if any((a in pulled or numel(a) >= LARGE) and numel(i) <= numel(a) and
+               (level[a] == "loop" or (level[a] == "input" and g.nodes[a].attrs[0] in carried
                                        and g.nodes[a].attrs[0] not in free))
-               and size <= g.shape(a)[0] * g.shape(a)[1] and g.shape(a)[0] * g.shape(a)[1] >= LARGE
                for a in g.nodes[i].args):
             level[i] = "loop"
+            pulled.add(i)
     post = [i for i in live if level[i] == "post"]
     # loop values the post phase reads: views of them are redone after the loop, the rest buffered
     redo: set[int] = set()
