@@ -40,6 +40,7 @@ from .tile_ir import Tile, TileGraph, X
 from .torch_activations import PRELUDE, TorchGeluGrad, fold_activations
 from .triton_gen import HYPER, TOKENS, _graph, _Layout, supported
 
+STASH = "_memdsl_tiles_stash"  # attribute of the first saved-state tensor: (forward key, T, {t<i>: values})
 FILL = {"lr": 0.0, "mu": 1.0, "keep": 1.0, "scale": 0.0}  # hyper-parameters on padded rows (as the kernels load)
 
 
@@ -94,7 +95,7 @@ class _Fusion:
         for i in live:
             for a in g.nodes[i].args:
                 users.setdefault(a, set()).add(i)
-        printed = {i for i in live if g.nodes[i].op not in ("input", "const")}
+        printed = {i for i in live if g.nodes[i].op not in ("input", "const") and level[i] != "given"}
 
         def single(j: int, op: str | None = None) -> int | None:
             u = users.get(j, set())
@@ -276,79 +277,115 @@ VIEWS = ("trans", "lastrow", "expand", "reshape")  # cheap to redo after the loo
 LARGE = 4096  # elements per program: a loop value this large is not buffered for a reduction after the loop
 
 
-def print_program(g: TileGraph, carried: dict[str, int], chunked: set[str], results: dict[str, int],
-                  reverse: bool, name: str, after_loop: bool = True, saved: tuple[str, ...] = ()) -> str:
-    """The source of `name(I, B, H, NC, DT)`. I maps input names to tensors: setup inputs [r, c] or
-    [H, 1, r, c]; chunked inputs [B, H, NC, r, c]; carried inputs [B, H, 1, r, c] (their value at the
-    first chunk); and for every carried input n a buffer `start:n` [B, H, NC, r, c] that receives its
-    value at each chunk's start (the forward's saved states). carried: {input name: the node holding
-    its value for the next chunk}; results: per-chunk values, returned as [B, H, NC, r, c] (or
-    broadcastable); the carried values after the last chunk come back as `final:<name>`. `reverse`: the
-    loop runs from the last chunk to the first. `after_loop=False` keeps every carried-dependent value
-    in the loop (small per-chunk ops instead of per-chunk buffers). `saved`: carried inputs whose
-    `start:` buffer is filled even when nothing after the loop reads it."""
-    roots = list(results.values()) + list(carried.values())
-    live = g.live(roots)
-    dep_c, dep_k = set(), set()
-    for i in live:
-        t = g.nodes[i]
-        if t.op == "input":
-            (dep_c if t.attrs[0] in carried else dep_k if t.attrs[0] in chunked else set()).add(i)
-        elif any(a in dep_c for a in t.args):
-            dep_c.add(i)
-        elif any(a in dep_k for a in t.args):
-            dep_k.add(i)
-    in_loop = set(g.live(list(carried.values()))) & dep_c if after_loop else dep_c
-    level = {}
-    for i in live:
-        t = g.nodes[i]
-        if t.op in ("input", "const"):
-            level[i] = t.op
-        elif i in dep_c:
-            level[i] = "loop" if i in in_loop else "post"
-        else:
-            level[i] = "pre" if i in dep_k else "setup"
-    # a value after the loop that shrinks a large per-chunk loop value (a reduction, a product with a
-    # chunk tile) is computed inside the loop instead: buffering its input for every chunk costs more
-    free = set(saved) if after_loop else set()
-    pulled: set[int] = set()
+def _live(g: TileGraph, roots: list[int], stop: set[int]) -> list[int]:
+    """The nodes the roots depend on, in program order, not looking behind the nodes in `stop`."""
+    seen: set[int] = set()
+    todo = list(roots)
+    while todo:
+        i = todo.pop()
+        if i not in seen:
+            seen.add(i)
+            if i not in stop:
+                todo.extend(g.nodes[i].args)
+    return sorted(seen)
 
-    def numel(j: int) -> int:
-        return g.shape(j)[0] * g.shape(j)[1]
-    for i in live:
-        if level[i] != "post" or any(level[a] == "post" for a in g.nodes[i].args):
-            continue
-        if any((a in pulled or numel(a) >= LARGE) and numel(i) <= numel(a) and
-               (level[a] == "loop" or (level[a] == "input" and g.nodes[a].attrs[0] in carried
-                                       and g.nodes[a].attrs[0] not in free))
-               for a in g.nodes[i].args):
-            level[i] = "loop"
-            pulled.add(i)
-    post = [i for i in live if level[i] == "post"]
-    # loop values the post phase reads: views of them are redone after the loop, the rest buffered
-    redo: set[int] = set()
-    while True:
-        reads = {j for i in post + sorted(redo) for j in g.nodes[i].args} | set(results.values())
-        more = {j for j in reads if level[j] == "loop" and g.nodes[j].op in VIEWS} - redo
-        if not more:
-            break
-        redo |= more
-    post = sorted(set(post) | redo)
-    keep = sorted(j for j in reads if level[j] == "loop" and j not in redo)
-    starts = [n for n in carried if g.inputs[n] in reads or n in saved]
 
-    def ref(j: int, where: str) -> str:
-        t = g.nodes[j]
+class _Plan:
+    """Which phase computes each node (see the module docstring), what the loop buffers for after it,
+    and how nodes fuse. `given`: nodes the caller passes in (all chunks), not computed here."""
+
+    def __init__(self, g: TileGraph, carried: dict[str, int], chunked: set[str], results: dict[str, int],
+                 after_loop: bool = True, saved: tuple[str, ...] = (), given: frozenset[int] = frozenset()):
+        self.g, self.carried, self.chunked, self.results, self.given = g, carried, chunked, results, given
+        live = _live(g, list(results.values()) + list(carried.values()), set(given))
+        dep_c, dep_k = set(), set(given)
+        for i in live:
+            t = g.nodes[i]
+            if i in given:
+                continue
+            if t.op == "input":
+                (dep_c if t.attrs[0] in carried else dep_k if t.attrs[0] in chunked else set()).add(i)
+            elif any(a in dep_c for a in t.args):
+                dep_c.add(i)
+            elif any(a in dep_k for a in t.args):
+                dep_k.add(i)
+        in_loop = set(_live(g, list(carried.values()), set(given))) & dep_c if after_loop else dep_c
+        level = {}
+        for i in live:
+            t = g.nodes[i]
+            if i in given:
+                level[i] = "given"
+            elif t.op in ("input", "const"):
+                level[i] = t.op
+            elif i in dep_c:
+                level[i] = "loop" if i in in_loop else "post"
+            else:
+                level[i] = "pre" if i in dep_k else "setup"
+        # a value after the loop that shrinks a large per-chunk loop value (a reduction, a product with a
+        # chunk tile) is computed inside the loop instead: buffering its input for every chunk costs more
+        free = set(saved) if after_loop else set()
+        pulled: set[int] = set()
+
+        def numel(j: int) -> int:
+            return g.shape(j)[0] * g.shape(j)[1]
+        for i in live:
+            if level[i] != "post" or any(level[a] == "post" for a in g.nodes[i].args):
+                continue
+            if any((a in pulled or numel(a) >= LARGE) and numel(i) <= numel(a) and
+                   (level[a] == "loop" or (level[a] == "input" and g.nodes[a].attrs[0] in carried
+                                           and g.nodes[a].attrs[0] not in free))
+                   for a in g.nodes[i].args):
+                level[i] = "loop"
+                pulled.add(i)
+        post = [i for i in live if level[i] == "post"]
+        # loop values the post phase reads: views of them are redone after the loop, the rest buffered
+        redo: set[int] = set()
+        while True:
+            reads = {j for i in post + sorted(redo) for j in g.nodes[i].args} | set(results.values())
+            more = {j for j in reads if level[j] == "loop" and g.nodes[j].op in VIEWS} - redo
+            if not more:
+                break
+            redo |= more
+        self.live, self.level, self.reads = live, level, reads
+        self.post = sorted(set(post) | redo)
+        self.keep = sorted(j for j in reads if level[j] == "loop" and j not in redo)
+        self.starts = [n for n in carried if g.inputs[n] in reads or n in saved]
+        roots = set(results.values()) | set(carried.values()) | set(self.keep) | redo
+        roots |= {j for i in live for j in g.nodes[i].args if level.get(j) != level[i]}  # read across phases
+        self.fuse = _Fusion(g, [i for i in live if i not in given], level, roots)
+
+    def available(self) -> set[int]:
+        """Nodes this program holds for every chunk at once, or could buffer cheaply (loop values smaller
+        than a state): what a later program could be given instead of recomputing them."""
+        small = {i for i in self.live if self.level[i] == "loop" and self.g.nodes[i].op not in VIEWS
+                 and self.g.shape(i)[0] * self.g.shape(i)[1] < LARGE}
+        held = {i for i in self.live if self.level[i] in ("pre", "post")} | set(self.keep) | small
+        return held - self.fuse.skip
+
+    def ref(self, j: int, where: str) -> str:
+        t = self.g.nodes[j]
         if t.op == "const":
             return repr(float(t.attrs[0]))
-        var = f"i_{t.attrs[0]}" if t.op == "input" else f"t{j}"
-        if where == "loop" and (level[j] == "pre" or (t.op == "input" and t.attrs[0] in chunked)):
+        var = f"i_{t.attrs[0]}" if t.op == "input" and j not in self.given else f"t{j}"
+        if where == "loop" and (self.level[j] in ("pre", "given") or (t.op == "input" and t.attrs[0] in self.chunked)):
             return f"c_{var}"
         return var
 
-    roots = set(results.values()) | set(carried.values()) | set(keep) | set(redo)
-    roots |= {j for i in live for j in g.nodes[i].args if level.get(j) != level[i]}  # read across phases
-    fuse = _Fusion(g, live, level, roots)
+
+def print_program(g: TileGraph, carried: dict[str, int], chunked: set[str], results: dict[str, int],
+                  reverse: bool, name: str, after_loop: bool = True, saved: tuple[str, ...] = (),
+                  given: frozenset[int] = frozenset()) -> str:
+    """The source of `name(I, B, H, NC, DT)`. I maps input names to tensors: setup inputs [r, c] or
+    [H, 1, r, c]; chunked inputs [B, H, NC, r, c]; carried inputs [B, H, 1, r, c] (their value at the
+    first chunk); for every carried input n a buffer `start:n` [B, H, NC, r, c] that receives its
+    value at each chunk's start (the forward's saved states); and `t<i>` for every given node. carried:
+    {input name: the node holding its value for the next chunk}; results: per-chunk values, returned as
+    [B, H, NC, r, c] (or broadcastable); the carried values after the last chunk come back as
+    `final:<name>`. `reverse`: the loop runs from the last chunk to the first. `after_loop=False` keeps
+    every carried-dependent value in the loop (small per-chunk ops instead of per-chunk buffers).
+    `saved`: carried inputs whose `start:` buffer is filled even when nothing after the loop reads it."""
+    plan = _Plan(g, carried, chunked, results, after_loop, saved, given)
+    live, level, fuse, keep, starts, ref = plan.live, plan.level, plan.fuse, plan.keep, plan.starts, plan.ref
 
     def stmts(nodes: list[int], where: str) -> list[tuple[str, set[str]]]:
         out = []
@@ -363,12 +400,13 @@ def print_program(g: TileGraph, carried: dict[str, int], chunked: set[str], resu
     loop_reads = {j for i in loop for j in g.nodes[i].args} | set(carried.values())
     sliced = sorted(j for j in loop_reads if ref(j, "loop") != ref(j, "pre"))
     lines = [f"def {name}(I, B, H, NC, DT):"]
-    lines += [f"    i_{n} = I[{n!r}]" for n in sorted(g.inputs) if g.inputs[n] in live]
+    lines += [f"    i_{n} = I[{n!r}]" for n in sorted(g.inputs) if g.inputs[n] in live and g.inputs[n] not in given]
+    lines += [f"    t{j} = I['t{j}']" for j in sorted(given) if j in live]
     for n in starts:
         r, c = g.shape(g.inputs[n])
         lines.append(f"    S_{n} = I.get('start:{n}')")
         lines.append(f"    S_{n} = torch.empty(B, H, NC, {r}, {c}, dtype=DT) if S_{n} is None else S_{n}")
-    tail = {ref(j, "pre") for j in loop_reads | reads}
+    tail = {ref(j, "pre") for j in loop_reads | plan.reads}
     lines += _with_dels(stmts([i for i in live if level[i] in ("setup", "pre")], "pre"), tail)
     # ---- the loop: what the carried values need ------------------------------------------------------
     lines += [f"    L_t{j} = torch.empty(B, H, NC, {g.shape(j)[0]}, {g.shape(j)[1]}, dtype=DT)" for j in keep]
@@ -383,7 +421,7 @@ def print_program(g: TileGraph, carried: dict[str, int], chunked: set[str], resu
     lines += [f"    final_{n} = i_{n}" for n in carried]
     lines += [f"    t{j} = L_t{j}" for j in keep] + [f"    i_{n} = S_{n}" for n in starts]
     # ---- after the loop: every chunk at once ---------------------------------------------------------
-    lines += _with_dels(stmts(post, "post"), {ref(j, "post") for j in results.values()})
+    lines += _with_dels(stmts(plan.post, "post"), {ref(j, "post") for j in results.values()})
     out = [f"{k!r}: {ref(j, 'post')}" for k, j in results.items()] + [f"'final:{n}': final_{n}" for n in carried]
     lines.append("    return {" + ", ".join(out) + "}")
     return "\n".join(lines) + "\n"
@@ -452,6 +490,9 @@ class TorchChunkKernel:
         self.inputs = set(graph.inputs)
         self._sources: dict[tuple, str] = {}
         self._fns: dict[tuple, object] = {}
+        self._variants: dict[bool, tuple] = {}
+        self._wanted: dict[bool, frozenset[int]] = {}
+        self.partner = None  # forward: a callable giving its backward kernel (kernel_for sets it)
         self.masks = {n: mask_value(d) for n, d in graph.mask_defs.items()}
         ii = torch.arange(chunk)
         self.masks.update(lower=ii[:, None] >= ii[None, :], strict=ii[:, None] > ii[None, :],
@@ -459,6 +500,7 @@ class TorchChunkKernel:
         self.full_masks = {"valid": torch.ones(chunk, 1, dtype=torch.bool), "is_last": (ii == chunk - 1)[:, None]}
         self.key = f"{p.name}-{sorted(sizes.items())}-{chunk}-{direction}-{read_order}"
         self.source(ragged=True)  # every node printed once now: an op without a torch spelling is Unsupported here
+        self._sources.clear()  # printed again on use, once `partner` is known
 
     def _check_inputs(self, graph: TileGraph, C: int) -> None:
         """Every graph input must be one this driver prepares, in the shape it prepares it (the per-position
@@ -477,24 +519,54 @@ class TorchChunkKernel:
             if name not in graph.mask_defs and want.get(name) != graph.shape(i):
                 raise Unsupported(f"tile input {name} {list(graph.shape(i))} is not one the torch driver prepares")
 
-    def source(self, ragged: bool, save: bool = True) -> str:
-        """The generated function for full (T a multiple of C) or ragged sequences; `save`: the forward
-        keeps every chunk-start state (for the backward) and reads after the loop, else reads inside it."""
-        key = (ragged, save or self.direction == "bwd")
-        if key not in self._sources:
+    def _variant(self, ragged: bool):
+        """(graph, results, carried, chunked) for ragged sequences, or specialised to full chunks."""
+        if ragged not in self._variants:
             g, res, car, chk = self.graph, self.results, self.carried, self.chunked
             if not ragged:
                 g = _specialise_full(self.graph)
                 res = {n: g._renamed[i] for n, i in res.items()}
                 car = {n: g._renamed[i] for n, i in car.items()}
                 chk = chk - {"valid", "is_last"}
-            name = f"chunk_{self.direction}_{'ragged' if ragged else 'full'}{'' if key[1] else '_nosave'}"
+            self._variants[ragged] = (g, res, car, chk)
+        return self._variants[ragged]
+
+    def wanted(self, ragged: bool) -> frozenset[int]:
+        """Backward: the forward values it reads that the forward holds for every chunk anyway (its graph is
+        the forward graph with the adjoints appended, so node ids agree); the forward hands them over
+        instead of the backward recomputing them."""
+        if ragged not in self._wanted:
+            g, res, car, chk = self._variant(ragged)
+            states = self.lay.states
+            fwd = _Plan(g, {s: g.outputs[s] for s in states}, chk - set(states) - {"dy"}, {"y": g.outputs["y"]},
+                        saved=tuple(states))
+            held = fwd.available()
+            reached = _live(g, list(res.values()) + list(car.values()), held)
+            self._wanted[ragged] = frozenset(i for i in reached if i in held)
+        return self._wanted[ragged]
+
+    def source(self, ragged: bool, save: bool = True, stash: bool = False) -> str:
+        """The generated function for full (T a multiple of C) or ragged sequences. Forward: `save` keeps every
+        chunk-start state (for the backward) and reads after the loop, else reads inside it; with a backward
+        partner it also returns the values that backward wants. Backward: `stash` takes those values as inputs
+        instead of recomputing them."""
+        key = (ragged, save or self.direction == "bwd", stash)
+        if key not in self._sources:
+            g, res, car, chk = self._variant(ragged)
+            given: frozenset[int] = frozenset()
+            if self.direction == "fwd" and key[1] and self.partner is not None:
+                res = {**res, **{f"t{i}": i for i in sorted(self.partner().wanted(ragged))}}
+            if self.direction == "bwd" and stash:
+                given = self.wanted(ragged)
+            name = f"chunk_{self.direction}_{'ragged' if ragged else 'full'}{'' if key[1] else '_nosave'}" + \
+                ("_stash" if stash else "")
             self._sources[key] = print_program(g, car, chk, res, self.direction == "bwd", name, after_loop=key[1],
-                                               saved=tuple(car) if self.direction == "fwd" and key[1] else ())
+                                               saved=tuple(car) if self.direction == "fwd" and key[1] else (),
+                                               given=given)
         return self._sources[key]
 
-    def function(self, ragged: bool, save: bool = True):
-        key = (ragged, save or self.direction == "bwd")
+    def function(self, ragged: bool, save: bool = True, stash: bool = False):
+        key = (ragged, save or self.direction == "bwd", stash)
         if key not in self._fns:
             src = self.source(*key)
             name = src[4:src.index("(")]
@@ -598,6 +670,9 @@ class TorchChunkKernel:
                 I[f"start:{s}"] = self._state(x[f"SAVE_{s}"], s[2:], B, H, NC) if SAVE and exact else \
                     torch.empty(B, H, NC, *lay.tile_of(s[2:]), dtype=DT)
             out = self.function(ragged, SAVE)(I, B, H, NC, DT)
+            if SAVE and self.partner is not None:  # handed to the backward with the saved states (STASH)
+                setattr(x[f"SAVE_{lay.states[0]}"], STASH, (self.key, T, {n: v for n, v in out.items()
+                                                                          if n.startswith("t")}))
             x["Y"].copy_(self._untile(out["y"].expand(B, H, NC, C, -1), T, x["v"].shape[-1]))
             for s in lay.states:
                 x[f"P_{s}"].copy_(self._unstate(out[f"final:{s}"], s[2:]).reshape(x[f"P_{s}"].shape))
@@ -608,7 +683,11 @@ class TorchChunkKernel:
             I[s] = self._state(x[f"SAVE_{s}"], s[2:], B, H, NC)
             I[f"d{s}"] = self._state(x[f"D{s}"], s[2:], B, H, 1)
         I["dy"] = self._tiles(x["DY"], NC, pad(lay.shape["v"][0]))
-        out = self.function(ragged)(I, B, H, NC, DT)
+        stash = getattr(x[f"SAVE_{lay.states[0]}"], STASH, None)
+        use = stash is not None and stash[0] == self.key.replace("-bwd-", "-fwd-") and stash[1] == T
+        if use:
+            I.update(stash[2])
+        out = self.function(ragged, stash=use)(I, B, H, NC, DT)
         for s in lay.states:
             x[f"D{s}"].copy_(self._unstate(out[f"final:d{s}"], s[2:]).reshape(x[f"D{s}"].shape))
         self._store_grads(out, x, NC, T, B, H)
@@ -650,7 +729,10 @@ def kernel_for(rule, sizes: dict[str, int], chunk: int, direction: str = "fwd",
     read_order = read_order or rule.spec["read_order"]
     key = f"{rule.key}-{sorted(sizes.items())}-{chunk}-{direction}-{read_order}"
     if key not in _KERNELS:
-        _KERNELS[key] = TorchChunkKernel(program_for(rule), rule.spec, sizes, chunk, direction, read_order)
+        kernel = TorchChunkKernel(program_for(rule), rule.spec, sizes, chunk, direction, read_order)
+        if direction == "fwd":
+            kernel.partner = lambda: kernel_for(rule, sizes, chunk, "bwd", read_order)
+        _KERNELS[key] = kernel
     return _KERNELS[key]
 
 
