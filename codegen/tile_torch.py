@@ -310,6 +310,8 @@ class _Plan:
             elif any(a in dep_k for a in t.args):
                 dep_k.add(i)
         in_loop = set(_live(g, list(carried.values()), set(given))) & dep_c if after_loop else dep_c
+        def numel(j: int) -> int:
+            return g.shape(j)[0] * g.shape(j)[1]
         level = {}
         for i in live:
             t = g.nodes[i]
@@ -321,13 +323,20 @@ class _Plan:
                 level[i] = "loop" if i in in_loop else "post"
             else:
                 level[i] = "pre" if i in dep_k else "setup"
+        # a large value (state-sized) computed before the loop only for the loop is computed in the loop:
+        # one chunk's copy stays in cache, all chunks' copies would go through memory twice
+        users: dict[int, set[int]] = {}
+        for i in live:
+            for a in g.nodes[i].args:
+                users.setdefault(a, set()).add(i)
+        for i in reversed(live):
+            if level[i] == "pre" and numel(i) >= LARGE and i not in results.values() and \
+                    users.get(i) and all(level[u] == "loop" for u in users[i]):
+                level[i] = "loop"
         # a value after the loop that shrinks a large per-chunk loop value (a reduction, a product with a
         # chunk tile) is computed inside the loop instead: buffering its input for every chunk costs more
         free = set(saved) if after_loop else set()
         pulled: set[int] = set()
-
-        def numel(j: int) -> int:
-            return g.shape(j)[0] * g.shape(j)[1]
         for i in live:
             if level[i] != "post" or any(level[a] == "post" for a in g.nodes[i].args):
                 continue
