@@ -55,6 +55,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--d-model", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0, help="initial weights and training batches")
     ap.add_argument("--dropout", type=float, default=0.0, help="dropout on the head's input features")
     ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (0: Adam)")
     ap.add_argument("--val-every", type=int, default=0, help="validate every N steps and test the best weights "
@@ -73,18 +74,18 @@ def main() -> int:
     for run in args.runs:
         name, horizons = run.split(":")
         for h in (int(x) for x in horizons.split(",")):
-            torch.manual_seed(0)
+            torch.manual_seed(args.seed)
             tile = tuple(int(x) for x in args.tile.split("x")) if args.tile else None
             model = ltsf.build_model(name, 96, h, splits["train"].shape[1], d_model=args.d_model, tile=tile,
                                      dropout=args.dropout)
             steps = args.linear_steps if name == "linear" else args.steps
             print(f"{name} horizon {h}: {steps} steps, batch {args.batch}", flush=True)
-            res = ltsf.train_and_test(model, splits, 96, h, steps, args.batch, lr=args.lr,
+            res = ltsf.train_and_test(model, splits, 96, h, steps, args.batch, lr=args.lr, seed=args.seed,
                                       log=lambda s: print(s, flush=True), val_every=args.val_every,
                                       weight_decay=args.weight_decay)
             row = {"model": name, "horizon": h, "steps": steps, "batch": args.batch, "d_model": args.d_model,
                    "tile": args.tile, "threads": args.threads,
-                   "lr": args.lr, "dropout": args.dropout, "weight_decay": args.weight_decay,
+                   "seed": args.seed, "lr": args.lr, "dropout": args.dropout, "weight_decay": args.weight_decay,
                    "params": sum(p.numel() for p in model.parameters()), **res,
                    "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                    "date": time.strftime("%Y-%m-%d %H:%M")}
