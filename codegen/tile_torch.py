@@ -121,7 +121,7 @@ class _Fusion:
                         g.shape(g.nodes[dot].args[0])[1] > 1 and g.shape(other) == g.shape(dot):
                     self.addmm[e] = (other, dot, float(coef[X[p]]), float(coef[X[d]]))
                     break
-        # sum(sum(x * y)) over both axes: one dot product of the flattened tiles, no product tile
+        # sum(sum(x * y)) over both axes: one product and one reduction
         self.inner: dict[int, tuple[int, int]] = {}
         for s2 in printed:
             t = g.nodes[s2]
@@ -216,7 +216,7 @@ def _statement(g: TileGraph, i: int, ref, fuse: _Fusion | None = None) -> str:
         rhs = f"_addmm({ref(other)}, {x}, {y}, {beta!r}, {alpha * sx * sy!r})"
     elif fuse and i in fuse.inner:
         x, y = (ref(j) for j in fuse.inner[i])
-        rhs = f"torch.einsum('...ij,...ij->...', {x}, {y})[..., None, None]"
+        rhs = f"({x} * {y}).sum((-2, -1), keepdim=True)"  # einsum would copy both operands
     elif t.op == "ew":
         expr, leaves = fuse.expr(i) if fuse else (t.attrs[0], list(t.args))
         rhs = _Named([ref(j) for j in leaves]).doprint(fold_activations(expr))
