@@ -75,12 +75,16 @@ class _Named(TorchPrinter):
         return out
 
 
-def _addmm(p, a, b, beta: float, alpha: float):
-    """beta * p + alpha * a @ b, as one batched GEMM when the batch dims agree."""
+def _addmm(p, a, b, beta: float, alpha: float, inplace: bool = False):
+    """beta * p + alpha * a @ b, as one batched GEMM when the batch dims agree; `inplace`: p is a
+    temporary nobody else reads, accumulated into (no copy of it)."""
     lead = p.shape[:-2]
     if a.shape[:-2] == lead and b.shape[:-2] == lead and p.shape[-2:] == (a.shape[-2], b.shape[-1]):
-        return torch.baddbmm(p.reshape(-1, *p.shape[-2:]), a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]),
-                             beta=beta, alpha=alpha).view(p.shape)
+        a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+        if inplace and p.is_contiguous():
+            p.view(-1, *p.shape[-2:]).baddbmm_(a3, b3, beta=beta, alpha=alpha)
+            return p
+        return torch.baddbmm(p.reshape(-1, *p.shape[-2:]), a3, b3, beta=beta, alpha=alpha).view(p.shape)
     return beta * p + alpha * torch.matmul(a, b)
 
 
@@ -107,19 +111,30 @@ class _Fusion:
         self.negated = {j for j in printed if g.nodes[j].op == "ew" and g.nodes[j].attrs[0] == -X[0]
                         and j not in roots and users.get(j) and all(g.nodes[c].op == "dot" and level[c] == level[j]
                                                                      for c in users[j])}
-        self.addmm: dict[int, tuple[int, int, float, float]] = {}
+        # p ± a @ b (or ± (a @ b)^T = b^T @ a^T): (p, dot, beta, alpha, transposed, p is a temporary)
+        self.addmm: dict[int, tuple[int, int, float, float, bool, bool]] = {}
+        self.folded: set[int] = set()  # dots (and their transposes) printed inside an addmm
         for e in printed:
             t = g.nodes[e]
-            if t.op != "ew" or len(t.args) != 2:
+            if t.op != "ew" or len(t.args) != 2 or t.args[0] == t.args[1]:
                 continue
             coef = t.attrs[0].as_coefficients_dict()
             if set(coef) != {X[0], X[1]} or any(abs(c) != 1 for c in coef.values()):
                 continue
             for d, p in ((1, 0), (0, 1)):
-                dot, other = t.args[d], t.args[p]
-                if g.nodes[dot].op == "dot" and single(dot) == e and g.shape(dot)[0] > 0 and \
-                        g.shape(g.nodes[dot].args[0])[1] > 1 and g.shape(other) == g.shape(dot):
-                    self.addmm[e] = (other, dot, float(coef[X[p]]), float(coef[X[d]]))
+                dot, other, tr = t.args[d], t.args[p], False
+                if g.nodes[dot].op == "trans" and single(dot) == e and g.nodes[g.nodes[dot].args[0]].op == "dot":
+                    dot, tr = g.nodes[dot].args[0], True
+                    if single(dot) != t.args[d]:
+                        continue
+                elif single(dot) != e:
+                    continue
+                if g.nodes[dot].op == "dot" and g.shape(g.nodes[dot].args[0])[1] > 1 and \
+                        g.shape(other) == g.shape(t.args[d]) and other not in self.addmm:
+                    temp = single(other) == e and g.nodes[other].op not in (*VIEWS, "input", "const") and \
+                        level[other] == level[e]
+                    self.addmm[e] = (other, dot, float(coef[X[p]]), float(coef[X[d]]), tr, temp)
+                    self.folded |= {dot, t.args[d]}
                     break
         # sum(sum(x * y)) over both axes: one product and one reduction
         self.inner: dict[int, tuple[int, int]] = {}
@@ -134,10 +149,10 @@ class _Fusion:
             x, y = g.nodes[e].args
             if g.shape(x) == g.shape(y) == g.shape(e) and x != y:
                 self.inner[s2] = (x, y)
-        fused = set(self.addmm) | {x for other, *_ in self.addmm.values() for x in (other,)}
+        fused = set(self.addmm) | {other for other, *_ in self.addmm.values()}
         self.inline = {j for j in printed if g.nodes[j].op == "ew" and j not in fused
                        and single(j, "ew") not in (None, *self.addmm)}
-        self.skip = self.inline | self.negated | {d for _, d, _, _ in self.addmm.values()}
+        self.skip = self.inline | self.negated | self.folded
         self.skip |= {j for s2 in self.inner for j in (g.nodes[s2].args[0], g.nodes[g.nodes[s2].args[0]].args[0])}
 
     def expr(self, i: int) -> tuple[sp.Expr, list[int]]:
@@ -211,9 +226,11 @@ def _statement(g: TileGraph, i: int, ref, fuse: _Fusion | None = None) -> str:
     a = [ref(j) for j in t.args]
     m, n = t.shape
     if t.op == "ew" and fuse and i in fuse.addmm:
-        other, dot, beta, alpha = fuse.addmm[i]
+        other, dot, beta, alpha, tr, temp = fuse.addmm[i]
         (x, sx), (y, sy) = (fuse.operand(j, ref) for j in g.nodes[dot].args)
-        rhs = f"_addmm({ref(other)}, {x}, {y}, {beta!r}, {alpha * sx * sy!r})"
+        if tr:  # (x @ y)^T = y^T @ x^T
+            x, y = f"{y}.transpose(-1, -2)", f"{x}.transpose(-1, -2)"
+        rhs = f"_addmm({ref(other)}, {x}, {y}, {beta!r}, {alpha * sx * sy!r}{', True' if temp else ''})"
     elif fuse and i in fuse.inner:
         x, y = (ref(j) for j in fuse.inner[i])
         rhs = f"({x} * {y}).sum((-2, -1), keepdim=True)"  # einsum would copy both operands
