@@ -220,7 +220,7 @@ def _specialise_full(g: TileGraph) -> TileGraph:
     return out
 
 
-def _statement(g: TileGraph, i: int, ref, fuse: _Fusion | None = None) -> str:
+def _statement(g: TileGraph, i: int, ref, fuse: _Fusion | None = None, hoist=None) -> str:
     """`t<i> = ...`: one tile op on tensors with any leading batch dims (the tile is the last two)."""
     t = g.nodes[i]
     a = [ref(j) for j in t.args]
@@ -236,7 +236,10 @@ def _statement(g: TileGraph, i: int, ref, fuse: _Fusion | None = None) -> str:
         rhs = f"({x} * {y}).sum((-2, -1), keepdim=True)"  # einsum would copy both operands
     elif t.op == "ew":
         expr, leaves = fuse.expr(i) if fuse else (t.attrs[0], list(t.args))
-        rhs = _Named([ref(j) for j in leaves]).doprint(fold_activations(expr))
+        expr, names = fold_activations(expr), [ref(j) for j in leaves]
+        if hoist is not None:
+            expr, names = hoist(expr, leaves, names)
+        rhs = _Named(names).doprint(expr)
     elif t.op == "dot":
         k = g.shape(t.args[0])[1]
         (x, sx), (y, sy) = (fuse.operand(j, ref) if fuse else (ref(j), 1) for j in t.args)
@@ -289,7 +292,7 @@ def _statement(g: TileGraph, i: int, ref, fuse: _Fusion | None = None) -> str:
     return f"t{i} = {rhs}"
 
 
-NAME = re.compile(r"\b(?:c_)?(?:t\d+|i_\w+)\b")
+NAME = re.compile(r"\b(?:c_)?(?:[th]\d+|i_\w+)\b")
 VIEWS = ("trans", "lastrow", "expand", "reshape")  # cheap to redo after the loop: never buffered per chunk
 LARGE = 4096  # elements per program: a loop value this large is not buffered for a reduction after the loop
 
@@ -384,7 +387,7 @@ class _Plan:
         """Nodes this program holds for every chunk at once, or could buffer cheaply (loop values smaller
         than a state): what a later program could be given instead of recomputing them."""
         small = {i for i in self.live if self.level[i] == "loop" and self.g.nodes[i].op not in VIEWS
-                 and self.g.shape(i)[0] * self.g.shape(i)[1] < LARGE}
+                 and self.g.shape(i)[0] * self.g.shape(i)[1] <= LARGE}
         held = {i for i in self.live if self.level[i] in ("pre", "post")} | set(self.keep) | small
         return held - self.fuse.skip
 
@@ -413,16 +416,56 @@ def print_program(g: TileGraph, carried: dict[str, int], chunked: set[str], resu
     plan = _Plan(g, carried, chunked, results, after_loop, saved, given)
     live, level, fuse, keep, starts, ref = plan.live, plan.level, plan.fuse, plan.keep, plan.starts, plan.ref
 
+    hoisted: list[tuple[str, str, bool]] = []  # (name, its statement before the loop, sliced per chunk)
+
+    def hoist(expr: sp.Expr, leaves: list[int], names: list[str]):
+        """Subexpressions of a loop statement that read no loop value are computed before the loop, for
+        every chunk at once (e.g. gelu'' of a forward value in the backward)."""
+        before = {X[k] for k, j in enumerate(leaves) if level[j] in ("pre", "given", "setup") or
+                  (level[j] == "input" and g.nodes[j].attrs[0] not in carried)}
+        names = list(names)
+
+        def new(e: sp.Expr) -> sp.Expr:
+            ks = sorted(int(x.name[1:]) for x in e.free_symbols)
+            text = _Named([ref(leaves[k], "pre") if k < len(leaves) else "?" for k in range(max(ks) + 1)]).doprint(e)
+            chunky = any(ref(leaves[k], "loop") != ref(leaves[k], "pre") for k in ks)
+            same = [h for h, st, _ in hoisted if st.split(" = ", 1)[1] == text]
+            h = same[0] if same else f"h{len(hoisted)}"
+            if not same:
+                hoisted.append((h, f"{h} = {text}", chunky))
+            names.append(f"c_{h}" if chunky else h)
+            if len(names) > len(X):
+                raise Unsupported("an elementwise expression over too many operands")
+            return X[len(names) - 1]
+
+        def pure(e: sp.Expr) -> bool:
+            return bool(e.free_symbols) and e.free_symbols <= before and not e.is_Symbol
+
+        def walk(e: sp.Expr) -> sp.Expr:
+            if e.is_Atom:
+                return e
+            if pure(e):
+                return new(e)
+            if isinstance(e, (sp.Add, sp.Mul)):
+                inner = [a for a in e.args if a.free_symbols and a.free_symbols <= before]
+                rest = [walk(a) for a in e.args if not (a.free_symbols and a.free_symbols <= before)]
+                if len(inner) >= 2 or (inner and not inner[0].is_Symbol):
+                    return e.func(new(e.func(*inner)), *rest)
+                return e.func(*inner, *rest)
+            return e.func(*[walk(a) for a in e.args])
+        return walk(expr), names
+
     def stmts(nodes: list[int], where: str) -> list[tuple[str, set[str]]]:
         out = []
         for i in nodes:
             if i in fuse.skip:
                 continue
-            st = _statement(g, i, lambda j: ref(j, where), fuse)
+            st = _statement(g, i, lambda j: ref(j, where), fuse, hoist if where == "loop" else None)
             out.append((st, set(NAME.findall(st.split(" = ", 1)[1]))))
         return out
 
     loop = [i for i in live if level[i] == "loop"]
+    loop_stmts = stmts(loop, "loop")
     loop_reads = {j for i in loop for j in g.nodes[i].args} | set(carried.values())
     sliced = sorted(j for j in loop_reads if ref(j, "loop") != ref(j, "pre"))
     lines = [f"def {name}(I, B, H, NC, DT):"]
@@ -433,13 +476,16 @@ def print_program(g: TileGraph, carried: dict[str, int], chunked: set[str], resu
         lines.append(f"    S_{n} = I.get('start:{n}')")
         lines.append(f"    S_{n} = torch.empty(B, H, NC, {r}, {c}, dtype=DT) if S_{n} is None else S_{n}")
     tail = {ref(j, "pre") for j in loop_reads | plan.reads}
-    lines += _with_dels(stmts([i for i in live if level[i] in ("setup", "pre")], "pre"), tail)
+    before = stmts([i for i in live if level[i] in ("setup", "pre")], "pre")
+    before += [(st, set(NAME.findall(st.split(" = ", 1)[1]))) for _, st, _ in hoisted]
+    lines += _with_dels(before, tail)
     # ---- the loop: what the carried values need ------------------------------------------------------
     lines += [f"    L_t{j} = torch.empty(B, H, NC, {g.shape(j)[0]}, {g.shape(j)[1]}, dtype=DT)" for j in keep]
     lines.append(f"    for ci in {'range(NC - 1, -1, -1)' if reverse else 'range(NC)'}:")
     lines += [f"        c_{ref(j, 'pre')} = {ref(j, 'pre')}[:, :, ci:ci + 1]" for j in sliced]
     lines += [f"        S_{n}[:, :, ci:ci + 1] = i_{n}" for n in starts]
-    lines += ["        " + st for st, _ in stmts(loop, "loop")]
+    lines += [f"        c_{h} = {h}[:, :, ci:ci + 1]" for h, _, chunky in hoisted if chunky]
+    lines += ["        " + st for st, _ in loop_stmts]
     lines += [f"        L_t{j}[:, :, ci:ci + 1] = t{j}" for j in keep]
     if carried:
         lines.append("        " + ", ".join(f"i_{n}" for n in carried) + " = " +
