@@ -208,3 +208,27 @@ def test_unknown_tile_op_is_unsupported():
     b = g.add(Tile("mystery", (a,), (4, 4)))
     with pytest.raises(Unsupported, match="mystery"):
         _statement(g, b, lambda j: f"t{j}")
+
+
+def test_auto_takes_tiles_on_cpu_when_switched_on(monkeypatch):
+    """memdsl.api.TILES_BY_DEFAULT: CPU calls that need a gradient run the tile programs (TritonChunk's
+    backward), float64, no-grad and uncovered rules stay on the torch chunk path."""
+    import memdsl.api
+    rule = memdsl.compile("rules/titans.mem")
+    tok, gates, params, state = inputs(rule, B=1, T=20, H=2, D=16)
+    q = tok["q"].clone().requires_grad_()
+
+    def grad_fn(q, backend="auto", **kw):
+        y, _ = rule(q, tok["k"], tok["v"], gates, params, **kw, backend=backend)
+        return type(y.grad_fn).__name__ if y.grad_fn is not None else None
+    assert "TritonChunk" not in grad_fn(q)
+    monkeypatch.setattr(memdsl.api, "TILES_BY_DEFAULT", True)
+    assert "TritonChunk" in grad_fn(q)
+    assert "TritonChunk" not in grad_fn(q.detach().double().requires_grad_())
+    with torch.no_grad():
+        assert grad_fn(q) is None
+    assert "TritonChunk" in grad_fn(q, backend="tiles")
+    memora = memdsl.compile("rules/memora.mem")
+    mt, mg, mp = make_inputs(memora, T=8, D=16, dtype=torch.float32)
+    y, _ = memora(mt["q"].requires_grad_(), mt["k"], mt["v"], mg, mp)
+    assert "TritonChunk" not in type(y.grad_fn).__name__
