@@ -250,7 +250,20 @@ class CompiledRule:
         sig = ("y, state = rule(q[B,T,H,Dk], k[B,T,H,Dk], v[B,T,H,Dv], gates={"
                + ", ".join(f"{g}: [B,T,H{',n' if info['channels'] else ''}]" for g, info in self.spec["gates"].items())
                + "}, params={" + ", ".join(self.spec["outers"]) + "}, state=None)")
-        return f"CompiledRule {self.name}\n  {sig}\n" + self.module.SUMMARY
+        return f"CompiledRule {self.name}\n  {sig}\n" + self.module.SUMMARY + self._cpu_path()
+
+    def _cpu_path(self) -> str:
+        """Which program CPU training runs under backend="auto", and whether the tile programs cover the rule
+        (checked at d = 16, chunk 16 when the rule's sizes follow from d alone)."""
+        try:
+            why = self.tiles_reason(None, {n: int(x) for n, x in self.impl.sizes(sizes={"d": 16}).items()}, 16)
+        except ValueError:  # sizes other than d: the coverage check without sizes
+            why = self.tiles_reason()
+        except Exception as err:  # noqa: BLE001 - printing a rule must not fail
+            why = f"{type(err).__name__}: {err}"
+        tiles = "covered" if why is None else f"not covered: {why}"
+        auto = "tile programs" if TILES_BY_DEFAULT and why is None else "torch chunk program"
+        return f"\n  CPU training (backend='auto'): {auto}; backend='tiles' {tiles}"
 
 
 def compile(path_or_source: str, chunk: int | None = None, **schedule) -> CompiledRule:  # noqa: A001

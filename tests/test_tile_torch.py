@@ -232,3 +232,9 @@ def test_auto_takes_tiles_on_cpu_when_switched_on(monkeypatch):
     mt, mg, mp = make_inputs(memora, T=8, D=16, dtype=torch.float32)
     y, _ = memora(mt["q"].requires_grad_(), mt["k"], mt["v"], mg, mp)
     assert "TritonChunk" not in type(y.grad_fn).__name__
+
+
+def test_printed_rule_says_which_cpu_program_runs():
+    assert "CPU training (backend='auto'): torch chunk program; backend='tiles' covered" in \
+        repr(memdsl.compile("rules/titans.mem"))
+    assert "backend='tiles' not covered: tile input" in repr(memdsl.compile("rules/moneta.mem"))
