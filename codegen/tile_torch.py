@@ -360,9 +360,13 @@ class _Plan:
         for i in live:
             if level[i] != "post" or any(level[a] == "post" for a in g.nodes[i].args):
                 continue
-            if any((a in pulled or numel(a) >= LARGE) and numel(i) <= numel(a) and
-                   (level[a] == "loop" or (level[a] == "input" and g.nodes[a].attrs[0] in carried
-                                           and g.nodes[a].attrs[0] not in free))
+            def buffered(a: int) -> bool:  # reading `a` after the loop needs a buffer of it for every chunk
+                while g.nodes[a].op in VIEWS and level[a] == "loop":
+                    a = g.nodes[a].args[0]  # a view of a saved state is redone from the saved states
+                if level[a] == "input":
+                    return g.nodes[a].attrs[0] in carried and g.nodes[a].attrs[0] not in free
+                return level[a] == "loop"
+            if any((a in pulled or numel(a) >= LARGE) and numel(i) <= numel(a) and buffered(a)
                    for a in g.nodes[i].args):
                 level[i] = "loop"
                 pulled.add(i)
