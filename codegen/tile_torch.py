@@ -130,7 +130,7 @@ class _Fusion:
                 elif single(dot) != e:
                     continue
                 if g.nodes[dot].op == "dot" and g.shape(g.nodes[dot].args[0])[1] > 1 and \
-                        g.shape(other) == g.shape(t.args[d]) and other not in self.addmm:
+                        g.shape(other) == g.shape(t.args[d]):
                     temp = single(other) == e and g.nodes[other].op not in (*VIEWS, "input", "const") and \
                         level[other] == level[e]
                     self.addmm[e] = (other, dot, float(coef[X[p]]), float(coef[X[d]]), tr, temp)
