@@ -198,7 +198,19 @@ def run_packed(call, init_state, q, k, v, gates, params, state, cu_seqlens, **kw
         ys.append(y)
         states.append(s)
     y = torch.cat(ys, dim=1) if ys else q.new_zeros(*q.shape[:3], v.shape[-1])
-    return y, {n: torch.cat([s[n] for s in states]) for n in states[0]}
+    return y, _stack_states(states)
+
+
+def _stack_states(states):
+    """One state per sequence -> the packed batch's state. A window history (hist.*) that the sequences
+    do not all have, or have with different lengths (an empty or short sequence), has no common shape
+    and is left out, as the kernels' launcher leaves it out (_window_history)."""
+    keys = dict.fromkeys(n for s in states for n in s)  # every entry, in first-seen order
+    same = [n for n in keys if all(n in s for s in states) and len({tuple(s[n].shape[1:]) for s in states}) == 1]
+    dropped = set(keys) - set(same)
+    if any(not n.startswith("hist.") for n in dropped):
+        raise ValueError(f"packed sequences: state entries {sorted(dropped)} have different shapes")
+    return {n: torch.cat([s[n] for s in states]) for n in same}
 
 
 def check_cu_seqlens(cu_seqlens, q):

@@ -152,3 +152,23 @@ def test_variants_anchored_loop_equals_chunk_program(name):
         if chunk == 1:
             exact = run_with_grads(rule, tok, gates, params, backend="loop")
             compare(ref, exact, TOL[torch.float64], f"{name} exact")
+
+
+@pytest.mark.parametrize("cu, has_history", [([0, 7, 7, 20], False), ([0, 2, 20], False), ([0, 9, 20], True)])
+def test_packed_windowed_rule_equals_separate_calls(cu, has_history):
+    """cu_seqlens on the torch path, a rule with an Omega window: each sequence equals its own call; an
+    empty or short sequence has no history of the common length, so the packed state has none (as
+    the kernels' launcher), and the memory state is still returned."""
+    rule = memdsl.compile("rules/omeganet.mem")
+    tok, gates, params = make_inputs(rule, B=1, T=20, H=2, D=8, dtype=torch.float64)
+    y, state = rule(tok["q"], tok["k"], tok["v"], gates, params, chunk=4, cu_seqlens=torch.tensor(cu))
+    for i, (lo, hi) in enumerate(zip(cu[:-1], cu[1:], strict=True)):
+        if hi == lo:
+            continue
+        part = {n: g[:, lo:hi] for n, g in gates.items()}
+        y_one, s_one = rule(tok["q"][:, lo:hi], tok["k"][:, lo:hi], tok["v"][:, lo:hi], part, params, chunk=4)
+        assert rel_rms(y[:, lo:hi], y_one) <= 1e-12
+        for n in (n for n in s_one if not n.startswith("hist.")):
+            assert rel_rms(state[n][i:i + 1], s_one[n]) <= 1e-12, n
+    assert any(n.startswith("hist.") for n in state) == has_history
+    assert any(not n.startswith("hist.") for n in state)
