@@ -49,10 +49,10 @@ def run_with_grads(rule, tok, gates, params, seed=1, **kw):
     tok, gates, params = leaves(tok, gates, params)
     y, state = rule(tok["q"], tok["k"], tok["v"], gates, params, None, **kw)
     gen = torch.Generator().manual_seed(seed)
-    loss = (y * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)).sum()
+    loss = (y * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device, y.dtype)).sum()
     for key in sorted(state):
         t = state[key]
-        loss = loss + (t * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)).sum()
+        loss = loss + (t * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype)).sum()
     inputs = {**{f"tok.{n}": t for n, t in tok.items()}, **{f"gate.{n}": t for n, t in gates.items()},
               **{f"param.{n}": t for n, t in params.items()}}
     grads = torch.autograd.grad(loss, list(inputs.values()), allow_unused=True)

@@ -6,17 +6,26 @@ import pytest
 import torch
 
 import memdsl
-from memdsl.checking import make_inputs, rel_rms
+from memdsl.checking import make_inputs, rel_rms, run_with_grads
+from tests.test_triton import inputs, reference
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
+# every shipped rule the kernels cover; ATLAS's per-position tiles fit at d = 16 only (kernel_reason)
 TRITON_RULES = ["titans", "titans_linear", "ttt_linear", "ttt_mlp", "yaad", "linear_attention", "deltanet",
-                "gated_deltanet"]
+                "gated_deltanet", "deep_transformer", "omeganet", "dot", "moneta", "memora", "atlas"]
 
 
-def _reference(rule) -> str:
-    return "wy" if rule.algorithm == "wy" else "dual"
+def _width(rule, chunk: int = 16) -> int:
+    """d_head = 64 for the dual-form and WY kernels; 16 for the per-position-state kernels (ATLAS's tiles do
+    not fit at 64, and Memora's softmax logits are so conditioned at 64 that fp32 — torch's and the
+    kernel's alike — drifts 1e-4..1e-3 from float64 within three chunks, measured at T = 48 and 64, which
+    makes a 4x-of-torch's-error criterion a coin toss)."""
+    from codegen.triton_run import kernel_reason
+    probe = torch.empty(1, 1, 1, 64)
+    sizes = {n: int(v) for n, v in rule.impl.sizes(k=probe, v=probe, q=probe).items()}
+    return 64 if reference(rule) != "chunk" and kernel_reason(rule, sizes, chunk) is None else 16
 
 
 def _cuda(d):
@@ -27,29 +36,39 @@ def _cuda(d):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)])
 def test_kernel_matches_torch_at_realistic_shapes(name, dtype, tol):
     rule = memdsl.compile(f"rules/{name}.mem")
-    tok, gates, params = make_inputs(rule, B=2, T=2048 + 37, H=4, D=64, dtype=torch.float32)
+    tok, gates, params = inputs(rule, B=2, T=2048 + 37, H=4, D=_width(rule), dtype=torch.float32)
     tok, gates, params = _cuda(tok), _cuda(gates), _cuda(params)
     cast = {n: t.to(dtype) for n, t in tok.items()}
     y, state = rule(cast["q"], cast["k"], cast["v"], gates, params, chunk=16, backend="triton")
-    y_ref, s_ref = rule(*(cast[n].float() for n in ("q", "k", "v")), gates, params, chunk=16,
-                        backend=_reference(rule))
+    as_ref = [cast[n].float() for n in ("q", "k", "v")]
+    y_ref, s_ref = rule(*as_ref, gates, params, chunk=16, backend=reference(rule))
     assert not torch.isnan(y).any()
-    assert rel_rms(y.float(), y_ref) <= tol
-    for key in s_ref:
-        assert rel_rms(state[key], s_ref[key]) <= tol, key
+    pairs = [("y", y.float(), y_ref)] + [(key, state[key], s_ref[key]) for key in s_ref]
+    if dtype == torch.bfloat16:
+        assert all(rel_rms(got, ref) <= tol for _, got, ref in pairs), name
+        return
+    # fp32: within 1e-5 of float64, or within 4x the torch fp32 path's own error where the rule is
+    # ill-conditioned in fp32 (tests/test_triton.py: Newton-Schulz, lq, softmax logits, poly windows)
+    y64, s64 = rule(*(x.double() for x in as_ref), {n: g.double() for n, g in gates.items()},
+                    {n: p.double() for n, p in params.items()}, chunk=16, backend=reference(rule))
+    exact = {"y": y64, **s64}
+    for key, got, ref in pairs:
+        assert rel_rms(got, exact[key]) <= max(tol, 4 * rel_rms(ref, exact[key])), key
 
 
 @pytest.mark.parametrize("name", TRITON_RULES)
 def test_generated_backward_matches_torch_at_realistic_shapes(name):
-    from memdsl.checking import run_with_grads
     rule = memdsl.compile(f"rules/{name}.mem")
-    tok, gates, params = make_inputs(rule, B=2, T=1024 + 37, H=4, D=64, dtype=torch.float32)
+    tok, gates, params = inputs(rule, B=2, T=1024 + 37, H=4, D=_width(rule), dtype=torch.float32)
     tok, gates, params = _cuda(tok), _cuda(gates), _cuda(params)
-    y, s, g = run_with_grads(rule, tok, gates, params, backend="triton", chunk=16)
-    y_ref, s_ref, g_ref = run_with_grads(rule, tok, gates, params, backend=_reference(rule), chunk=16)
+    _, _, g = run_with_grads(rule, tok, gates, params, backend="triton", chunk=16)
+    _, _, g_ref = run_with_grads(rule, tok, gates, params, backend=reference(rule), chunk=16)
+    _, _, g64 = run_with_grads(rule, *({n: t.double() for n, t in d.items()} for d in (tok, gates, params)),
+                               backend=reference(rule), chunk=16)
     for key in g_ref:
         assert not torch.isnan(g[key]).any(), key
-        assert rel_rms(g[key], g_ref[key]) <= 1e-4, key  # TF32-free fp32 on both sides; long sums
+        # TF32-free fp32 on both sides, long sums: 1e-4 of float64, or 4x the torch fp32 path's own error
+        assert rel_rms(g[key], g64[key]) <= max(1e-4, 4 * rel_rms(g_ref[key], g64[key])), key
 
 
 def test_packed_sequences_on_gpu():
