@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import memdsl  # noqa: E402
+from codegen.triton_run import kernel_reason  # noqa: E402
 from memdsl.checking import make_inputs  # noqa: E402
 
 SHAPES = [(8, 2048, 16, 64), (2, 8192, 16, 128), (1, 32768, 16, 128)]
@@ -67,7 +68,9 @@ def memdsl_rows(name, shape, chunk, peak, deadline):
     gates = {n: g.cuda() for n, g in gates.items()}
     params = {n: p.cuda() for n, p in params.items()}
     torch_path = {"wy": "wy", "loop": "loop"}.get(rule.algorithm, "dual" if rule.spec.get("dual") else "chunk")
-    backends = ([] if rule.triton_reason() else ["triton"]) + [torch_path]
+    sizes = {n: int(x) for n, x in rule.impl.sizes(k=tok["k"], v=tok["v"], q=tok["q"]).items()}
+    why = rule.triton_reason() or kernel_reason(rule, sizes, chunk)  # e.g. ATLAS's per-position tiles at d = 64
+    backends = ([] if why else ["triton"]) + [torch_path]
     flops = None
     try:
         with FlopCounterMode(display=False) as fc, torch.no_grad():
@@ -75,7 +78,7 @@ def memdsl_rows(name, shape, chunk, peak, deadline):
         flops = fc.get_total_flops()
     except Exception:  # counting is a nicety; a failure leaves the column empty
         pass
-    rows = []
+    rows = [{"rule": name, "shape": shape, "backend": "triton", "error": f"no kernel: {why}"[:200]}] if why else []
     for backend in backends:
         if time.time() > deadline:
             rows.append({"rule": name, "shape": shape, "backend": backend, "error": "time budget spent"})
