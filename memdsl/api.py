@@ -165,7 +165,7 @@ class CompiledRule:
         return self.impl(q, k, v, gates, params, state, backend=backend, **kw)
 
     def _run_tiles(self, q, k, v, gates, params, state, chunk, read_order, unknown, cu_seqlens, init_state):
-        from codegen.tile_torch import run_tiles
+        from codegen.tile_torch_kernel import run_tiles
         from codegen.triton_launch import run_packed
         if unknown:
             raise ValueError(f"the tile programs do not take {sorted(unknown)} yet: use backend='chunk'")
@@ -218,7 +218,7 @@ class CompiledRule:
         read_order = read_order or self.spec["read_order"]
         key = (read_order, tuple(sorted((sizes or {}).items())), chunk)
         if key not in self._tiles_reasons:
-            from codegen.tile_torch import Unsupported, kernel_for
+            from codegen.tile_torch_kernel import Unsupported, kernel_for
             why = self.triton_reason(read_order)  # the same slice: the tile graphs the Triton kernels print
             if why is None and sizes is not None:
                 try:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import memdsl
-from codegen.tile_torch import Unsupported, kernel_for
+from codegen.tile_torch_kernel import Unsupported, kernel_for
 from codegen.triton_launch import HYPER_NAMES, _state_keys
 from memdsl.checking import make_inputs, rel_rms
 from tests.conftest import RULES
