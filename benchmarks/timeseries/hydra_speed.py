@@ -1,5 +1,6 @@
 """Hydra: one training step (forward + backward) of the 2-D chunkwise program against the exact 2-D recurrence,
-side by side in one run, at the ETTh1 setting (lookback 96, 7 variates).
+side by side in one run, at the ETTh1 setting (lookback 96, 7 variates); every execution runs once per round,
+in turn, and the table shows medians over the rounds.
 
     nice python benchmarks/timeseries/hydra_speed.py --batch 32 --repeat 3
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import pathlib
 import statistics
 import subprocess
@@ -70,29 +72,38 @@ def main() -> int:
                for _ in range(3))
     gates = {n: (torch.rand(B, T, V, H, generator=g) * 0.3 + 0.05).requires_grad_() for n in rule.spec1d["gates"]}
     inputs = (q, k, v, gates)
-    step_time(rule, inputs, "tiles", rule.tile, 1)  # warm-up
-    rows = [("tiles " + "x".join(map(str, rule.tile)), step_time(rule, inputs, "tiles", rule.tile, args.repeat)),
-            ("wavefront (exact)", step_time(rule, inputs, "wavefront", None, args.repeat))]
+    # every execution runs once per round, in turn, so a change of machine load hits all of them alike
+    runs = [("tiles " + "x".join(map(str, rule.tile)), lambda: step_time(rule, inputs, "tiles", rule.tile, 1)),
+            ("wavefront (exact)", lambda: step_time(rule, inputs, "wavefront", None, 1))]
     for text in args.tiles:
         tile = tuple(int(x) for x in text.split("x"))
-        rows.append((f"tiles {text}", step_time(rule, inputs, "tiles", tile, args.repeat)))
-    if args.cell_loop:
-        rows.append(("cell loop (exact)", step_time(rule, inputs, "anchored_loop", (1, 1), 1)))
+        runs.append((f"tiles {text}", lambda tile=tile: step_time(rule, inputs, "tiles", tile, 1)))
     if args.floor:
         sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
         from hydra_train import floor_seconds
-        rows.append(("floor: per-cell gradient + read, all cells at once", floor_seconds(rule, B, T, V, H, D,
-                                                                                     args.repeat)))
+        runs.append(("floor: per-cell gradient + read, all cells at once",
+                     lambda: floor_seconds(rule, B, T, V, H, D, 1)))
     if args.against_rev:
         old = compile_2d(str(pathlib.Path(__file__).resolve().parents[2] / "rules" / "hydra.mem"))
         old = copy.copy(old)
         old.runtime = runtime_at(args.against_rev)(old.runtime.spec, {"grads": old.runtime.grads_fn,
                                                                        "read": old.runtime.read_fn})
-        step_time(old, inputs, "tiles", rule.tile, 1)
-        rows.append((f"tiles {'x'.join(map(str, rule.tile))}, runtime of {args.against_rev}",
-                     step_time(old, inputs, "tiles", rule.tile, args.repeat)))
+        runs.append((f"tiles {'x'.join(map(str, rule.tile))}, runtime of {args.against_rev}",
+                     lambda: step_time(old, inputs, "tiles", rule.tile, 1)))
+    if args.cell_loop:
+        runs.append(("cell loop (exact)", lambda: step_time(rule, inputs, "anchored_loop", (1, 1), 1)))
+    for _, fn in runs:  # warm-up
+        fn()
+    times = {name: [] for name, _ in runs}
+    for _ in range(args.repeat):
+        for name, fn in runs:
+            if name.startswith("cell loop") and times[name]:
+                continue  # one timing of the slow loop is enough
+            times[name].append(fn())
+    rows = [(name, statistics.median(times[name])) for name, _ in runs]
     base = rows[0][1]
-    print(f"Hydra fwd+bwd, B={B} T={T} V={V} H={H} d={D}, torch {torch.__version__}, {args.threads} thread(s)")
+    print(f"Hydra fwd+bwd, B={B} T={T} V={V} H={H} d={D}, torch {torch.__version__}, {args.threads} thread(s), "
+          f"medians of {args.repeat} interleaved rounds, load average {os.getloadavg()[0]:.1f}")
     print("| execution | s / step | vs tiles |\n| --- | ---: | ---: |")
     for name, t in rows:
         print(f"| {name} | {t:.3f} | {t / base:.1f}x |")
