@@ -146,7 +146,7 @@ class CompiledRule:
         if isinstance(state, dict) and any(key.startswith("hist.") for key in state):
             unknown.add("state with window history (hist.*)")  # the kernels start windows fresh
         if backend == "triton" or (backend == "auto" and getattr(q, "is_cuda", False) and not unknown
-                                   and self.triton_reason(read_order) is None):
+                                   and self._kernels_fit(q, k, v, kw.get("chunk"), read_order)):
             from codegen.triton_run import run_triton
             if self.triton_reason(read_order) is not None:
                 raise ValueError(f"rule {self.name} has no Triton kernel yet: {self.triton_reason(read_order)}")
@@ -163,6 +163,20 @@ class CompiledRule:
         if cu_seqlens is not None:
             return run_packed(self.impl, init_state, q, k, v, gates, params, state, cu_seqlens, backend=backend, **kw)
         return self.impl(q, k, v, gates, params, state, backend=backend, **kw)
+
+    def _kernels_fit(self, q, k, v, chunk, read_order) -> bool:
+        """backend="auto" on CUDA: the Triton kernels when the rule has them AND they can be generated at these
+        sizes and chunk (not, say, ATLAS's per-position tiles at d = 64: those would raise at the first call);
+        otherwise the torch paths. A malformed call goes to the frontend, which says why."""
+        if self.triton_reason(read_order) is not None:
+            return False
+        from codegen.triton_run import kernel_reason
+        try:
+            sizes = {n: int(x) for n, x in self.impl.sizes(k=k, v=v, q=q).items()}
+            c = int(self.spec["chunk"] if chunk is None else chunk)
+        except Exception:  # noqa: BLE001 - a malformed call: the frontend raises the helpful error
+            return False
+        return kernel_reason(self, sizes, c, read_order) is None
 
     def _run_tiles(self, q, k, v, gates, params, state, chunk, read_order, unknown, cu_seqlens, init_state):
         from codegen.tile_torch_kernel import run_tiles

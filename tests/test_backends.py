@@ -172,3 +172,16 @@ def test_packed_windowed_rule_equals_separate_calls(cu, has_history):
             assert rel_rms(state[n][i:i + 1], s_one[n]) <= 1e-12, n
     assert any(n.startswith("hist.") for n in state) == has_history
     assert any(not n.startswith("hist.") for n in state)
+
+
+def test_auto_dispatch_on_cuda_asks_whether_the_kernels_fit_these_sizes():
+    """backend="auto" on CUDA tensors takes the Triton kernels only when they can be generated at the call's
+    sizes and chunk; else the torch paths (no GPU here: the decision itself is checked)."""
+    atlas, titans = memdsl.compile("rules/atlas.mem"), memdsl.compile("rules/titans.mem")
+    x16, x64 = torch.zeros(1, 4, 1, 16), torch.zeros(1, 4, 1, 64)
+    assert atlas._kernels_fit(x16, x16, x16, 16, None)
+    assert not atlas._kernels_fit(x64, x64, x64, 16, None)  # per-position tiles past 2^20 elements
+    assert titans._kernels_fit(x64, x64, x64, 16, None)
+    assert not titans._kernels_fit(x64, x64, x64, 12, None)  # not a power of two
+    x48 = torch.zeros(1, 4, 1, 48)
+    assert not titans._kernels_fit(x48, x48, x48, 16, None)  # a width that is not a power of two
