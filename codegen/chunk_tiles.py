@@ -31,8 +31,6 @@ from memdsl.program import Program
 
 from .tile_ir import TileGraph, X
 
-TINY = 1e-30
-
 
 class Unsupported(Exception):
     """This rule (or these sizes) is outside the Triton slice: the caller uses the torch path."""
@@ -50,10 +48,6 @@ def tile_shape_of(shape: list[int], rows: int | None = None) -> tuple[int, int]:
     if len(shape) == 2:
         return (pad(shape[0]), pad(shape[1]))
     return (1, pad(shape[0]) if shape else 1)
-
-
-def _safe_log(x: sp.Expr) -> sp.Expr:
-    return sp.log(sp.Max(x, TINY))
 
 
 class _Lower:
@@ -175,12 +169,17 @@ class _Lower:
         return self.mask(self.t.expand(i, (self.C, width)))
 
 
-def _ratio_matrix(t: TileGraph, cum: int) -> int:
-    """where(lower, exp(cum_i - cum_j), 0), with the exponent masked first: above the diagonal it
-    can overflow, and inf times a zero cotangent would poison the adjoint."""
-    lower, zero = t.inputs["lower"], t.const(0.0)
-    diff = t.where(lower, t.sub(cum, t.trans(cum)), zero)
-    return t.where(lower, t.ew(sp.exp(X[0]), diff), zero)
+def decay_coefficients(t: TileGraph, keep: int, C: int) -> tuple[int, int]:
+    """D_ij = prod_{j<l<=i} keep_l (1 on the diagonal, 0 above) and abar_i = prod_{l<=i} keep_l of a [C, 1]
+    keep column, in linear space: D = (I - N)^-1 for the sub-diagonal N_{i,i-1} = keep_i (forward substitution
+    multiplies, so every entry is the plain product). Log space (exp of a cumulative sum of safe logs) was used
+    before: a keep of exactly 0 (a saturated fp32 sigmoid) lost its gradient there, as the clamped log's
+    derivative is 0, and a negative keep was clamped to 1e-30; trinv's adjoint, -D^T g D^T, has no division."""
+    zero = t.const(0.0)
+    D = t.trinv(t.where(t.input("shift", (C, C), boolean=True), t.ew(-X[0], keep), zero),
+                t.input("strict", (C, C), boolean=True))
+    abar = t.dot(D, t.where(t.input("first", (C, 1), boolean=True), keep, zero))
+    return D, abar
 
 
 def build_chunk_graph(p: Program, spec: dict, shapes: dict[str, list[int]], sizes: dict, C: int,
@@ -243,16 +242,14 @@ def build_chunk_graph(p: Program, spec: dict, shapes: dict[str, list[int]], size
     # ---- coefficients -------------------------------------------------------------------------
     lr_row = t.trans(lr)
     if spec["retain"]:
-        cum = t.cumsum(t.ew(_safe_log(X[0]), t.input("keep", (C, 1))), axis=0)
-        D, abar = _ratio_matrix(t, cum), t.ew(sp.exp(X[0]), cum)
+        D, abar = decay_coefficients(t, t.input("keep", (C, 1)), C)
     else:
         D, abar = t.where(lower, one, zero), one
     f = Ks = mbar = None
     if spec["scale"] is not None:
         Kc = t.where(lower, t.mul(t.input("scale", (C, 1)), lr_row), zero)
     elif momentum:
-        cm = t.cumsum(t.ew(_safe_log(X[0]), t.input("mu", (C, 1))), axis=0)
-        Mmu, mbar = _ratio_matrix(t, cm), t.ew(sp.exp(X[0]), cm)
+        Mmu, mbar = decay_coefficients(t, t.input("mu", (C, 1)), C)
         Kc = t.mul(t.dot(D, Mmu), lr_row)
         Ks = t.mul(Mmu, lr_row)
         f = t.sum(t.mul(D, t.trans(mbar)), axis=1)
@@ -261,6 +258,8 @@ def build_chunk_graph(p: Program, spec: dict, shapes: dict[str, list[int]], size
 
     # the window: mix[j, l] = gamma_l on the band l in (j - c, j], for this chunk's rows and history
     mixes = [None]
+    if weight and not Hh:  # a window of one token still weighs its gradient (runtime_torch.window_mix)
+        mixes = [t.where(t.mask("band", 1, C), t.trans(bind[weight][0]), zero)]
     if Hh:
         gammas = [bind[weight][0], t.inputs[f"hist_{weight}"]] if weight else [one, one]
         cur = t.where(t.mask("band", c, C), t.trans(gammas[0]), zero)

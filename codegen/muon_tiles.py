@@ -23,7 +23,7 @@ import sympy as sp
 
 from memdsl.program import Program
 
-from .chunk_tiles import Unsupported, _Lower, _ratio_matrix, _safe_log, pad, tile_shape_of
+from .chunk_tiles import Unsupported, _Lower, decay_coefficients, pad, tile_shape_of
 from .state_tiles import check_tile_size
 from .tile_ir import TileGraph, X
 
@@ -34,7 +34,9 @@ def newton_schulz(t: TileGraph, x: int, m: int, n: int, steps: int) -> int:
     """NS_steps of every row of x, each an [m, n] matrix flattened (runtime_torch.newton_schulz: Frobenius
     normalisation, then X <- aX + (bG + cG^2)X with G = X X^T, on the transpose of a tall matrix)."""
     a, b, c = NS_COEFFS
-    norm = t.ew(sp.sqrt(X[0]), t.sum(t.ew(X[0] ** 2, x), axis=1))
+    # the square root's derivative is infinite at 0 (a momentum of zeros: gates at 0), and times the zero
+    # cotangent of sum(x^2) it would be NaN; autograd's norm has derivative 0 there, and so has this select
+    norm = t.ew(sp.Piecewise((sp.sqrt(X[0]), X[0] > 0), (0, True)), t.sum(t.ew(X[0] ** 2, x), axis=1))
     x = t.ew(X[0] / (X[1] + sp.Float(1e-7)), x, norm)
     tall = m > n
     side = n if tall else m
@@ -99,6 +101,8 @@ def build_muon_graph(p: Program, spec: dict, shapes: dict[str, list[int]], sizes
 
     sets = [outer_rows(bind, C, valid)]
     mixes = [None]
+    if weight and not Hh:  # a window of one token still weighs its gradient (runtime_torch.window_mix)
+        mixes = [t.where(t.mask("band", 1, C), t.trans(bind[weight][0]), zero)]
     if Hh:
         hist_valid = t.input("hist_valid", (Hh, 1), boolean=True)
         sets.append(outer_rows(token_bind("hist", Hh), Hh, hist_valid))
@@ -107,12 +111,10 @@ def build_muon_graph(p: Program, spec: dict, shapes: dict[str, list[int]], sizes
                  t.where(t.mask("hband", c, C, Hh), t.trans(gammas[1]), zero)]
 
     if spec["retain"]:
-        cum = t.cumsum(t.ew(_safe_log(X[0]), t.input("keep", (C, 1))), axis=0)
-        D, abar = _ratio_matrix(t, cum), t.ew(sp.exp(X[0]), cum)
+        D, abar = decay_coefficients(t, t.input("keep", (C, 1)), C)
     else:
         D, abar = t.where(lower, one, zero), one
-    cm = t.cumsum(t.ew(_safe_log(X[0]), mu), axis=0)
-    Mmu, mbar = _ratio_matrix(t, cm), t.ew(sp.exp(X[0]), cm)
+    Mmu, mbar = decay_coefficients(t, mu, C)
     coef = [Mmu if mix is None else t.dot(Mmu, mix) for mix in mixes]
 
     def last_row(x: int) -> int:

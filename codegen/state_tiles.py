@@ -9,11 +9,12 @@ without momentum, §4.5):
     A_i = abar_i A0 - sum_{j<=i} D_ij lr_j a_j b_j^T        row i = abar_i vec(A0) - (Kc @ kron(a, b))_i
 
 Per-channel coefficients (a channel is a row of the matrix, `channel_axis` "row", or a column,
-"col"/"vec"): one C×C matrix per channel, D_ij lr_j = exp(cum_i - cum_j) lr_j in log space as in the
-scalar case, kept channel-major as a [w, C*C] tile; the flattened outer products are permuted to
-channel-major [w, C*other] (`permute`), multiplied channel by channel (`bmm`) and permuted back.
+"col"/"vec"): one C×C matrix per channel, D_ij lr_j with D_ij = prod_{j<l<=i} keep_l multiplied in linear
+space (`channel_decays`), kept channel-major as a [w, C*C] tile; the flattened outer products are permuted
+to channel-major [w, C*other] (`permute`), multiplied channel by channel (`bmm`) and permuted back.
 (Factoring D_ij = abar_i / abar_j instead, as gated-linear-attention kernels do, overflows past a
-chunk product of e^-80, and was further from float64 in fp32: gate α 6.6e-5 vs 3.3e-5 on moneta.)
+chunk product of e^-80, and was further from float64 in fp32: gate α 6.6e-5 vs 3.3e-5 on moneta. Log
+space, exp(cum_i - cum_j), lost the gradient of a keep of exactly 0 and clamped negative keeps.)
 
 The gradient of every token is taken at the projected chunk-start state P(A0), the reads see
 P(A_i) (`matvec` on a flattened state is kron_da), the chunk ends in the unprojected A_last — what
@@ -31,7 +32,7 @@ import sympy as sp
 
 from memdsl.program import Program
 
-from .chunk_tiles import Unsupported, _Lower, _ratio_matrix, _safe_log, pad, tile_shape_of
+from .chunk_tiles import Unsupported, _Lower, decay_coefficients, pad, tile_shape_of
 from .tile_ir import TileGraph, X
 
 FP32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny: the runtime's floor of an ℓq sum
@@ -56,13 +57,38 @@ def hyper_width(p: Program, name: str | None, sizes: dict) -> int:
     return int(sp.sympify(shape[0]).subs(sizes)) if shape else 1
 
 
+def channel_decays(t: TileGraph, keep: int, C: int) -> tuple[int, int]:
+    """Per-channel decay_coefficients of a [C, w] keep: D as [w, C*C] (channel c's C×C matrix row-major in row
+    c) and abar [C, w], in linear space. D = (I - N)^-1 = sum_{k<C} N^k = (I + N)(I + N^2)(I + N^4)..., one
+    batched product per doubling (`bmm` over the channels); each entry of D is a single product of keeps (the
+    other terms of its sum are exact zeros), so a keep of exactly 0 or below 0 is multiplied like any other."""
+    one, zero = t.const(1.0), t.const(0.0)
+    flat = (1, C * C)
+    sub = t.reshape(t.where(t.input("shift", (C, C), boolean=True), one, zero), flat)
+    eye = t.reshape(t.where(t.mask("place", 0, C, C, C), one, zero), flat)
+    keep_t = t.trans(keep)
+    power = t.mul(t.kron(keep_t, t.expand(one, (1, C))), sub)  # N: keep_i at column i*C + i - 1
+    D, span = t.add2(eye, power), 2
+    while span < C:
+        power = t.bmm(power, power, C, C, C)
+        D, span = t.add2(D, t.bmm(D, power, C, C, C)), 2 * span
+    abar = t.kron_da(D, t.where(t.mask("cols", 1, C), keep_t, zero), C)  # D_i0 keep_0 = prod_{l<=i} keep_l
+    return D, t.trans(abar)
+
+
+def _lq_norm(q: float) -> sp.Expr:
+    """‖A‖_q from s = sum |A|^q, floored as runtime_torch.Runtime.project floors it (s at fp32's tiny, the
+    norm at 1e-12). The floors are Piecewise, not Max: their derivatives are then selects, where a Max's step
+    function multiplies a derivative that overflows by 0, giving NaN. The norm and its inverse power are two
+    nodes, as in the runtime: one expression for d(s^((2-q)/q))/ds is s^((2-2q)/q), which overflows fp32 for
+    s near the floor (1e48 at s = 1e-36) where the chain through the norm stays in range."""
+    return sp.Piecewise((X[0] ** sp.Float(1.0 / q), X[0] > FP32_TINY), (sp.Float(FP32_TINY) ** sp.Float(1.0 / q), True))
+
+
 def _lq_scale(q: float) -> sp.Expr:
-    """1 / ‖A‖_q^(q-2) from s = sum |A|^q, floored as runtime_torch.Runtime.project floors it. The floor
-    is a Piecewise, not a Max: its derivative is then a select, where a Max's step function would
-    multiply a derivative that overflows at s = 0 (a zero state) by 0, giving NaN."""
-    def scale(x: sp.Expr) -> sp.Expr:
-        return 1 / sp.Max(x ** sp.Float(1.0 / q), sp.Float(1e-12)) ** sp.Float(q - 2)
-    return sp.Piecewise((scale(X[0]), X[0] > FP32_TINY), (scale(sp.Float(FP32_TINY)), True))
+    """1 / norm^(q-2) of the floored norm (see _lq_norm)."""
+    floor = sp.Float(1e-12)
+    return sp.Piecewise((1 / X[0] ** sp.Float(q - 2), X[0] > floor), (floor ** sp.Float(2 - q), True))
 
 
 def _power(q: float) -> sp.Expr:
@@ -114,7 +140,7 @@ def build_state_graph(p: Program, spec: dict, shapes: dict[str, list[int]], size
         if proj == "lq":
             power = t.ew(_power(spec["lq"]), x)
             total = t.sum(power, axis=1) if flat else t.sum(t.sum(power, axis=1), axis=0)
-            return t.mul(x, t.ew(_lq_scale(spec["lq"]), total))
+            return t.mul(x, t.ew(_lq_scale(spec["lq"]), t.ew(_lq_norm(spec["lq"]), total)))
         if proj == "softmax":  # per row of each matrix: groups of n consecutive columns
             shift = t.gmax(x, n)
             wide = (lambda r: t.kron(r, ones(n))) if flat and t.shape(x)[1] != n else (lambda r: r)
@@ -133,24 +159,18 @@ def build_state_graph(p: Program, spec: dict, shapes: dict[str, list[int]], size
         anchor = {n: project(state[n], tile_shape(n)[1], flat=False) for n in state}
         low = _Lower(t, ir, sizes, C, {**bind, **{n: (anchor[n], "const") for n in anchor}}, valid=row_valid)
         done = low.emit([x for n in mats for pair in factors[n] for x in pair] + [outs[n] for n in vecs])
-        if keep_s is not None:
-            cum = t.cumsum(t.ew(_safe_log(X[0]), keep_s), axis=0)
-            abar = t.ew(sp.exp(X[0]), cum)
-        else:
-            cum, abar = None, one
         scalar = t.shape(lr_s)[1] == 1 and (keep_s is None or t.shape(keep_s)[1] == 1)
         if scalar:
-            D = _ratio_matrix(t, cum) if cum is not None else t.where(lower, one, zero)
+            D, abar = decay_coefficients(t, keep_s, C) if keep_s is not None else (t.where(lower, one, zero), one)
             Kc = t.mul(D, t.trans(lr_s))
-        else:  # per channel: a C×C coefficient matrix per channel, channel-major [w, C*C], in log space
+        else:  # per channel: a C×C coefficient matrix per channel, channel-major [w, C*C]
             tri = t.mask("ltri", C)
             lr_cols = t.kron(ones(C), t.trans(lr_s))  # lr_j at column i*C + j
-            if cum is not None:
-                cum_t = t.trans(cum)
-                diff = t.where(tri, t.sub(t.kron(cum_t, ones(C)), t.kron(ones(C), cum_t)), zero)
-                Kc = t.where(tri, t.mul(t.ew(sp.exp(X[0]), diff), lr_cols), zero)
+            if keep_s is not None:
+                D, abar = channel_decays(t, keep_s, C)
+                Kc = t.where(tri, t.mul(D, lr_cols), zero)
             else:
-                Kc = t.where(tri, lr_cols, zero)
+                Kc, abar = t.where(tri, lr_cols, zero), one
         flat, read, end = {}, {}, {}
         for n in mats + vecs:
             m_p, n_p = tile_shape(n)

@@ -104,6 +104,22 @@ def print_tiles(graph: TileGraph, bound: dict[str, str], nodes: list[int], names
     return lines
 
 
+def printed_numel(graph: TileGraph, i: int) -> int:
+    """The largest tensor the printed statement of node i holds: its tile, or the 3-D broadcast product a
+    thin `dot` or `bmm` is printed as (Triton refuses a tensor past 2^20 elements)."""
+    t = graph.nodes[i]
+    size = t.shape[0] * t.shape[1]
+    if t.op == "dot":
+        (m, k), (_, n) = graph.shape(t.args[0]), graph.shape(t.args[1])
+        if min(m, k, n) < 16:
+            size = max(size, m * k * n)
+    elif t.op == "bmm":
+        mm, k, nn = t.attrs[:3]
+        if min(mm, k, nn) < 16:
+            size = max(size, t.shape[0] * mm * k * nn)
+    return size
+
+
 def _batched(x: str, rows: int, out_rows: int, shape: tuple[int, int], transposed: bool) -> str:
     """A [rows, p*q] tile as [out_rows, p, q] matrices (broadcast over rows), transposed to [.., q, p]."""
     if rows != out_rows:

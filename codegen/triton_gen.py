@@ -34,10 +34,10 @@ from memdsl.program import Program
 
 from .chunk_tiles import Unsupported, build_chunk_graph, tile_shape_of
 from .muon_tiles import build_muon_graph
-from .state_tiles import build_state_graph
+from .state_tiles import MAX_NUMEL, build_state_graph
 from .tile_grad import backward
 from .tile_ir import TileGraph
-from .tile_triton import mask_code, print_tiles
+from .tile_triton import mask_code, print_tiles, printed_numel
 from .wy_tiles import build_wy_graph
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -249,6 +249,20 @@ def _masks(graph: TileGraph) -> list[str]:
     return [mask_code(name, definition) for name, definition in graph.mask_defs.items()]
 
 
+def _check_tiles(graph: TileGraph, nodes: list[int]) -> None:
+    """Every printed tensor within Triton's largest (a concat's placement matrix into padded polynomial
+    features is [d^2, pad(1 + d + d^2)]: 2^21 elements at d = 32); past it there is no kernel, not a crash
+    at launch."""
+    for i in nodes:
+        size = printed_numel(graph, i)
+        if size > MAX_NUMEL:
+            t = graph.nodes[i]
+            what = f"tile {t.attrs[0]}" if t.op == "input" else \
+                f"{t.op} of {' and '.join(str(list(graph.shape(a))) for a in t.args)}"
+            raise Unsupported(f"a {what} holds {size} elements, past Triton's {MAX_NUMEL} per tensor (tiles are "
+                              f"padded to powers of two: smaller sizes fit)")
+
+
 def _check_sizes(layout: _Layout, chunk: int) -> None:
     """Token widths must be powers of two ≥ 16 (tl.dot's minimum); other sizes are padded."""
     for name in TOKENS:
@@ -278,7 +292,9 @@ def _prepare(p: Program, spec: dict, sizes: dict[str, int], chunk: int, read_ord
         raise Unsupported(why)
     lay = _Layout(p, spec, sizes)
     _check_sizes(lay, chunk)
-    return lay, _graph(p, spec, lay, chunk, read_order)
+    graph = _graph(p, spec, lay, chunk, read_order)
+    _check_tiles(graph, list(range(len(graph.nodes))))
+    return lay, graph
 
 
 def _header(p: Program, spec: dict, direction: str, sizes: dict, chunk: int, precision: str,
@@ -340,7 +356,9 @@ def generate_backward(p: Program, spec: dict, sizes: dict[str, int], chunk: int,
         carries.append((n, hh, width))
     bound = {name: name for name in graph.inputs}
     names: dict[int, str] = {}
-    body = print_tiles(graph, bound, graph.live(list(grad_of.values())), names)
+    live = graph.live(list(grad_of.values()))
+    _check_tiles(graph, live)
+    body = print_tiles(graph, bound, live, names)
 
     sig = lay.inputs_signature() + [f"SAVE_{s}," for s in lay.states] + ["DY,"] + [f"D{s}," for s in lay.states]
     sig += ["DQ, DK, DV, DLR, DMU, DKEEP, DSCALE,"] + [f"DG_{n}," for n in lay.gates]

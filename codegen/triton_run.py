@@ -39,14 +39,14 @@ def kernel_for(rule, sizes: dict[str, int], chunk: int, direction: str = "fwd", 
 def kernel_reason(rule, sizes: dict[str, int], chunk: int, read_order: str | None = None) -> str | None:
     """None when kernels can be generated for these sizes and chunk; else why not — what `rule.triton_reason()`
     cannot know without sizes: token widths or a chunk that are not powers of two ≥ 16, per-position state
-    tiles past Triton's largest tensor (ATLAS at d = 64). An automatic dispatch should ask this before it
-    chooses the Triton path: a kernel that cannot be generated raises Unsupported at the first call."""
-    from .triton_gen import _prepare
+    tiles or any other printed tensor past Triton's largest (ATLAS at d = 64, polynomial features at d = 32).
+    An automatic dispatch should ask this before it chooses the Triton path: a kernel that cannot be
+    generated raises Unsupported at the first call."""
     read_order = read_order or rule.spec["read_order"]
     key = f"{rule.key}-{sorted(sizes.items())}-{chunk}-{read_order}"
     if key not in _REASONS:
-        try:
-            _prepare(program_for(rule), rule.spec, sizes, chunk, read_order)
+        try:  # the backward graph holds the larger tiles (adjoints of the forward's): generating it checks both
+            generate_backward(program_for(rule), rule.spec, sizes, chunk, read_order=read_order)
             _REASONS[key] = None
         except Unsupported as why:
             _REASONS[key] = str(why)

@@ -15,11 +15,9 @@ templates, launcher and generated backward serve both.
 
 from __future__ import annotations
 
-import sympy as sp
-
 from memdsl.program import Program
 
-from .chunk_tiles import _Lower, _ratio_matrix, _safe_log, tile_shape_of
+from .chunk_tiles import _Lower, decay_coefficients, tile_shape_of
 from .tile_ir import TileGraph, X
 
 
@@ -48,8 +46,7 @@ def build_wy_graph(p: Program, spec: dict, shapes: dict[str, list[int]], sizes: 
         slope = got[ir.outputs["wy.slope"]][0]
 
     if spec["retain"]:
-        cum = t.cumsum(t.ew(_safe_log(X[0]), t.input("keep", (C, 1))), axis=0)
-        gam, g = _ratio_matrix(t, cum), t.ew(sp.exp(X[0]), cum)
+        gam, g = decay_coefficients(t, t.input("keep", (C, 1)), C)
     else:
         gam, g = t.where(lower, t.const(1.0), zero), t.expand(t.const(1.0), (C, 1))
     b = t.mul(lr, slope)

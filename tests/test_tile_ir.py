@@ -120,11 +120,12 @@ def test_generated_chunk_backward_matches_autograd(path):
             inputs[name] = 0.6 + 0.4 * torch.rand(shape, generator=gen, dtype=torch.float64)
         elif name in ("lr", "scale") or name.startswith("tok_") and shape[1] == 1:
             inputs[name] = 0.05 + 0.3 * torch.rand(shape, generator=gen, dtype=torch.float64)
-        elif name not in ("lower", "strict", "valid", "is_last", "hist_valid", "first", "later"):
+        elif name not in ("lower", "strict", "shift", "valid", "is_last", "hist_valid", "first", "later"):
             inputs[name] = 0.5 * torch.randn(shape, generator=gen, dtype=torch.float64)
     rows = torch.arange(C)
     inputs["lower"] = rows[:, None] >= rows[None, :]
     inputs["strict"] = rows[:, None] > rows[None, :]
+    inputs["shift"] = rows[:, None] == rows[None, :] + 1  # the sub-diagonal: decays in linear space (trinv)
     inputs["valid"] = (rows < T_valid)[:, None]
     inputs["is_last"] = (rows == T_valid - 1)[:, None]
     inputs["first"] = (rows == 0)[:, None]  # a lag token's own segment, and the rows after it
@@ -137,3 +138,44 @@ def test_generated_chunk_backward_matches_autograd(path):
         if inputs[name].dtype == torch.float64 and inputs[name].shape[0] == C and name != "lower":
             inputs[name][T_valid:] = 1.0 if name in ("keep", "mu") else 0.0
     _check_adjoints(graph, inputs, list(graph.outputs.values()), atol=1e-8)
+
+
+@pytest.mark.parametrize("C", [4, 16])
+def test_decay_coefficients_are_plain_products_with_exact_gradients(C):
+    """D_ij = prod_{j<l<=i} keep_l and abar_i = prod_{l<=i} keep_l, scalar (trinv) and per channel (bmm
+    doubling), against torch's cumulative products, values and gradients, with keeps of exactly 0 and below
+    0. The log-space form these replace gave d/dkeep = 0 at a zero keep and clamped negative keeps to 1e-30."""
+    from codegen.chunk_tiles import decay_coefficients
+    from codegen.state_tiles import channel_decays
+    gen = torch.Generator().manual_seed(3)
+    keep = torch.rand(C, 3, generator=gen, dtype=torch.float64)
+    keep[1, 0] = keep[C - 1, 1] = keep[2, 2] = 0.0
+    keep[C // 2, 0] = -0.7
+
+    def reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [C, w] -> D [w, C, C], abar [C, w]
+        i, j = torch.arange(C)[:, None], torch.arange(C)[None, :]
+        rows = [torch.stack([x[j0 + 1:i0 + 1, c].prod() if j0 <= i0 else x.new_zeros(()) for i0 in range(C)
+                             for j0 in range(C)]).reshape(C, C) for c in range(x.shape[1])]
+        return torch.stack(rows) * (i >= j), x.cumprod(0)
+
+    bools = {"shift": torch.arange(C)[:, None] == torch.arange(C)[None, :] + 1,
+             "strict": torch.arange(C)[:, None] > torch.arange(C)[None, :], "first": (torch.arange(C) == 0)[:, None]}
+    for width in (1, 3):
+        g = TileGraph()
+        for name, value in bools.items():
+            g.input(name, tuple(value.shape), boolean=True)
+        k = g.input("keep", (C, width))
+        D, abar = decay_coefficients(g, k, C) if width == 1 else channel_decays(g, k, C)
+        x = keep[:, :width].clone().requires_grad_()
+        values = evaluate(g, {**bools, "keep": x})
+        D_ref, abar_ref = reference(keep[:, :width])
+        assert torch.allclose(values[D].reshape(width, C, C), D_ref, atol=1e-15)
+        assert torch.allclose(values[abar], abar_ref, atol=1e-15)
+        ct_d, ct_a = torch.randn(D_ref.shape, generator=gen, dtype=torch.float64), torch.randn(C, width, generator=gen,
+                                                                                               dtype=torch.float64)
+        (got,) = torch.autograd.grad((values[D].reshape(D_ref.shape) * ct_d).sum() + (values[abar] * ct_a).sum(), x)
+        xr = keep[:, :width].clone().requires_grad_()
+        D_r, abar_r = reference(xr)
+        (want,) = torch.autograd.grad((D_r * ct_d).sum() + (abar_r * ct_a).sum(), xr)
+        assert torch.allclose(got, want, atol=1e-12) and want[1, 0] != 0  # a zero keep's own gradient
+        _check_adjoints(g, {**bools, "keep": keep[:, :width].clone()}, [D, abar])
