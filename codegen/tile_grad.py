@@ -6,7 +6,7 @@ forward recompute and adjoints with one printer. Elementwise adjoints come from 
 derivative of each operand, `Piecewise` included), so they are exact symbolic derivatives.
 
 Adjoint rules (g is the cotangent of the node's output):
-    ew(f; x_i)     x_i += reduce_to(g * df/dx_i, shape(x_i))   (g = where(m, h, 0): where(m, h * df/dx_i, 0))
+    ew(f; x_i)     x_i += reduce_to(g * df/dx_i, shape(x_i))
     dot(a, b)      a += g @ b^T ;  b += a^T @ g
     trans(a)       a += g^T
     sum(a, axis)   a += expand(g, shape(a))
@@ -61,12 +61,6 @@ def backward(graph: TileGraph, seeds: list[tuple[int, int]], wrt: list[int]) -> 
         if node.op == "ew":
             expr = node.attrs[0]
             n = len(node.args)
-            # a cotangent that is zero outside a mask (a masked token row: padded rows of a ragged chunk) gives
-            # an adjoint that is zero there too, selected rather than multiplied: the derivative may be NaN on
-            # those rows (a layer norm of a row of zeros is 0/0), and NaN times 0 is NaN
-            masked = graph.nodes[g]
-            masked = masked.args[:2] if masked.op == "where" and graph.nodes[masked.args[2]].op == "const" and \
-                graph.nodes[masked.args[2]].attrs[0] == 0.0 else None
             for j, a in enumerate(node.args):
                 if a in graph.boolean:
                     continue
@@ -74,10 +68,7 @@ def backward(graph: TileGraph, seeds: list[tuple[int, int]], wrt: list[int]) -> 
                 if d == 0:
                     continue
                 # the adjoint expression: g * df/dx_j over (x0..x{n-1}, g as x{n})
-                if masked:
-                    contrib = graph.where(masked[0], graph.ew(X[n] * d, *node.args, masked[1]), graph.const(0.0))
-                else:
-                    contrib = graph.ew(X[n] * d, *node.args, g)
+                contrib = graph.ew(X[n] * d, *node.args, g)
                 accumulate(a, graph.reduce_to(contrib, graph.shape(a)))
         elif node.op == "dot":
             a, b = node.args
