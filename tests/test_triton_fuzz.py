@@ -9,7 +9,9 @@ values that include saturated extremes (keeps and learning rates exactly 0 or 1,
 
 The property (`check_kernels`): the kernels' output, final state and every gradient (q, k, v, gates, outer
 params, initial state) under random cotangents, in fp32, are within max(1e-5, 4 x the torch fp32 path's own
-error) of the torch chunk program in float64 (relative RMS; test_triton.py's criterion), and finite wherever
+error) of the torch chunk program in float64 (relative RMS; test_triton.py's criterion; where that fails, the
+torch path's error on fp32 inputs nudged by about an ulp counts too: a value that an ulp moves by 2e-5 is
+ill-conditioned in fp32, and a kernel error of that size says nothing about the kernel), and finite wherever
 float64 is. CI runs a few derandomized examples; MEMDSL_FUZZ_EXAMPLES=N runs N (docs/robustness.md).
 """
 
@@ -221,16 +223,30 @@ def check_kernels(rule, *, d: int, chunk: int, T: int, B: int, H: int, read_orde
         return "torch fp32 not finite"
     got = run(rule, *as32, "triton", *args)
     assert set(got) == set(f64)
+    nudged = []
+    outcome = "agrees"
     for key, ref in f64.items():
         assert torch.isfinite(got[key]).all(), f"{key}: the kernel is not finite where torch is"
-        own = rel_rms(f32[key], ref)
         if ref.abs().max() == 0:  # a zero gradient: the kernel's must be as small as torch fp32's
             limit = 4 * f32[key].abs().max().item() + 1e-30
             assert got[key].abs().max().item() <= limit, f"{key}: {got[key].abs().max().item():.3g} where 0"
             continue
-        err = rel_rms(got[key], ref)
+        err, own = rel_rms(got[key], ref), rel_rms(f32[key], ref)
+        if err > max(1e-5, 4 * own) and not nudged:
+            # the torch fp32 path may be lucky on an ill-conditioned value (a single gate's gradient at T = 1 is
+            # one sum with cancellation): its own error is also measured on inputs nudged by about an ulp
+            nudged = [run(rule, *_nudged(as32, seed), reference(rule), *args) for seed in (1, 2)]
+        if err > max(1e-5, 4 * own):
+            own = max([own] + [rel_rms(n[key], ref) for n in nudged])
+            outcome = "agrees within fp32 conditioning"
         assert err <= max(1e-5, 4 * own), f"{key}: kernel {err:.3g} vs float64 (torch fp32 {own:.3g})"
-    return "agrees"
+    return outcome
+
+
+def _nudged(groups, seed: int, rel: float = 1.2e-7):
+    """Copies of fp32 inputs with every element scaled by 1 + rel * u, u uniform in [-1, 1] (about an ulp)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [{n: t * (1 + rel * (2 * torch.rand(t.shape, generator=gen) - 1)) for n, t in x.items()} for x in groups]
 
 
 @st.composite
@@ -255,7 +271,7 @@ def cases(draw):
                             seed=draw(st.integers(0, 1000)))
 
 
-@fuzz_settings(6)
+@fuzz_settings(16)
 @given(cases())
 def test_kernels_equal_the_torch_chunk_program_on_fuzzed_rules(case):
     text, rule, kw = case
@@ -302,13 +318,57 @@ FOUND = {
                        "  read M(q)\n}\n",
                        dict(d=16, chunk=16, T=37, B=1, H=2, read_order=None, regimes={"theta": "mid", "alpha": "mid"},
                             seed=3)),
+    # the oracle's flaw, not the kernel's: one gate's gradient at T = 1 is a single sum with cancellation; inputs
+    # moved by an ulp move torch fp32 by 2.3e-5 there (kernel 2.1e-5, torch unmoved 4.7e-7)
+    "one ill-conditioned scalar": ("memory fuzz {\n  dim D = 1 + d + d^2\n  outer c : [D] init taylor(degree = 2)\n"
+                                   "  fn phi(x) = c * poly(x, 2)\n  param W : [d, D] init zeros\n  model M(x) = W @ x\n"
+                                   "  gate g0 : scalar sigmoid\n  gate g1 : scalar sigmoid\n"
+                                   "  loss sum((tanh(tanh((M(phi(k)) - v))))^2)\n"
+                                   "  optim muon(lr = g0, decay = g0, steps = 1)\n  read M(phi(q))\n}\n",
+                                   dict(d=16, chunk=16, T=1, B=1, H=1, read_order=None,
+                                        regimes={"g0": "mid", "g1": "mid"}, seed=0)),
 }
+OUTCOME = {"one ill-conditioned scalar": "agrees within fp32 conditioning"}
 
 
 @pytest.mark.parametrize("name", sorted(FOUND))
 def test_cases_the_fuzz_found(name):
     text, kw = FOUND[name]
-    assert check_kernels(memdsl.compile(text), **kw) == "agrees"
+    assert check_kernels(memdsl.compile(text), **kw) == OUTCOME.get(name, "agrees")
+
+
+class _Skewed:
+    """A compiled rule whose kernels are off by `rel` in one gradient: what a small real bug looks like."""
+
+    def __init__(self, rule, rel):
+        self.rule, self.rel = rule, rel
+        self.impl, self.spec, self.algorithm, self.init_state = rule.impl, rule.spec, rule.algorithm, rule.init_state
+
+    def __call__(self, q, k, v, gates, params, state, backend, **kw):
+        if backend == "triton":  # scales alpha's gradient (an identity in the forward)
+            gates = {**gates, "alpha": _Scale.apply(gates["alpha"], 1 + self.rel)}
+        return self.rule(q, k, v, gates, params, state, backend=backend, **kw)
+
+
+class _Scale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.factor, None
+
+
+def test_the_oracle_does_not_hide_a_small_disagreement():
+    """The nudged-input floor widens the tolerance only where fp32 conditioning is poor: a kernel gradient 1e-4 off
+    still fails on Titans, and the unskewed kernels agree at the plain criterion."""
+    rule = memdsl.compile("rules/titans_linear.mem")
+    kw = dict(d=16, chunk=16, T=37, B=1, H=1, read_order=None, regimes={g: "mid" for g in rule.spec["gates"]}, seed=0)
+    assert check_kernels(rule, **kw) == "agrees"
+    with pytest.raises(AssertionError, match="grad.gate.alpha"):
+        check_kernels(_Skewed(rule, 1e-4), **kw)
 
 
 def test_a_keep_of_exactly_zero_keeps_its_gradient():
