@@ -276,6 +276,12 @@ def _statement(g: TileGraph, i: int, ref, fuse: _Fusion | None = None, hoist=Non
         rhs = f"{a[0]}.unflatten(-1, ({d1}, {d2})).movedim({tuple(p - 3 for p in perm)}, {(-3, -2, -1)}).flatten(-2)"
     elif t.op == "gmax":
         rhs = f"{a[0]}.unflatten(-1, ({n}, {t.attrs[0]})).amax(-1)"
+    elif t.op == "trinv" and _bidiagonal(g, t.args[0]) is not None:
+        # (I + N)^-1 for a sub-diagonal N (chunk_tiles.decay_coefficients): D_ij = prod_{j<l<=i} -N_{l,l-1}, a
+        # cumulative product down each column (forward substitution's own recurrence: the same products, no
+        # batched triangular solve)
+        col = ref(_bidiagonal(g, t.args[0]))
+        rhs = f"torch.where(torch.ones({m}, {m}, dtype=torch.bool).tril(-1), -{col}, 1.0).cumprod(-2).tril()"
     elif t.op == "trinv":
         low = f"torch.where({a[1]}, {a[0]}, 0.0)"
         rhs = (f"torch.linalg.solve_triangular({low}, torch.eye({m}, dtype=DT).expand(*{a[0]}.shape[:-2], {m}, {m}), "
@@ -283,6 +289,16 @@ def _statement(g: TileGraph, i: int, ref, fuse: _Fusion | None = None, hoist=Non
     else:
         raise Unsupported(f"tile op {t.op} has no torch printing")
     return f"t{i} = {rhs}"
+
+
+def _bidiagonal(g: TileGraph, a: int) -> int | None:
+    """The [C, 1] column n when tile `a` is where(shift, n, 0): n on the sub-diagonal (the `shift` mask is
+    i == j + 1 in every driver), zero elsewhere."""
+    t = g.nodes[a]
+    if t.op != "where" or t.args[0] != g.inputs.get("shift") or g.shape(t.args[1]) != (t.shape[0], 1):
+        return None
+    zero = g.nodes[t.args[2]]
+    return t.args[1] if zero.op == "const" and zero.attrs[0] == 0.0 else None
 
 
 NAME = re.compile(r"\b(?:c_)?(?:[th]\d+|i_\w+)\b")
@@ -478,15 +494,15 @@ def print_program(g: TileGraph, carried: dict[str, int], chunked: set[str], resu
     lines += _with_dels(before, tail)
     # ---- the loop: what the carried values need ------------------------------------------------------
     lines += [f"    L_t{j} = torch.empty(B, H, NC, {g.shape(j)[0]}, {g.shape(j)[1]}, dtype=DT)" for j in keep]
-    lines.append(f"    for ci in {'range(NC - 1, -1, -1)' if reverse else 'range(NC)'}:")
-    lines += [f"        c_{ref(j, 'pre')} = {ref(j, 'pre')}[:, :, ci:ci + 1]" for j in sliced]
-    lines += [f"        S_{n}[:, :, ci:ci + 1] = i_{n}" for n in starts]
-    lines += [f"        c_{h} = {h}[:, :, ci:ci + 1]" for h, _, chunky in hoisted if chunky]
-    lines += ["        " + st for st, _ in loop_stmts]
-    lines += [f"        L_t{j}[:, :, ci:ci + 1] = t{j}" for j in keep]
+    body = [f"c_{ref(j, 'pre')} = {ref(j, 'pre')}[:, :, ci:ci + 1]" for j in sliced]
+    body += [f"S_{n}[:, :, ci:ci + 1] = i_{n}" for n in starts]
+    body += [f"c_{h} = {h}[:, :, ci:ci + 1]" for h, _, chunky in hoisted if chunky]
+    body += [st for st, _ in loop_stmts] + [f"L_t{j}[:, :, ci:ci + 1] = t{j}" for j in keep]
     if carried:
-        lines.append("        " + ", ".join(f"i_{n}" for n in carried) + " = " +
-                     ", ".join(ref(carried[n], "loop") for n in carried))
+        body.append(", ".join(f"i_{n}" for n in carried) + " = " + ", ".join(ref(carried[n], "loop") for n in carried))
+    if body:  # a graph without a carried value (a test's decay tiles) has no loop
+        lines.append(f"    for ci in {'range(NC - 1, -1, -1)' if reverse else 'range(NC)'}:")
+        lines += ["        " + st for st in body]
     lines += [f"    final_{n} = i_{n}" for n in carried]
     lines += [f"    t{j} = L_t{j}" for j in keep] + [f"    i_{n} = S_{n}" for n in starts]
     # ---- after the loop: every chunk at once ---------------------------------------------------------

@@ -238,3 +238,30 @@ def test_printed_rule_says_which_cpu_program_runs():
     assert "CPU training (backend='auto'): torch chunk program; backend='tiles' covered" in \
         repr(memdsl.compile("rules/titans.mem"))
     assert "backend='tiles' not covered: tile input" in repr(memdsl.compile("rules/moneta.mem"))
+
+
+def test_decay_coefficients_as_cumulative_products():
+    """trinv of a sub-diagonal (chunk_tiles.decay_coefficients) prints as a cumulative product down the
+    columns, not a triangular solve: it equals the solve's inverse, with keeps of exactly 0 and negative ones
+    (no logs, no clamping)."""
+    from codegen.chunk_tiles import decay_coefficients
+    from codegen.tile_ir import TileGraph
+    from codegen.tile_torch import print_program
+    from codegen.tile_torch_kernel import _compile
+    C, NC = 7, 3
+    g = TileGraph()
+    keep = g.input("keep", (C, 1))
+    D, abar = decay_coefficients(g, keep, C)
+    src = print_program(g, {}, {"keep"}, {"D": D, "abar": abar}, False, "decay")
+    assert "cumprod" in src and "solve_triangular" not in src
+    ii = torch.arange(C)
+    keeps = torch.rand(1, 1, NC, C, 1, dtype=torch.float64) * 2 - 0.5
+    keeps[..., 0, 3, 0] = 0.0
+    I = {"keep": keeps, "shift": ii[:, None] == ii[None, :] + 1, "strict": ii[:, None] > ii[None, :],
+         "first": (ii == 0)[:, None]}
+    out = _compile(src, "decay", "test-decay")(I, 1, 1, NC, torch.float64)
+    sub = torch.diag_embed(-keeps[..., 1:, 0], offset=-1)
+    want = torch.linalg.inv(torch.eye(C, dtype=torch.float64) + sub)
+    assert (out["D"] - want).abs().max() <= 1e-12
+    assert (out["D"][:, :, 0, 3:, :3] == 0).all()  # the zero keep at row 3 stops every product through it
+    assert (out["abar"] - want @ (keeps * (ii == 0)[:, None])).abs().max() <= 1e-12
