@@ -171,12 +171,17 @@ class CompiledRule:
         if self.triton_reason(read_order) is not None:
             return False
         from codegen.triton_run import kernel_reason
+        found = self._call_sizes(q, k, v, chunk)
+        return found is not None and kernel_reason(self, *found, read_order) is None
+
+    def _call_sizes(self, q, k, v, chunk) -> tuple[dict[str, int], int] | None:
+        """The sizes and chunk of a call, for the automatic dispatch; None for a malformed call (the frontend
+        then raises the helpful error)."""
         try:
             sizes = {n: int(x) for n, x in self.impl.sizes(k=k, v=v, q=q).items()}
-            c = int(self.spec["chunk"] if chunk is None else chunk)
-        except Exception:  # noqa: BLE001 - a malformed call: the frontend raises the helpful error
-            return False
-        return kernel_reason(self, sizes, c, read_order) is None
+            return sizes, int(self.spec["chunk"] if chunk is None else chunk)
+        except Exception:  # noqa: BLE001 - any malformed input: the frontend says what is wrong
+            return None
 
     def _run_tiles(self, q, k, v, gates, params, state, chunk, read_order, unknown, cu_seqlens, init_state):
         from codegen.tile_torch_kernel import run_tiles
@@ -218,12 +223,8 @@ class CompiledRule:
         tensors = [q, k, v, *(t for d in dicts for t in d.values())] if all(isinstance(d, dict) for d in dicts) else []
         if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
             return False
-        try:
-            sizes = {n: int(x) for n, x in self.impl.sizes(k=k, v=v, q=q).items()}
-            c = int(self.spec["chunk"] if chunk is None else chunk)
-        except Exception:  # noqa: BLE001 - a malformed call: the frontend raises the helpful error
-            return False
-        return c >= 1 and q.dim() == 4 and self.tiles_reason(read_order, sizes, c) is None
+        found = self._call_sizes(q, k, v, chunk)
+        return found is not None and found[1] >= 1 and q.dim() == 4 and self.tiles_reason(read_order, *found) is None
 
     def tiles_reason(self, read_order: str | None = None, sizes: dict[str, int] | None = None,
                      chunk: int | None = None) -> str | None:
