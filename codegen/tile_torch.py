@@ -107,12 +107,26 @@ class _Fusion:
         # p ± a @ b (or ± (a @ b)^T = b^T @ a^T): (p, dot, beta, alpha, transposed, p is a temporary)
         self.addmm: dict[int, tuple[int, int, float, float, bool, bool]] = {}
         self.folded: set[int] = set()  # dots (and their transposes) printed inside an addmm
+        # p ± (q + a @ b)^T with that addmm read only here: p ± q^T ± b^T @ a^T, accumulated into p's layout
+        # (printed as the addmm, the sum would take the transposed layout, and every later pass over it strides)
+        # e: (p, the addmm, beta, alpha, the transpose, p is a temporary)
+        self.addmm_t: dict[int, tuple[int, int, float, float, int, bool]] = {}
         for e in printed:
             t = g.nodes[e]
             if t.op != "ew" or len(t.args) != 2 or t.args[0] == t.args[1]:
                 continue
             coef = t.attrs[0].as_coefficients_dict()
             if set(coef) != {X[0], X[1]} or any(abs(c) != 1 for c in coef.values()):
+                continue
+            for d, p in ((1, 0), (0, 1)):
+                tr_node, other = t.args[d], t.args[p]
+                inner = g.nodes[tr_node].args[0] if g.nodes[tr_node].op == "trans" else None
+                if inner in self.addmm and single(tr_node) == e and single(inner) == tr_node and \
+                        g.shape(other) == g.shape(tr_node):
+                    temp = single(other) == e and g.nodes[other].op not in (*VIEWS, "input", "const")
+                    self.addmm_t[e] = (other, inner, float(coef[X[p]]), float(coef[X[d]]), tr_node, temp)
+                    break
+            if e in self.addmm_t:
                 continue
             for d, p in ((1, 0), (0, 1)):
                 dot, other, tr = t.args[d], t.args[p], False
@@ -142,7 +156,13 @@ class _Fusion:
             x, y = g.nodes[e].args
             if g.shape(x) == g.shape(y) == g.shape(e) and x != y:
                 self.inner[s2] = (x, y)
-        fused = set(self.addmm) | {other for other, *_ in self.addmm.values()}
+        for _, inner, _, _, tr_node, _ in self.addmm_t.values():  # the addmm and its transpose print inside e
+            self.folded |= {inner, tr_node}
+            q = self.addmm[inner][0]
+            if g.nodes[q].op == "dot" and single(q) == inner and g.shape(g.nodes[q].args[0])[1] > 1:
+                self.folded.add(q)  # q^T accumulates as one more GEMM
+        fused = set(self.addmm) | {other for other, *_ in self.addmm.values()} | set(self.addmm_t)
+        fused |= {other for other, *_ in self.addmm_t.values()}
         self.inline = {j for j in printed if g.nodes[j].op == "ew" and j not in fused
                        and single(j, "ew") not in (None, *self.addmm)}
         self.skip = self.inline | self.negated | self.folded
@@ -218,7 +238,22 @@ def _statement(g: TileGraph, i: int, ref, fuse: _Fusion | None = None, hoist=Non
     t = g.nodes[i]
     a = [ref(j) for j in t.args]
     m, n = t.shape
-    if t.op == "ew" and fuse and i in fuse.addmm:
+    if t.op == "ew" and fuse and i in fuse.addmm_t:
+        # p ± (q + (x @ y)) ^ T: p ± q^T ± y^T @ x^T (or p ± q^T ± x @ y when the addmm held (x @ y)^T)
+        other, inner, beta, alpha, _, temp = fuse.addmm_t[i]
+        q, dot, beta_s, alpha_s, tr, _ = fuse.addmm[inner]
+        if q in fuse.folded:
+            (x, sx), (y, sy) = (fuse.operand(j, ref) for j in g.nodes[q].args)
+            base = f"_addmm({ref(other)}, {y}.transpose(-1, -2), {x}.transpose(-1, -2), {beta!r}, " \
+                f"{alpha * beta_s * sx * sy!r}{', True' if temp else ''})"
+        else:
+            p = ref(other) if beta == 1 else f"{beta!r} * {ref(other)}"
+            base = f"torch.add({p}, {ref(q)}.transpose(-1, -2), alpha={alpha * beta_s!r})"
+        (x, sx), (y, sy) = (fuse.operand(j, ref) for j in g.nodes[dot].args)
+        if not tr:
+            x, y = f"{y}.transpose(-1, -2)", f"{x}.transpose(-1, -2)"
+        rhs = f"_addmm({base}, {x}, {y}, 1.0, {alpha * alpha_s * sx * sy!r}, True)"
+    elif t.op == "ew" and fuse and i in fuse.addmm:
         other, dot, beta, alpha, tr, temp = fuse.addmm[i]
         (x, sx), (y, sy) = (fuse.operand(j, ref) for j in g.nodes[dot].args)
         if tr:  # (x @ y)^T = y^T @ x^T

@@ -265,3 +265,29 @@ def test_decay_coefficients_as_cumulative_products():
     assert (out["D"] - want).abs().max() <= 1e-12
     assert (out["D"][:, :, 0, 3:, :3] == 0).all()  # the zero keep at row 3 stops every product through it
     assert (out["abar"] - want @ (keeps * (ii == 0)[:, None])).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("q_is_dot", [True, False])
+def test_transposed_accumulation_keeps_the_layout(q_is_dot):
+    """p - (q + a @ b)^T, with the addmm read only through its transpose, prints as GEMMs accumulated into
+    p's layout (q^T: one more GEMM when q is a product, else one add): the result is contiguous, and equals
+    the tile evaluator's."""
+    from codegen.tile_eval import evaluate
+    from codegen.tile_ir import TileGraph
+    from codegen.tile_torch import print_program
+    from codegen.tile_torch_kernel import _compile
+    g = TileGraph()
+    a, b, c, d, m = (g.input(n, s) for n, s in (("a", (5, 3)), ("b", (3, 6)), ("c", (5, 4)), ("d", (4, 6)),
+                                                 ("m", (6, 5))))
+    q = g.dot(c, d) if q_is_dot else g.input("q", (5, 6))
+    p = g.mul(m, m)
+    out = g.sub(p, g.trans(g.add2(q, g.dot(a, b))))
+    chunked = {"a", "b", "c", "d", "m", "q"} & set(g.inputs)
+    src = print_program(g, {}, chunked, {"out": out}, False, "f")
+    assert src.count("_addmm(") == (2 if q_is_dot else 1) and ("torch.add(" in src) != q_is_dot
+    gen = torch.Generator().manual_seed(3)
+    vals = {n: torch.randn(g.shape(i), generator=gen, dtype=torch.float64) for n, i in g.inputs.items()}
+    got = _compile(src, "f", f"test-trans-{q_is_dot}")({n: v.reshape(1, 1, 1, *v.shape) for n, v in vals.items()},
+                                                       1, 1, 1, torch.float64)["out"][0, 0, 0]
+    assert got.is_contiguous()
+    assert (got - evaluate(g, vals)[out]).abs().max() <= 1e-12
