@@ -161,6 +161,29 @@ class _Fusion:
             q = self.addmm[inner][0]
             if g.nodes[q].op == "dot" and single(q) == inner and g.shape(g.nodes[q].args[0])[1] > 1:
                 self.folded.add(q)  # q^T accumulates as one more GEMM
+        # the sub-diagonal of a product, summed along rows: sum(where(shift, ±(x @ y), 0), -1)[i] = ±x[i] . y[:, i-1]
+        # (trinv's adjoint -D^T g D^T needs only that diagonal: a row-wise product instead of a C×C×C GEMM)
+        self.subdiag: dict[int, tuple[int, int, int]] = {}  # the sum: (x, y, sign)
+        shift, strict = g.inputs.get("shift"), g.inputs.get("strict")
+        for s in printed:
+            t = g.nodes[s]
+            if t.op != "sum" or t.attrs != (1,) or shift is None:
+                continue
+            chain, sign, n = [], 1, t.args[0]
+            while g.nodes[n].op == "where" and g.nodes[n].args[0] in (shift, strict) and \
+                    g.nodes[g.nodes[n].args[2]].op == "const" and g.nodes[g.nodes[n].args[2]].attrs[0] == 0.0:
+                chain.append((n, g.nodes[n].args[0]))
+                n = g.nodes[n].args[1]
+            if not chain or chain[0][1] != shift:
+                continue
+            if g.nodes[n].op == "ew" and g.nodes[n].attrs[0] == -X[0]:
+                chain.append((n, None))
+                sign, n = -1, g.nodes[n].args[0]
+            nodes = [c for c, _ in chain] + [n]
+            if g.nodes[n].op == "dot" and g.shape(g.nodes[n].args[0])[1] > 1 and \
+                    all(single(c) == u for c, u in zip(nodes, [s] + nodes[:-1], strict=True)):
+                self.subdiag[s] = (*g.nodes[n].args, sign)
+                self.folded |= set(nodes)
         fused = set(self.addmm) | {other for other, *_ in self.addmm.values()} | set(self.addmm_t)
         fused |= {other for other, *_ in self.addmm_t.values()}
         self.inline = {j for j in printed if g.nodes[j].op == "ew" and j not in fused
@@ -259,6 +282,11 @@ def _statement(g: TileGraph, i: int, ref, fuse: _Fusion | None = None, hoist=Non
         if tr:  # (x @ y)^T = y^T @ x^T
             x, y = f"{y}.transpose(-1, -2)", f"{x}.transpose(-1, -2)"
         rhs = f"_addmm({ref(other)}, {x}, {y}, {beta!r}, {alpha * sx * sy!r}{', True' if temp else ''})"
+    elif fuse and i in fuse.subdiag:
+        xj, yj, sign = fuse.subdiag[i]
+        (x, sx), (y, sy) = fuse.operand(xj, ref), fuse.operand(yj, ref)
+        below = f"torch.nn.functional.pad({y}.transpose(-1, -2)[..., :-1, :], (0, 0, 1, 0))"  # row i: y[:, i-1]
+        rhs = f"({x} * {below}).sum(-1, keepdim=True)" + (".neg_()" if sign * sx * sy < 0 else "")
     elif fuse and i in fuse.inner:
         x, y = (ref(j) for j in fuse.inner[i])
         rhs = f"({x} * {y}).sum((-2, -1), keepdim=True)"  # einsum would copy both operands

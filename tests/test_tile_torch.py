@@ -291,3 +291,28 @@ def test_transposed_accumulation_keeps_the_layout(q_is_dot):
                                                        1, 1, 1, torch.float64)["out"][0, 0, 0]
     assert got.is_contiguous()
     assert (got - evaluate(g, vals)[out]).abs().max() <= 1e-12
+
+
+def test_subdiagonal_of_a_product_as_row_products():
+    """sum(where(shift, where(strict, -(x @ y), 0), 0), -1) (trinv's adjoint, read on the sub-diagonal)
+    prints as a row-wise product with y's columns shifted down one row, no C×C×C GEMM; equals the evaluator."""
+    from codegen.tile_eval import evaluate
+    from codegen.tile_ir import TileGraph, X
+    from codegen.tile_torch import print_program
+    from codegen.tile_torch_kernel import _compile
+    C, K = 6, 4
+    g = TileGraph()
+    x, y = g.input("x", (C, K)), g.input("y", (K, C))
+    shift, strict = g.input("shift", (C, C), boolean=True), g.input("strict", (C, C), boolean=True)
+    zero = g.const(0.0)
+    out = g.sum(g.where(shift, g.where(strict, g.ew(-X[0], g.dot(x, y)), zero), zero), 1)
+    src = print_program(g, {}, {"x", "y"}, {"out": out}, False, "f")
+    assert "matmul" not in src and "pad(" in src
+    ii = torch.arange(C)
+    gen = torch.Generator().manual_seed(4)
+    vals = {"x": torch.randn(C, K, generator=gen, dtype=torch.float64),
+            "y": torch.randn(K, C, generator=gen, dtype=torch.float64),
+            "shift": ii[:, None] == ii[None, :] + 1, "strict": ii[:, None] > ii[None, :]}
+    I = {n: v.reshape(1, 1, 1, *v.shape) if n in "xy" else v for n, v in vals.items()}
+    got = _compile(src, "f", "test-subdiag")(I, 1, 1, 1, torch.float64)["out"][0, 0, 0]
+    assert (got - evaluate(g, vals)[out]).abs().max() <= 1e-12
