@@ -460,10 +460,13 @@ class _Plan:
         self.fuse = _Fusion(g, [i for i in live if i not in given], level, roots)
 
     def available(self) -> set[int]:
-        """Nodes this program holds for every chunk at once, or could buffer cheaply (loop values smaller
-        than a state): what a later program could be given instead of recomputing them."""
+        """Nodes this program holds for every chunk at once, or could buffer cheaply (loop values no larger
+        than a state: one more write per chunk, where recomputing them after the loop costs their GEMMs again):
+        what a later program could be given instead of recomputing them."""
+        state = max([LARGE] + [self.g.shape(self.g.inputs[n])[0] * self.g.shape(self.g.inputs[n])[1]
+                               for n in self.carried])
         small = {i for i in self.live if self.level[i] == "loop" and self.g.nodes[i].op not in VIEWS
-                 and self.g.shape(i)[0] * self.g.shape(i)[1] <= LARGE}
+                 and self.g.shape(i)[0] * self.g.shape(i)[1] <= state}
         held = {i for i in self.live if self.level[i] in ("pre", "post")} | set(self.keep) | small
         return held - self.fuse.skip
 
