@@ -506,7 +506,8 @@ def print_program(g: TileGraph, carried: dict[str, int], chunked: set[str], resu
 
         def new(e: sp.Expr) -> sp.Expr:
             ks = sorted(int(x.name[1:]) for x in e.free_symbols)
-            text = _Named([ref(leaves[k], "pre") if k < len(leaves) else "?" for k in range(max(ks) + 1)]).doprint(e)
+            text = _Named([ref(leaves[k], "pre") if k < len(leaves) else "?" for k in range(max(ks) + 1)]).doprint(
+                _fewer_passes(e))
             chunky = any(ref(leaves[k], "loop") != ref(leaves[k], "pre") for k in ks)
             same = [h for h, st, _ in hoisted if st.split(" = ", 1)[1] == text]
             h = same[0] if same else f"h{len(hoisted)}"
@@ -576,6 +577,14 @@ def print_program(g: TileGraph, carried: dict[str, int], chunked: set[str], resu
     out = [f"{k!r}: {ref(j, 'post')}" for k, j in results.items()] + [f"'final:{n}': final_{n}" for n in carried]
     lines.append("    return {" + ", ".join(out) + "}")
     return "\n".join(lines) + "\n"
+
+
+def _fewer_passes(e: sp.Expr) -> sp.Expr:
+    """A hoisted expression (every chunk at once: each op is a pass over full-sequence tensors) with common
+    factors pulled out and constants folded, when that has fewer ops: gelu''(x) as printed by sympy,
+    2√2·e^(-x²/2)/√π - √(2/π)·x²·e^(-x²/2), becomes 0.80·(2 - x²)·e^(-x²/2)."""
+    f = sp.factor_terms(e).evalf()
+    return f if sp.count_ops(f) < sp.count_ops(e) else e
 
 
 def _with_dels(body: list[tuple[str, set[str]]], kept: set[str]) -> list[str]:

@@ -316,3 +316,23 @@ def test_subdiagonal_of_a_product_as_row_products():
     I = {n: v.reshape(1, 1, 1, *v.shape) if n in "xy" else v for n, v in vals.items()}
     got = _compile(src, "f", "test-subdiag")(I, 1, 1, 1, torch.float64)["out"][0, 0, 0]
     assert (got - evaluate(g, vals)[out]).abs().max() <= 1e-12
+
+
+def test_hoisted_expressions_fold_common_factors():
+    """gelu'' as sympy differentiates it (two exponentials, three constants) is hoisted with the common factor
+    pulled out and the constants folded: fewer ops, the same values; an expression that does not shrink is
+    kept as it is."""
+    import sympy as sp
+
+    from codegen.tile_ir import X
+    from codegen.tile_torch import _fewer_passes, _Named
+    x, y = X[0], X[1]
+    g = sp.exp(-x**2 / 2)
+    e = y * (2 * sp.sqrt(2) * g / sp.sqrt(sp.pi) - sp.sqrt(2) / sp.sqrt(sp.pi) * x**2 * g)
+    f = _fewer_passes(e)
+    assert sp.count_ops(f) < sp.count_ops(e) and len(f.atoms(sp.exp)) == 1
+    a, b = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    ns = {"torch": torch, "a": a, "b": b}
+    want, got = (eval(_Named(["a", "b"]).doprint(z), ns) for z in (e, f))
+    assert (want - got).abs().max() <= 1e-14
+    assert _fewer_passes(x * y + X[2]) == x * y + X[2]
