@@ -18,7 +18,8 @@ from .chunk_tiles import Unsupported, pad
 from .tile_eval import mask_value
 from .tile_grad import backward
 from .tile_ir import TileGraph
-from .tile_torch import _addmm, _live, _Plan, _specialise_full, print_program
+from .tile_torch import _live, _Plan, _specialise_full, print_program
+from .tile_torch_fusion import _addmm
 from .torch_activations import PRELUDE
 from .triton_gen import HYPER, TOKENS, _graph, _Layout, supported
 

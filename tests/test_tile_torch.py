@@ -325,7 +325,7 @@ def test_hoisted_expressions_fold_common_factors():
     import sympy as sp
 
     from codegen.tile_ir import X
-    from codegen.tile_torch import _fewer_passes, _Named
+    from codegen.tile_torch_fusion import _fewer_passes, _Named
     x, y = X[0], X[1]
     g = sp.exp(-x**2 / 2)
     e = y * (2 * sp.sqrt(2) * g / sp.sqrt(sp.pi) - sp.sqrt(2) / sp.sqrt(sp.pi) * x**2 * g)
