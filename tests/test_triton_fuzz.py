@@ -318,8 +318,18 @@ FOUND = {
                        "  read M(q)\n}\n",
                        dict(d=16, chunk=16, T=37, B=1, H=2, read_order=None, regimes={"theta": "mid", "alpha": "mid"},
                             seed=3)),
-    # the oracle's flaw, not the kernel's: one gate's gradient at T = 1 is a single sum with cancellation; inputs
-    # moved by an ulp move torch fp32 by 2.3e-5 there (kernel 2.1e-5, torch unmoved 4.7e-7)
+    # tanh of a tiny argument (a learning rate and keeps near 0: memories of ~1e-5): the templates' tanh,
+    # sign(x) (1 - e^-2|x|) / (1 + e^-2|x|), cancelled to a relative error of ~1e-3 (y 9.5e-4 off)
+    "tanh of a tiny argument": ("memory fuzz {\n  dim h = d\n  param W1 : [h, d] init normal(std = 0.1)\n"
+                                "  param W2 : [d, h] init normal(std = 0.1)\n  model M(x) = W2 @ tanh(W1 @ x)\n"
+                                "  gate g0 : [d] identity\n  gate g1 : [d] sigmoid\n"
+                                "  loss sum(((v) + M(k))^2) + sum(M(k)) * 0.1\n  optim gd(lr = g0)\n"
+                                "  retain decay(g1 * g1)\n  read M(q)\n}\n",
+                                dict(d=16, chunk=16, T=22, B=1, H=1, read_order=None,
+                                     regimes={"g0": "low", "g1": "low"}, seed=192)),
+    # one gate's gradient at T = 1, a single sum with cancellation: inputs moved by an ulp move torch fp32 by
+    # 2.3e-5 there; the kernel was 2.1e-5 off (torch 4.7e-7), which the nudged floor accepted — the kernel's
+    # error was K6's tanh, and it now agrees at the plain criterion
     "one ill-conditioned scalar": ("memory fuzz {\n  dim D = 1 + d + d^2\n  outer c : [D] init taylor(degree = 2)\n"
                                    "  fn phi(x) = c * poly(x, 2)\n  param W : [d, D] init zeros\n  model M(x) = W @ x\n"
                                    "  gate g0 : scalar sigmoid\n  gate g1 : scalar sigmoid\n"
@@ -328,13 +338,12 @@ FOUND = {
                                    dict(d=16, chunk=16, T=1, B=1, H=1, read_order=None,
                                         regimes={"g0": "mid", "g1": "mid"}, seed=0)),
 }
-OUTCOME = {"one ill-conditioned scalar": "agrees within fp32 conditioning"}
 
 
 @pytest.mark.parametrize("name", sorted(FOUND))
 def test_cases_the_fuzz_found(name):
     text, kw = FOUND[name]
-    assert check_kernels(memdsl.compile(text), **kw) == OUTCOME.get(name, "agrees")
+    assert check_kernels(memdsl.compile(text), **kw) == "agrees"
 
 
 class _Skewed:
