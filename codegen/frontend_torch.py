@@ -166,11 +166,14 @@ class CompiledRuleModule:
         gates = {n: g.to(work) for n, g in gates.items()}
         outers = {n: o.to(work) for n, o in outers.items()}
         state = {key: t.to(work) for key, t in state.items()}
-        backend = self._resolve(backend)
         if read_order not in (None, "after", "before", "chunk_start"):
             raise ValueError(f"read_order must be 'after', 'before' or 'chunk_start', got {read_order!r}")
-        if read_order and backend == "wy":
-            backend = "chunk"
+        if backend == "wy" and read_order not in (None, "after"):  # the WY algorithm reads after the write
+            raise ValueError(f"backend 'wy' reads after the write; read_order={read_order!r} needs backend='chunk' "
+                             "(anchored chunks) or 'loop' (exact, token by token)")
+        resolved = self._resolve(backend)
+        # "auto" on a delta rule read before the write (or at the chunk start): the anchored chunk program
+        backend = "chunk" if resolved == "wy" and read_order not in (None, "after") else resolved
         qf, kf, vf, gates, start = self._with_history(qf, kf, vf, gates, state)
         if backend == "wy":
             y, new_state = self._wy(qf, kf, vf, gates, outers, state, sz, chunk)

@@ -185,3 +185,19 @@ def test_auto_dispatch_on_cuda_asks_whether_the_kernels_fit_these_sizes():
     assert not titans._kernels_fit(x64, x64, x64, 12, None)  # not a power of two
     x48 = torch.zeros(1, 4, 1, 48)
     assert not titans._kernels_fit(x48, x48, x48, 16, None)  # a width that is not a power of two
+
+
+def test_wy_backend_with_a_read_order():
+    """backend="wy" with read_order="after" is the WY algorithm (it used to switch to the anchored chunk
+    program, a different function, whenever any read_order was passed); another order is refused."""
+    rule = memdsl.compile("rules/deltanet.mem")
+    tok, gates, params = make_inputs(rule, B=1, T=37, H=2, D=8, dtype=torch.float64)
+    args = (tok["q"], tok["k"], tok["v"], gates, params)
+    y_wy, _ = rule(*args, backend="wy", chunk=16)
+    y_after, _ = rule(*args, backend="wy", chunk=16, read_order="after")
+    y_exact, _ = rule(*args, backend="loop")
+    y_anchored, _ = rule(*args, backend="chunk", chunk=16)
+    assert rel_rms(y_after, y_wy) <= 1e-12 and rel_rms(y_after, y_exact) <= 1e-10
+    assert rel_rms(y_anchored, y_exact) > 1e-6  # the anchored program is another function: the check can fail
+    with pytest.raises(ValueError, match="reads after the write"):
+        rule(*args, backend="wy", chunk=16, read_order="before")
