@@ -23,9 +23,12 @@ from .driver import load, read_source
 _MEMO: dict[str, CompiledRule] = {}
 _LOCK = threading.Lock()
 _HEADER = "# memdsl-cache sha256="
-# backend="auto" on CPU tensors that need a gradient: the torch-printed tile programs (codegen/tile_torch.py)
-# when True, else the torch chunk path (measured side by side: benchmarks/cpu.py)
-TILES_BY_DEFAULT = False
+# backend="auto" on CPU tensors that need a gradient takes the torch-printed tile programs (codegen/tile_torch.py,
+# a generated backward) for dual-form rules at chunks up to this size, the torch chunk path above it (0: never).
+# Measured side by side (benchmarks/cpu.py, benchmarks/RESULTS.md): tiles train 1.2-1.3x faster at C=16 (titans,
+# titans_linear) and level or slower at C=64, where the tile graphs' decay algebra costs more than autograd's
+# overhead saves.
+TILES_UP_TO_CHUNK = 16
 
 
 def cache_dir() -> Path:
@@ -216,15 +219,18 @@ class CompiledRule:
         needed and they cover the rule at these sizes; fp32/bf16/fp16 inputs only (they compute in fp32:
         float64 stays on the torch chunk path). Anything malformed goes to the frontend, which says why."""
         import torch
-        if not TILES_BY_DEFAULT or unknown or not isinstance(q, torch.Tensor) or q.is_cuda or q.dtype == torch.float64 \
-                or not torch.is_grad_enabled():
+        if TILES_UP_TO_CHUNK < 1 or unknown or not isinstance(q, torch.Tensor) or q.is_cuda \
+                or q.dtype == torch.float64 or not torch.is_grad_enabled():
             return False
-        dicts = [d or {} for d in (gates, params, state)]
+        dicts = [{} if d is None else d for d in (gates, params, state)]  # not `d or {}`: d may be a tensor
         tensors = [q, k, v, *(t for d in dicts for t in d.values())] if all(isinstance(d, dict) for d in dicts) else []
         if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
             return False
         found = self._call_sizes(q, k, v, chunk)
-        return found is not None and found[1] >= 1 and q.dim() == 4 and self.tiles_reason(read_order, *found) is None
+        # measured for the dual-form rules only (titans, titans_linear): the WY rules keep their torch algorithm
+        dual = self.spec["dual"] and self.spec["algorithm"] != "wy"
+        return dual and found is not None and 1 <= found[1] <= TILES_UP_TO_CHUNK and q.dim() == 4 \
+            and self.tiles_reason(read_order, *found) is None
 
     def tiles_reason(self, read_order: str | None = None, sizes: dict[str, int] | None = None,
                      chunk: int | None = None) -> str | None:
@@ -277,7 +283,9 @@ class CompiledRule:
         except Exception as err:  # noqa: BLE001 - printing a rule must not fail
             why = f"{type(err).__name__}: {err}"
         tiles = "covered" if why is None else f"not covered: {why}"
-        auto = "tile programs" if TILES_BY_DEFAULT and why is None else "torch chunk program"
+        dual = self.spec["dual"] and self.spec["algorithm"] != "wy"
+        auto = f"tile programs at chunk ≤ {TILES_UP_TO_CHUNK}, else torch chunk program" \
+            if TILES_UP_TO_CHUNK >= 1 and dual and why is None else "torch chunk program"
         return f"\n  CPU training (backend='auto'): {auto}; backend='tiles' {tiles}"
 
 

@@ -210,9 +210,10 @@ def test_unknown_tile_op_is_unsupported():
         _statement(g, b, lambda j: f"t{j}")
 
 
-def test_auto_takes_tiles_on_cpu_when_switched_on(monkeypatch):
-    """memdsl.api.TILES_BY_DEFAULT: CPU calls that need a gradient run the tile programs (TritonChunk's
-    backward), float64, no-grad and uncovered rules stay on the torch chunk path."""
+def test_auto_takes_tiles_for_cpu_training_at_small_chunks(monkeypatch):
+    """memdsl.api.TILES_UP_TO_CHUNK: CPU calls that need a gradient run the tile programs (TritonChunk's
+    backward) at chunks up to it; larger chunks, float64, no-grad and uncovered rules stay on the torch chunk
+    path; 0 turns the switch off."""
     import memdsl.api
     rule = memdsl.compile("rules/titans.mem")
     tok, gates, params, state = inputs(rule, B=1, T=20, H=2, D=16)
@@ -221,12 +222,15 @@ def test_auto_takes_tiles_on_cpu_when_switched_on(monkeypatch):
     def grad_fn(q, backend="auto", **kw):
         y, _ = rule(q, tok["k"], tok["v"], gates, params, **kw, backend=backend)
         return type(y.grad_fn).__name__ if y.grad_fn is not None else None
-    assert "TritonChunk" not in grad_fn(q)
-    monkeypatch.setattr(memdsl.api, "TILES_BY_DEFAULT", True)
-    assert "TritonChunk" in grad_fn(q)
+    monkeypatch.setattr(memdsl.api, "TILES_UP_TO_CHUNK", 16)
+    assert "TritonChunk" in grad_fn(q)  # the rule's own chunk, 16
+    assert "TritonChunk" in grad_fn(q, chunk=8)
+    assert "TritonChunk" not in grad_fn(q, chunk=32)
     assert "TritonChunk" not in grad_fn(q.detach().double().requires_grad_())
     with torch.no_grad():
         assert grad_fn(q) is None
+    monkeypatch.setattr(memdsl.api, "TILES_UP_TO_CHUNK", 0)
+    assert "TritonChunk" not in grad_fn(q)
     assert "TritonChunk" in grad_fn(q, backend="tiles")
     memora = memdsl.compile("rules/memora.mem")
     mt, mg, mp = make_inputs(memora, T=8, D=16, dtype=torch.float32)
@@ -235,8 +239,9 @@ def test_auto_takes_tiles_on_cpu_when_switched_on(monkeypatch):
 
 
 def test_printed_rule_says_which_cpu_program_runs():
-    assert "CPU training (backend='auto'): torch chunk program; backend='tiles' covered" in \
-        repr(memdsl.compile("rules/titans.mem"))
+    import memdsl.api
+    assert f"CPU training (backend='auto'): tile programs at chunk ≤ {memdsl.api.TILES_UP_TO_CHUNK}, else torch " \
+        "chunk program; backend='tiles' covered" in repr(memdsl.compile("rules/titans.mem"))
     assert "backend='tiles' not covered: tile input" in repr(memdsl.compile("rules/moneta.mem"))
 
 
