@@ -169,6 +169,14 @@ class _Lower:
         return self.mask(self.t.expand(i, (self.C, width)))
 
 
+def token_bind(t: TileGraph, shapes: dict[str, list[int]], gates, outers: dict, prefix: str,
+               rows: int) -> dict[str, tuple[int, str]]:
+    """The `_Lower` bindings of one block of token rows — this chunk's (`tok`) or the window history's
+    (`hist`): q, k, v and the gates as new tile inputs, plus the outer constants."""
+    bind = {n: (t.input(f"{prefix}_{n}", tile_shape_of(shapes[n], rows)), "tok") for n in ("q", "k", "v", *gates)}
+    return {**bind, **outers}
+
+
 def decay_coefficients(t: TileGraph, keep: int, C: int) -> tuple[int, int]:
     """D_ij = prod_{j<l<=i} keep_l (1 on the diagonal, 0 above) and abar_i = prod_{l<=i} keep_l of a [C, 1]
     keep column, in linear space: D = (I - N)^-1 for the sub-diagonal N_{i,i-1} = keep_i (forward substitution
@@ -213,12 +221,7 @@ def build_chunk_graph(p: Program, spec: dict, shapes: dict[str, list[int]], size
     S = {n: t.input(f"S_{n}", tile_shape(n)) for n in mats + vecs} if momentum else {}
     outers = {n: (t.input(f"out_{n}", tile_shape(n)), "const") for n in spec["outers"]}
 
-    def token_bind(prefix: str, rows: int) -> dict[str, tuple[int, str]]:
-        bind = {n: (t.input(f"{prefix}_{n}", tile_shape(n, rows)), "tok") for n in ("q", "k", "v")}
-        bind.update({n: (t.input(f"{prefix}_{n}", tile_shape(n, rows)), "tok") for n in spec["gates"]})
-        return {**bind, **outers}
-
-    bind = token_bind("tok", C)
+    bind = token_bind(t, shapes, spec["gates"], outers, "tok", C)
     lr = t.input("lr", (C, 1))
 
     # ---- gradients at the chunk-start state, as factor sets: this chunk's rows, window history ----
@@ -237,7 +240,7 @@ def build_chunk_graph(p: Program, spec: dict, shapes: dict[str, list[int]], size
     sets = [gradient_rows(bind, C, valid)]
     if Hh:
         hist_valid = t.input("hist_valid", (Hh, 1), boolean=True)
-        sets.append(gradient_rows(token_bind("hist", Hh), Hh, hist_valid))
+        sets.append(gradient_rows(token_bind(t, shapes, spec["gates"], outers, "hist", Hh), Hh, hist_valid))
 
     # ---- coefficients -------------------------------------------------------------------------
     lr_row = t.trans(lr)

@@ -23,7 +23,7 @@ import sympy as sp
 
 from memdsl.program import Program
 
-from .chunk_tiles import Unsupported, _Lower, decay_coefficients, pad, tile_shape_of
+from .chunk_tiles import Unsupported, _Lower, decay_coefficients, pad, tile_shape_of, token_bind
 from .state_tiles import check_tile_size
 from .tile_ir import TileGraph, X
 
@@ -76,12 +76,7 @@ def build_muon_graph(p: Program, spec: dict, shapes: dict[str, list[int]], sizes
     S = {n: t.input(f"S_{n}", tile_shape(n)) for n in mats}
     outers = {n: (t.input(f"out_{n}", tile_shape(n)), "const") for n in spec["outers"]}
 
-    def token_bind(prefix: str, rows: int) -> dict[str, tuple[int, str]]:
-        bind = {n: (t.input(f"{prefix}_{n}", tile_shape(n, rows)), "tok") for n in ("q", "k", "v")}
-        bind.update({n: (t.input(f"{prefix}_{n}", tile_shape(n, rows)), "tok") for n in spec["gates"]})
-        return {**bind, **outers}
-
-    bind = token_bind("tok", C)
+    bind = token_bind(t, shapes, spec["gates"], outers, "tok", C)
     lr, mu = t.input("lr", (C, 1)), t.input("mu", (C, 1))
     factors = {n: [(ir.outputs[f"factor.{n}.{i}.a"], ir.outputs[f"factor.{n}.{i}.b"])
                    for i in range(spec["factors"][n])] for n in mats}
@@ -105,7 +100,7 @@ def build_muon_graph(p: Program, spec: dict, shapes: dict[str, list[int]], sizes
         mixes = [t.where(t.mask("band", 1, C), t.trans(bind[weight][0]), zero)]
     if Hh:
         hist_valid = t.input("hist_valid", (Hh, 1), boolean=True)
-        sets.append(outer_rows(token_bind("hist", Hh), Hh, hist_valid))
+        sets.append(outer_rows(token_bind(t, shapes, spec["gates"], outers, "hist", Hh), Hh, hist_valid))
         gammas = [bind[weight][0], t.inputs[f"hist_{weight}"]] if weight else [one, one]
         mixes = [t.where(t.mask("band", c, C), t.trans(gammas[0]), zero),
                  t.where(t.mask("hband", c, C, Hh), t.trans(gammas[1]), zero)]
