@@ -16,6 +16,7 @@ from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks" / "timeseries"))
 import anomaly  # noqa: E402
+import ltsf  # noqa: E402
 import physio  # noqa: E402
 
 
@@ -73,6 +74,59 @@ def test_tiler_round_trips_and_transfer_is_the_scan():
     assert torch.allclose(K[:, n(1, 1), n(0, 0)], want)
     src = torch.randn(2, 3, 4, 6, generator=g, dtype=torch.float64)
     assert torch.allclose(scan2d(decays(kt), kv.transpose(-1, -2), src).flatten(-3, -2), K @ src.flatten(-3, -2))
+
+
+def synthetic_splits(rows: int = 160, n_vars: int = 3) -> dict:
+    """A noisy sine per variate (phase-shifted), cut into train / val / test like load_splits (no data files)."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(rows, dtype=torch.float32)[:, None]
+    x = torch.sin(t / 4 + torch.arange(n_vars)[None]) + 0.05 * torch.randn(rows, n_vars, generator=g)
+    x = x.numpy()
+    return {"train": x[:100], "val": x[84:130], "test": x[114:]}
+
+
+@pytest.mark.parametrize("name", ["chimera", "embed_head"])
+def test_stacked_forecaster_with_cell_mlps_trains(name):
+    # two blocks (rule mixer + per-cell MLP); the control keeps the MLPs and drops the mixers
+    torch.manual_seed(0)
+    model = ltsf.build_model(name, 16, 8, 3, d_model=8, tile=(8, 8), layers=2, mlp=2, gate_bias={"dt": [-6.0, 2.0]})
+    kinds = [type(b).__name__ for b in model.mixers]
+    assert kinds == (["RuleMixer", "CellMLP"] * 2 if name == "chimera" else ["Identity", "CellMLP"] * 2)
+    if name == "chimera":  # the override reaches the gate biases (dt is one of the rule's gates)
+        m = model.mixers[0]
+        bias = m.gates.bias.view(len(m.gate_names), 2)[m.gate_names.index("dt")]
+        assert bias.tolist() == [-6.0, 2.0]
+    x = torch.randn(4, 16, 3)
+    y = model(x)
+    assert y.shape == (4, 8, 3)
+    y.pow(2).mean().backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    assert any(p.grad.abs().sum() > 0 for p in model.mixers[1].parameters())  # the MLP is on the path
+    splits = synthetic_splits()
+    xs, ys = ltsf.windows(splits["train"], 16, 8)
+    before = torch.nn.functional.mse_loss(model(xs), ys).item()
+    ltsf.train_and_test(model, splits, 16, 8, steps=30, batch=8, lr=3e-3, log=lambda s: None)
+    model.eval()
+    with torch.no_grad():
+        assert torch.nn.functional.mse_loss(model(xs), ys).item() < before
+
+
+def test_ema_is_what_is_validated_and_tested():
+    splits = synthetic_splits()
+    torch.manual_seed(0)
+    raw = ltsf.build_model("embed_head", 16, 8, 3, d_model=8)
+    torch.manual_seed(0)
+    avg = ltsf.build_model("embed_head", 16, 8, 3, d_model=8)
+    r = ltsf.train_and_test(raw, splits, 16, 8, steps=40, batch=8, lr=3e-3, val_every=10, log=lambda s: None)
+    a = ltsf.train_and_test(avg, splits, 16, 8, steps=40, batch=8, lr=3e-3, val_every=10, ema=0.9,
+                            log=lambda s: None)
+    # the same training run: the raw weights' best validation is recorded beside the average's
+    assert a["val_mse_raw"] == pytest.approx(r["val_mse"], rel=1e-5)
+    assert a["ema"] == 0.9 and a["val_mse"] != pytest.approx(r["val_mse"], rel=1e-5)
+    # the model left behind holds the selected average: its validation MSE is the recorded one
+    assert ltsf.evaluate(avg, splits["val"], 16, 8)[0] == pytest.approx(a["val_mse"], rel=1e-5)
+    assert ltsf.evaluate(avg, splits["test"], 16, 8)[0] == pytest.approx(a["mse"], rel=1e-5)
 
 
 ANOMALY = anomaly.ARCHIVE

@@ -60,6 +60,13 @@ def main() -> int:
     ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (0: Adam)")
     ap.add_argument("--val-every", type=int, default=0, help="validate every N steps and test the best weights "
                     "(0: test the last weights)")
+    ap.add_argument("--layers", type=int, default=1, help="stacked blocks (rule mixer [+ per-cell MLP])")
+    ap.add_argument("--mlp", type=int, default=0, help="per-cell MLP after each mixer, hidden = MLP * d_model "
+                    "(0: none; the embed_head control keeps it)")
+    ap.add_argument("--ema", type=float, default=0.0, help="validate/test an EMA of the weights with this decay "
+                    "(0: the raw weights)")
+    ap.add_argument("--dt-bias", default=None, help="the two heads' Δ1 gate biases before softplus, e.g. -4,0 "
+                    "(default: the model's, MODELS in ltsf.py)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (2 threads on 2 busy cores is slower)")
     ap.add_argument("--tile", default=None, help="override the 2-D rule's tile, e.g. 8x8 (scan2d rules are exact for "
                     "every tile: only the speed changes; for hydra it changes the model)")
@@ -76,16 +83,19 @@ def main() -> int:
         for h in (int(x) for x in horizons.split(",")):
             torch.manual_seed(args.seed)
             tile = tuple(int(x) for x in args.tile.split("x")) if args.tile else None
+            gate_bias = {"dt": [float(x) for x in args.dt_bias.split(",")]} if args.dt_bias else None
             model = ltsf.build_model(name, 96, h, splits["train"].shape[1], d_model=args.d_model, tile=tile,
-                                     dropout=args.dropout)
+                                     dropout=args.dropout, layers=args.layers, mlp=args.mlp, gate_bias=gate_bias)
             steps = args.linear_steps if name == "linear" else args.steps
             print(f"{name} horizon {h}: {steps} steps, batch {args.batch}", flush=True)
             res = ltsf.train_and_test(model, splits, 96, h, steps, args.batch, lr=args.lr, seed=args.seed,
                                       log=lambda s: print(s, flush=True), val_every=args.val_every,
-                                      weight_decay=args.weight_decay)
+                                      weight_decay=args.weight_decay, ema=args.ema)
             row = {"model": name, "horizon": h, "steps": steps, "batch": args.batch, "d_model": args.d_model,
                    "tile": args.tile, "threads": args.threads,
                    "seed": args.seed, "lr": args.lr, "dropout": args.dropout, "weight_decay": args.weight_decay,
+                   **({"layers": args.layers} if args.layers != 1 else {}), **({"mlp": args.mlp} if args.mlp else {}),
+                   **({"dt_bias": args.dt_bias} if args.dt_bias else {}),
                    "params": sum(p.numel() for p in model.parameters()), **res,
                    "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                    "date": time.strftime("%Y-%m-%d %H:%M")}

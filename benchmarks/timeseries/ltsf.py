@@ -9,6 +9,7 @@ and PatchTST do) and predicts in that frame; errors are measured after undoing i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gzip
 import math
@@ -113,6 +114,20 @@ class RuleMixer(nn.Module):
         return self.norm(x + self.out(y.reshape(B, T, V, -1)))
 
 
+class CellMLP(nn.Module):
+    """A residual per-cell MLP (channel mixing over the d features of each cell (t, v)), the second half of a
+    transformer block: the rule mixes across cells, this mixes within one."""
+
+    def __init__(self, d_model: int, expand: int = 2, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_model, expand * d_model), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(expand * d_model, d_model))
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.net(x))
+
+
 class Forecaster(nn.Module):
     """Window-normalised input -> cell embedding (value, variate, time) -> mixers -> per-variate linear head,
     plus a per-variate linear map of the input window (the DLinear-style path; `mixers=[]` is that alone)."""
@@ -155,13 +170,22 @@ MODELS = {
 
 
 def build_model(name: str, lookback: int, horizon: int, n_vars: int, d_model: int = 16, n_heads: int = 2,
-                tile: tuple[int, int] | None = None, backend: str = "auto", dropout: float = 0.0) -> Forecaster:
+                tile: tuple[int, int] | None = None, backend: str = "auto", dropout: float = 0.0, *,
+                layers: int = 1, mlp: int = 0, gate_bias: dict[str, list[float]] | None = None) -> Forecaster:
+    """`layers` stacked blocks, each the rule mixer followed (with `mlp` > 0) by a per-cell MLP of hidden size
+    mlp * d_model; `gate_bias` overrides entries of the model's per-head gate biases. The `embed_head` control
+    keeps the per-cell MLPs and drops only the rule mixers, so it is the same model without them."""
     path, bias = MODELS[name]
-    if path == "identity":
-        mixers = [nn.Identity()]
-    else:
-        mixers = [] if path is None else [RuleMixer(str(ROOT / path), d_model, n_heads, tile, bias, backend)]
-    return Forecaster(lookback, horizon, n_vars, d_model, mixers, dropout)
+    if gate_bias:
+        bias = {**(bias or {}), **gate_bias}
+    blocks: list[nn.Module] = []
+    if path is not None:
+        for _ in range(layers):
+            blocks.append(nn.Identity() if path == "identity"
+                          else RuleMixer(str(ROOT / path), d_model, n_heads, tile, bias, backend))
+            if mlp:
+                blocks.append(CellMLP(d_model, mlp))
+    return Forecaster(lookback, horizon, n_vars, d_model, blocks, dropout)
 
 
 def cosine_adam(model: nn.Module, lr: float, steps: int, weight_decay: float = 0.0):
@@ -182,36 +206,76 @@ def optimizer_step(opt, sched, loss: torch.Tensor) -> None:
 
 def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, steps: int, batch: int = 32,
                    lr: float = 1e-3, seed: int = 0, log=print, test_limit: int | None = None,
-                   val_every: int = 0, weight_decay: float = 0.0) -> dict[str, float]:
+                   val_every: int = 0, weight_decay: float = 0.0, ema: float = 0.0) -> dict[str, float]:
     """A fixed budget of Adam steps on random training windows; MSE/MAE on every test window. With `val_every`,
     the validation MSE is measured every that many steps (and at the end) and the weights with the best one are
-    tested (early stopping by model selection, as the published models do)."""
+    tested (early stopping by model selection, as the published models do). With `ema` (a decay, e.g. 0.999)
+    an exponential moving average of the weights is what is validated, selected and tested; the raw weights'
+    best validation MSE is recorded beside it (`val_mse_raw`: the same training run without the average)."""
     torch.manual_seed(seed)
     xtr, ytr = windows(splits["train"], lookback, horizon)
     opt, sched = cosine_adam(model, lr, steps, weight_decay)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     best = None
+    # the average lives beside the model (the compiled rules do not deep-copy) and is swapped in to be judged
+    shadow = {n: p.detach().clone() for n, p in model.named_parameters()} if ema else None
+    best_raw = math.inf
     model.train()
     for step in range(steps):
         idx = torch.randint(len(xtr), (batch,), generator=gen)
         loss = nn.functional.mse_loss(model(xtr[idx]), ytr[idx])
         optimizer_step(opt, sched, loss)
+        if shadow is not None:  # a plain mean of the steps so far until 1 / (1 - ema) of them: no init bias
+            with torch.no_grad():
+                w = max(1 - ema, 1 / (step + 1))
+                for n, p in model.named_parameters():
+                    shadow[n].lerp_(p, w)
         if step % max(1, steps // 5) == 0:
             log(f"  step {step:5d}  train mse {loss.item():.4f}  {time.perf_counter() - t0:.0f}s")
         if val_every and ((step + 1) % val_every == 0 or step + 1 == steps):
-            val = evaluate(model, splits["val"], lookback, horizon)[0]
+            raw = ""
+            if shadow is not None:
+                best_raw = min(best_raw, v := evaluate(model, splits["val"], lookback, horizon)[0])
+                raw = f"  (raw weights {v:.4f})"
+            with _swapped(model, shadow):
+                val = evaluate(model, splits["val"], lookback, horizon)[0]
+                if best is None or val < best[0]:
+                    best = (val, step + 1, copy.deepcopy(model.state_dict()))
             model.train()
-            if best is None or val < best[0]:
-                best = (val, step + 1, copy.deepcopy(model.state_dict()))
-            log(f"  step {step + 1:5d}  validation mse {val:.4f}{'  (best)' if best[1] == step + 1 else ''}")
+            log(f"  step {step + 1:5d}  validation mse {val:.4f}{raw}{'  (best)' if best[1] == step + 1 else ''}")
     train_s = time.perf_counter() - t0
     extra = {}
+    if shadow is not None:  # without validation: the average of the last steps is tested
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(shadow[n])
+        extra["ema"] = ema
     if best is not None:
         model.load_state_dict(best[2])
-        extra = {"val_mse": best[0], "best_step": best[1], "val_every": val_every}
+        extra.update(val_mse=best[0], best_step=best[1], val_every=val_every)
+        if shadow is not None:
+            extra["val_mse_raw"] = best_raw
     mse, mae = evaluate(model, splits["test"], lookback, horizon, limit=test_limit)
     return {"mse": mse, "mae": mae, "train_s": train_s, "eval_s": time.perf_counter() - t0 - train_s, **extra}
+
+
+@contextlib.contextmanager
+def _swapped(model: nn.Module, params: dict[str, torch.Tensor] | None):
+    """Within the block the model holds `params` (None: unchanged); its own weights come back after it."""
+    if params is None:
+        yield
+        return
+    with torch.no_grad():
+        own = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for n, p in model.named_parameters():
+            p.copy_(params[n])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(own[n])
 
 
 @torch.no_grad()
