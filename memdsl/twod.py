@@ -10,6 +10,7 @@ compiler's, unchanged; only the recurrence around it is 2-D.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 
 import torch
@@ -134,7 +135,7 @@ class Rule2D:
     gates [B, T, V, H] (or [..., n] per channel); y is [B, T, V, H, Dv]; the state holds the last time
     column per variate, `A.<param>` [B, H, V, *shape] (and `Ab.<param>` for the backward variate pass)."""
 
-    BACKENDS = ("auto", "wavefront", "tiles", "anchored_loop")
+    BACKENDS = ("auto", "wavefront", "tiles", "anchored_loop", "triton")
 
     def __init__(self, program: Program, module: types.ModuleType):
         from codegen.runtime_2d import Runtime2D
@@ -208,8 +209,7 @@ class Rule2D:
         init = self.init_memory(H, sz, params, work, q.device)
         top = {p: w.unsqueeze(0).expand(B, *w.shape) for p, w in init.items()}
         tile = tuple(tile or self.tile)
-        if backend == "auto":
-            backend = "wavefront" if self.algorithm == "wavefront" else "tiles"
+        backend = self._backend(backend, q, sz, T, V, tile)
         y, new_state = self._direction(tok, outers, sz, state, top, "A", backend, tile, V)
         if self.program.axes.bidirectional:  # the same rule over the variates in reverse order
             flipped = {n: x.flip(3) for n, x in tok.items()}
@@ -227,9 +227,34 @@ class Rule2D:
             y, last = self.runtime.wavefront(*args)
         elif backend == "tiles":
             y, last = self.runtime.tiles(*args, tile)
+        elif backend == "triton":
+            from codegen import triton_2d
+            y, last = triton_2d.tiles(self, *args, tile)
         else:
             y, last = self.runtime.anchored_loop(*args, tile)
         return y, {f"{prefix}.{p}": w for p, w in last.items()}
+
+    def triton_reason(self, sizes: dict, T: int, V: int, tile: tuple[int, int] | None = None) -> str | None:
+        """None when the generated Triton kernels (codegen/triton_2d.py) cover a call over T x V cells at these
+        sizes (`self.sizes(...)`) and tile; else why not."""
+        from codegen import triton_2d
+        return triton_2d.reason(self, sizes, T, V, tuple(tile or self.tile))
+
+    def _backend(self, backend: str, q: torch.Tensor, sz: dict, T: int, V: int, tile: tuple[int, int]) -> str:
+        """`auto`: the exact wavefront for a `wavefront` rule, else the Triton kernels for CUDA tensors when they
+        cover the call, else the torch tiles program. `triton` is checked here, with the reason when refused."""
+        if backend == "auto":
+            if self.algorithm == "wavefront":
+                return "wavefront"
+            return "triton" if q.is_cuda and self.triton_reason(sz, T, V, tile) is None else "tiles"
+        if backend == "triton":
+            if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError("backend='triton' on CPU tensors runs only under TRITON_INTERPRET=1 (set before "
+                                 "triton is imported); use backend='tiles'")
+            why = self.triton_reason(sz, T, V, tile)
+            if why:
+                raise ValueError(f"backend='triton' does not cover this call of {self.name}: {why}")
+        return backend
 
     def hyper(self, tok: dict, outers: dict, sz: dict) -> dict[str, torch.Tensor]:
         """kt, kv [B, H, T, V] (products of the axis keeps) and lr [B, H, T, V, ch] from the emitted `hyper`."""
@@ -276,5 +301,6 @@ def compile_2d(path_or_source: str, tile: tuple[int, int] | None = None, semanti
     mod = types.ModuleType(f"memdsl_rule2d_{p.name}")
     exec(compile(generate(p), f"<memdsl 2-D rule {p.name}>", "exec"), mod.__dict__)  # our own generated code
     rule = Rule2D(p, mod)
+    rule.source = source  # the Triton path rebuilds the program with its gradient factors exposed
     _MEMO[key] = rule
     return rule

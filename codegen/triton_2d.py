@@ -1,0 +1,181 @@
+"""The Triton path of a 2-D rule (memdsl/twod.py `backend="triton"`): generate, cache, launch, differentiate.
+
+One direction of a 2-D rule with one variate chunk (V ≤ the tile's variates) is one launch of the
+generated forward kernel (triton_2d_gen.py): one program per (batch, head) walks the time tiles. The
+backward is the generated backward kernel. The hyper-parameters kt, kv, lr are computed from the
+gates in torch before the kernel (Rule2D.hyper), so their own derivatives are left to autograd, as in
+the 1-D launcher (triton_launch.py). A bidirectional rule runs the two directions as two launches
+(Rule2D flips the variates), their reads summed by Rule2D.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+
+import sympy as sp
+import torch
+
+from .chunk_tiles import Unsupported
+from .tile2d_tiles import tile_sizes
+from .triton_launch import kernel_cache_dir
+
+_KERNELS: dict[str, object] = {}
+_PROGRAMS: dict[int, object] = {}
+
+
+def _program(rule):
+    """The rule's program with its gradient factors exposed (the graph builder reads them)."""
+    if id(rule) not in _PROGRAMS:
+        from memdsl.driver import load
+
+        from .module import factor_outputs
+        program = load(rule.source)
+        factor_outputs(program)
+        _PROGRAMS[id(rule)] = program
+    return _PROGRAMS[id(rule)]
+
+
+def _load(source: str, entry: str):
+    """Import a generated kernel from a file in the cache directory (Triton's JIT reads the source file);
+    on a GPU, autotuned over warps and stages (every output buffer is written whole: nothing to restore)."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    path = kernel_cache_dir() / f"triton2d_{digest}.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():  # atomic: concurrent processes never see a partial file
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(source)
+        os.replace(tmp, path)
+    spec = importlib.util.spec_from_file_location(f"memdsl_triton2d_{digest}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    kernel = getattr(mod, entry)
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("MEMDSL_AUTOTUNE") == "0":
+        return kernel
+    import triton
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
+    return triton.autotune(configs=configs, key=["T", "NV", "H", "NT"])(kernel)
+
+
+def kernel_source(rule, sz: dict, padded: tuple[int, int], direction: str) -> str:
+    """The generated forward ("fwd") or backward ("bwd") kernel source for these sizes and padded tile."""
+    from .triton_2d_gen import generate_backward_2d, generate_forward_2d
+    generate = generate_forward_2d if direction == "fwd" else generate_backward_2d
+    program = _program(rule)
+    sym, shapes = _sizes_and_shapes(program, sz)
+    return generate(program, rule.spec1d, shapes, sym, padded)
+
+
+def _sizes_and_shapes(program, sz: dict) -> tuple[dict, dict[str, list[int]]]:
+    """The sizes as the graph builders substitute them (sympy symbols) and every tensor's shape."""
+    sym = {sp.Symbol(n, positive=True, integer=True): int(x) for n, x in sz.items()}
+    return sym, {t.name: [int(sp.sympify(s).subs(sym)) for s in t.shape] for t in program.tensors.values()}
+
+
+def kernel_for(rule, sz: dict, padded: tuple[int, int], direction: str):
+    key = f"{rule.name}-{id(rule)}-{sorted((n, int(x)) for n, x in sz.items())}-{padded}-{direction}"
+    if key not in _KERNELS:
+        _KERNELS[key] = _load(kernel_source(rule, sz, padded, direction), f"memdsl_tile2d_{direction}")
+    return _KERNELS[key]
+
+
+def reason(rule, sz: dict, T: int, V: int, tile: tuple[int, int], lr_width: int = 1) -> str | None:
+    """None when the kernels cover this call; else why not (the caller raises or takes the torch tiles)."""
+    if rule.algorithm == "wavefront":
+        return "the exact wavefront (semantics exact) has no tile kernel"
+    if V > tile[1]:
+        return (f"{V} variates in tiles of {tile[1]}: the kernels cover one variate chunk (V <= the tile's "
+                "variates); several chunks run on the torch tiles program")
+    if lr_width != 1:
+        return "a per-channel learning rate"
+    Tc, Vc, Tp, Vp = tile_sizes(tile, T, V)
+    try:  # the backward graph holds every tile of the forward: generating it checks both
+        kernel_source(rule, sz, (Tp, Vp), "bwd")
+    except Unsupported as why:
+        return str(why)
+    return None
+
+
+class Tile2D(torch.autograd.Function):
+    """Forward and backward of one direction: the generated kernels. Tensors are fp32 contiguous (layouts in
+    triton_2d_gen): q, k, v, gates, kt, kv, lr, outers, then (left, top) per param."""
+
+    @staticmethod
+    def forward(ctx, get_kernel, Tc, n_gates, n_outers, save, *tensors):
+        q, v = tensors[0], tensors[2]
+        B, H, T, V = q.shape[:4]
+        NT = -(-T // Tc)
+        cells = 3 + n_gates + 3 + n_outers
+        states = tensors[cells:]
+        y = torch.full((B, H, T, V, v.shape[-1]), float("nan"), device=q.device, dtype=torch.float32)
+        last = [torch.full_like(s, float("nan")) for s in states[0::2]]
+        saved = [s.new_empty((B, H, NT, *s.shape[2:])) for s in states[0::2]]
+        args = [*tensors[:cells]]
+        for left, top in zip(states[0::2], states[1::2], strict=True):
+            args += [left, top]
+        outs = [y]
+        for c, s in zip(last, saved, strict=True):
+            outs += [c, s]
+        get_kernel("fwd")[(B * H,)](*args, *outs, T, V, H, NT, TC=Tc, SAVE=save)
+        ctx.meta = (get_kernel, Tc, n_gates, n_outers)
+        if save:
+            ctx.save_for_backward(*tensors, *saved)
+        return (y, *last)
+
+    @staticmethod
+    def backward(ctx, dy, *dlast):
+        get_kernel, Tc, n_gates, n_outers = ctx.meta
+        saved_all = ctx.saved_tensors
+        n_params = len(dlast)
+        tensors, saved = saved_all[:len(saved_all) - n_params], saved_all[len(saved_all) - n_params:]
+        q, v = tensors[0], tensors[2]
+        B, H, T, V = q.shape[:4]
+        NT = -(-T // Tc)
+        cells = 3 + n_gates + 3 + n_outers
+        states = tensors[cells:]
+        dy = torch.zeros((B, H, T, V, v.shape[-1]), device=q.device) if dy is None else dy.float()
+        dc = [torch.zeros_like(s) if d is None else d.float().contiguous() for s, d in zip(states[0::2], dlast,
+                                                                                            strict=True)]
+        dcell = [torch.zeros_like(x) for x in tensors[:3 + n_gates + 3]]
+        douter = [torch.zeros((B, *o.shape), device=o.device) for o in tensors[3 + n_gates + 3:cells]]
+        dstates = [torch.zeros_like(s) for s in states]
+        grads = [*dcell]
+        for dleft, dtop in zip(dstates[0::2], dstates[1::2], strict=True):
+            grads += [dleft, dtop]
+        grads += douter
+        get_kernel("bwd")[(B * H,)](*tensors, *saved, dy.contiguous(), *dc, *grads, T, V, H, NT, TC=Tc)
+        return (None, None, None, None, None, *dcell, *[d.sum(0) for d in douter], *dstates)
+
+
+def tiles(rule, tok, kt, kv, lr, outers, sz, left, top, tile):
+    """One direction on the kernels, with Runtime2D.tiles' calling convention: tok {name: [B, H, T, V, ...]},
+    kt, kv [B, H, T, V], lr [B, H, T, V, 1], outers {o: [H, *shape]}, left {p: [B, H, V, *shape]},
+    top {p: [B, H, *shape]} -> y [B, H, T, V, dv], {p: the last time column [B, H, V, *shape]}."""
+    T, V = kt.shape[2], kt.shape[3]
+    Tc, _, Tp, Vp = tile_sizes(tile, T, V)
+    why = reason(rule, sz, T, V, tile, lr.shape[-1])
+    if why:
+        raise Unsupported(why)
+    params = list(rule.runtime.params)
+    gates = list(rule.spec1d["gates"])
+    outer_names = list(rule.spec1d["outers"])
+    work = kt.dtype
+
+    def f32(x):
+        return x.to(torch.float32).contiguous()
+
+    tensors = [f32(tok[x]) for x in ("q", "k", "v")] + [f32(tok[g]) for g in gates]
+    tensors += [f32(kt), f32(kv), f32(lr[..., 0])] + [f32(outers[o]) for o in outer_names]
+    for p in params:
+        tensors += [f32(left[p]), f32(top[p])]
+    save = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+
+    def get_kernel(direction):
+        return kernel_for(rule, sz, (Tp, Vp), direction)
+
+    y, *last = Tile2D.apply(get_kernel, Tc, len(gates), len(outer_names), save, *tensors)
+    return y.to(work), {p: c.to(work) for p, c in zip(params, last, strict=True)}
+
+
+__all__ = ["Tile2D", "Unsupported", "kernel_for", "kernel_source", "reason", "tiles"]

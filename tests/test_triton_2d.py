@@ -1,0 +1,203 @@
+"""Generated Triton kernels of the 2-D rules against the torch tile program (CPU: TRITON_INTERPRET=1).
+
+The kernels (codegen/triton_2d.py, one variate chunk) run in fp32; the reference is `Runtime2D.tiles`
+(backend "tiles") in float64 with the same inputs. Outputs, final state and the gradients of every
+input — q, k, v, every gate, the initial memory (`params`) and the carried-in state — under random
+cotangents, relative RMS ≤ 1e-5; odd T not a multiple of the tile, V below the tile's variates, a tile
+length that is not a power of two (padded rows), a bidirectional rule (two launches), and a rule with a
+vector parameter and outer constants at a width that is not a power of two (padded columns).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memdsl.checking import rel_rms
+from memdsl.twod import compile_2d
+from tests.conftest import ROOT
+
+TOL = 1e-5
+
+LN_RULE = """
+memory ln2d {
+  axes time, variate
+  param W : [d, d] init normal(std = 0.3)
+  param b : [d] init normal(std = 0.3)
+  outer ln_w : [d] init ones
+  outer ln_b : [d] init zeros
+  model M(x) = x + layernorm(W @ x + b, ln_w, ln_b)
+  gate eta : scalar sigmoid
+  gate dt  : scalar softplus
+  gate dv  : scalar softplus
+  loss sum((M(k) - v)^2)
+  optim gd(lr = eta)
+  retain time decay(exp(-dt))
+  retain variate decay((1 - exp(-dt)) * exp(-dv))
+  read M(q)
+}
+"""
+
+
+def _inputs(rule, B, T, V, H, d, seed=0):
+    """float64 leaves: tokens, activated gates (0.05-0.65, the range the layers give), the initial memory
+    and a carried-in state for every direction; outer constants when the rule has them."""
+    g = torch.Generator().manual_seed(seed)
+    toks = [torch.randn(B, T, V, H, d, generator=g, dtype=torch.float64) * 0.7 for _ in range(3)]
+    gates = {n: torch.rand(B, T, V, H, generator=g, dtype=torch.float64) * 0.6 + 0.05
+             for n in sorted(rule.spec1d["gates"])}
+    sz = rule.sizes(toks[1], toks[2], toks[0])
+    shapes = rule.module.shapes(sz)
+    params = {t.name: torch.randn(H, *shapes[t.name], generator=g, dtype=torch.float64) * 0.3
+              for t in rule.program.params}
+    params.update({o: 1 + torch.randn(H, *shapes[o], generator=g, dtype=torch.float64) * 0.2
+                   for o in rule.spec1d["outers"]})
+    prefixes = ["A", "Ab"] if rule.program.axes.bidirectional else ["A"]
+    state = {f"{pre}.{t.name}": torch.randn(B, H, V, *shapes[t.name], generator=g, dtype=torch.float64) * 0.3
+             for pre in prefixes for t in rule.program.params}
+    return toks, gates, params, state
+
+
+def _run(rule, inputs, dtype, **kw):
+    """Outputs, final state and the gradient of a fixed random functional of both w.r.t. every input."""
+    toks, gates, params, state = inputs
+    leaves = [x.to(dtype).requires_grad_() for x in [*toks, *gates.values(), *params.values(), *state.values()]]
+    nt, ng, npar = len(toks), len(gates), len(params)
+    tk = leaves[:nt]
+    gs = dict(zip(gates, leaves[nt:nt + ng], strict=True))
+    ps = dict(zip(params, leaves[nt + ng:nt + ng + npar], strict=True))
+    st = dict(zip(state, leaves[nt + ng + npar:], strict=True))
+    y, out = rule(*tk, gs, ps, st, **kw)
+    g = torch.Generator().manual_seed(1)
+    loss = (y * torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)).sum()
+    loss = loss + sum((s * torch.randn(s.shape, generator=g, dtype=torch.float64).to(dtype)).sum()
+                      for s in out.values())
+    names = [*"qkv", *gates, *params, *state]
+    return y.detach(), {k: s.detach() for k, s in out.items()}, dict(zip(names, torch.autograd.grad(loss, leaves),
+                                                                        strict=True))
+
+
+def _check(rule, B, T, V, H, d, tile):
+    inputs = _inputs(rule, B, T, V, H, d)
+    y, state, grads = _run(rule, inputs, torch.float32, backend="triton", tile=tile)
+    y0, state0, grads0 = _run(rule, inputs, torch.float64, backend="tiles", tile=tile)
+    assert not y.isnan().any()
+    assert rel_rms(y, y0) <= TOL
+    assert state.keys() == state0.keys()
+    for k in state0:
+        assert rel_rms(state[k], state0[k]) <= TOL, k
+    for k in grads0:
+        assert grads0[k].abs().max() > 0, k  # every gradient is exercised
+        assert rel_rms(grads[k], grads0[k]) <= TOL, (k, rel_rms(grads[k], grads0[k]))
+
+
+@pytest.mark.parametrize("name, tile, T, V", [
+    ("hydra", (4, 4), 11, 3),      # ragged last tile, V < the tile's variates
+    ("hydra", (3, 8), 7, 5),       # tile length 3 (padded to 4 rows), variates padded 5 -> 8
+    ("chimera", (4, 4), 9, 3),     # bidirectional: two launches
+    ("mamba2d", (8, 2), 13, 2),
+])
+def test_kernels_match_the_torch_tiles(name, tile, T, V):
+    rule = compile_2d(str(ROOT / "rules" / f"{name}.mem"))
+    _check(rule, 2, T, V, 2, 4, tile)
+
+
+def test_vector_param_outer_constants_and_padded_width():
+    rule = compile_2d(LN_RULE)
+    _check(rule, 1, 6, 3, 2, 3, (4, 4))
+
+
+def test_tile_1x1_kernel_is_the_exact_recurrence():
+    rule = compile_2d(str(ROOT / "rules" / "hydra.mem"))
+    inputs = _inputs(rule, 1, 5, 1, 1, 4)
+    y, state, grads = _run(rule, inputs, torch.float32, backend="triton", tile=(1, 1))
+    y0, state0, grads0 = _run(rule, inputs, torch.float64, backend="wavefront")
+    assert rel_rms(y, y0) <= TOL
+    for k in grads0:
+        assert rel_rms(grads[k], grads0[k]) <= TOL, k
+
+
+def test_dispatch_and_refusals():
+    rule = compile_2d(str(ROOT / "rules" / "hydra.mem"))
+    toks, gates, _, _ = _inputs(rule, 1, 5, 3, 1, 4)
+    with pytest.raises(ValueError, match="one variate chunk"):
+        rule(*toks, gates, backend="triton", tile=(4, 2))
+    exact = compile_2d(str(ROOT / "rules" / "hydra.mem"), semantics="exact")
+    with pytest.raises(ValueError, match="wavefront"):
+        exact(*toks, gates, backend="triton")
+    sz = rule.sizes(toks[1], toks[2], toks[0])
+    assert rule.triton_reason(sz, 5, 3, (4, 4)) is None
+    assert "variate chunk" in rule.triton_reason(sz, 5, 9, (4, 8))
+    # auto on CPU tensors is the torch tile program
+    y_auto, _ = rule(*toks, gates, tile=(4, 4))
+    y_tiles, _ = rule(*toks, gates, backend="tiles", tile=(4, 4))
+    assert torch.equal(y_auto, y_tiles)
+
+
+def _graph_for(rule, sz, tile):
+    from codegen.tile2d_tiles import build_tile2d_graph
+    from codegen.triton_2d import _program, _sizes_and_shapes
+    program = _program(rule)
+    sym, shapes = _sizes_and_shapes(program, sz)
+    return build_tile2d_graph(program, rule.spec1d, shapes, sym, *tile), shapes
+
+
+@pytest.mark.parametrize("name", ["hydra", "chimera"])
+def test_tile_graph_and_its_adjoint_in_float64(name):
+    """The math of both kernels, before printing: the tile graph driven tile by tile by the tile evaluator ==
+    the torch tile program (one direction), and the graph's reverse mode (tile_grad) == autograd through the
+    evaluated graph, float64."""
+    from codegen.tile2d_tiles import mask_values
+    from codegen.tile_eval import evaluate
+    from codegen.tile_grad import backward
+    rule = compile_2d(str(ROOT / "rules" / f"{name}.mem"))
+    B, T, V, H, d, tile, (Tp, Vp) = 1, 7, 3, 1, 4, (3, 4), (4, 4)
+    (toks, gates, params, state) = _inputs(rule, B, T, V, H, d)
+    sz = rule.sizes(toks[1], toks[2], toks[0])
+    tok = {n: x.permute(0, 3, 1, 2, *range(4, x.dim())) for n, x in zip("qkv", toks, strict=True)}
+    tok.update({n: g.permute(0, 3, 1, 2) for n, g in gates.items()})
+    hyp = rule.hyper(tok, {}, sz)
+    top = {p: w.unsqueeze(0) for p, w in params.items()}
+    left = {p: state[f"A.{p}"] for p in params}
+    y0, last0 = rule.runtime.tiles(tok, hyp["kt"], hyp["kv"], hyp["lr"], {}, sz, left, top, tile)
+    graph, _ = _graph_for(rule, sz, (Tp, Vp))
+
+    def cells(x, t0):  # [T, V, w] of (b, h) = (0, 0) -> the tile's rows r = v * Tp + t, zero outside the grid
+        out = torch.zeros(Vp, Tp, x.shape[-1], dtype=torch.float64)
+        part = x[t0:t0 + tile[0]].transpose(0, 1)
+        out[:part.shape[0], :part.shape[1]] = part
+        return out.reshape(Vp * Tp, -1)
+
+    cur = {p: torch.zeros(Vp, w[0, 0, 0].numel(), dtype=torch.float64) for p, w in left.items()}
+    for p in cur:
+        cur[p][:V] = left[p][0, 0].reshape(V, -1)
+    ys = []
+    for t0 in range(0, T, tile[0]):
+        inputs = {f"tok_{n}": cells(x[0, 0] if x.dim() == 5 else x[0, 0, ..., None], t0) for n, x in tok.items()}
+        inputs.update({n: cells(hyp[n][0, 0, ..., :1] if n == "lr" else hyp[n][0, 0, ..., None], t0)
+                       for n in ("kt", "kv", "lr")})
+        inputs.update({f"L_{p}": cur[p] for p in cur})
+        inputs.update({f"T_{p}": top[p][0, 0].reshape(1, -1) for p in top})
+        inputs.update(mask_values(Tp, Vp, tile[0], T - t0, V))
+        values = evaluate(graph, inputs)
+        ys.append(values[graph.outputs["y"]].reshape(Vp, Tp, -1).transpose(0, 1)[:min(tile[0], T - t0), :V])
+        cur = {p: values[graph.outputs[f"C_{p}"]] for p in cur}
+    assert torch.allclose(torch.cat(ys), y0[0, 0], atol=1e-10, rtol=1e-10)
+    for p in cur:
+        assert torch.allclose(cur[p][:V], last0[p][0, 0].reshape(V, -1), atol=1e-10, rtol=1e-10)
+
+    # the adjoint of the last tile's graph against autograd through the evaluated graph
+    leaves = {n: x.clone().requires_grad_() for n, x in inputs.items() if not x.dtype == torch.bool}
+    values = evaluate(graph, {**inputs, **leaves})
+    g = torch.Generator().manual_seed(2)
+    outs = ["y", *[f"C_{p}" for p in cur]]
+    cot = {o: torch.randn(values[graph.outputs[o]].shape, generator=g, dtype=torch.float64) for o in outs}
+    loss = sum((values[graph.outputs[o]] * cot[o]).sum() for o in outs)
+    expected = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True), strict=True))
+    seeds = [(graph.outputs["y"], graph.input("dy", graph.shape(graph.outputs["y"])))]
+    seeds += [(graph.outputs[f"C_{p}"], graph.input(f"dC_{p}", graph.shape(graph.outputs[f"C_{p}"]))) for p in cur]
+    adj = backward(graph, seeds, [graph.inputs[n] for n in leaves])
+    values = evaluate(graph, {**inputs, "dy": cot["y"], **{f"dC_{p}": cot[f"C_{p}"] for p in cur}})
+    for n in leaves:
+        want = expected[n] if expected[n] is not None else torch.zeros_like(inputs[n])
+        assert torch.allclose(values[adj[graph.inputs[n]]].expand_as(want), want, atol=1e-10, rtol=1e-9), n
