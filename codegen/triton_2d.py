@@ -1,7 +1,8 @@
 """The Triton path of a 2-D rule (memdsl/twod.py `backend="triton"`): generate, cache, launch, differentiate.
 
-One direction of a 2-D rule with one variate chunk (V ≤ the tile's variates) is one launch of the
-generated forward kernel (triton_2d_gen.py): one program per (batch, head) walks the time tiles. The
+One direction of a 2-D rule is one launch of the generated forward kernel (triton_2d_gen.py): one
+program per (batch, head) walks the tiles, variate chunk by variate chunk, each chunk's time tiles in
+order (with several chunks every tile's last variate row goes to the tile below it through memory). The
 backward is the generated backward kernel. The hyper-parameters kt, kv, lr are computed from the
 gates in torch before the kernel (Rule2D.hyper), so their own derivatives are left to autograd, as in
 the 1-D launcher (triton_launch.py). A bidirectional rule runs the two directions as two launches
@@ -12,12 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import os
 
 import sympy as sp
 import torch
 
-from .chunk_tiles import Unsupported
+from .chunk_tiles import Unsupported, tile_shape_of
 from .tile2d_tiles import tile_sizes
 from .triton_launch import kernel_cache_dir
 
@@ -58,13 +60,14 @@ def _load(source: str, entry: str):
     return triton.autotune(configs=configs, key=["T", "NV", "H", "NT"])(kernel)
 
 
-def kernel_source(rule, sz: dict, padded: tuple[int, int], direction: str) -> str:
-    """The generated forward ("fwd") or backward ("bwd") kernel source for these sizes and padded tile."""
+def kernel_source(rule, sz: dict, padded: tuple[int, int], direction: str, rows: bool = False) -> str:
+    """The generated forward ("fwd") or backward ("bwd") kernel source for these sizes and padded tile
+    (`rows`: several variate chunks)."""
     from .triton_2d_gen import generate_backward_2d, generate_forward_2d
     generate = generate_forward_2d if direction == "fwd" else generate_backward_2d
     program = _program(rule)
     sym, shapes = _sizes_and_shapes(program, sz)
-    return generate(program, rule.spec1d, shapes, sym, padded)
+    return generate(program, rule.spec1d, shapes, sym, padded, rows)
 
 
 def _sizes_and_shapes(program, sz: dict) -> tuple[dict, dict[str, list[int]]]:
@@ -73,10 +76,10 @@ def _sizes_and_shapes(program, sz: dict) -> tuple[dict, dict[str, list[int]]]:
     return sym, {t.name: [int(sp.sympify(s).subs(sym)) for s in t.shape] for t in program.tensors.values()}
 
 
-def kernel_for(rule, sz: dict, padded: tuple[int, int], direction: str):
-    key = f"{rule.name}-{id(rule)}-{sorted((n, int(x)) for n, x in sz.items())}-{padded}-{direction}"
+def kernel_for(rule, sz: dict, padded: tuple[int, int], direction: str, rows: bool = False):
+    key = f"{rule.name}-{id(rule)}-{sorted((n, int(x)) for n, x in sz.items())}-{padded}-{direction}-{rows}"
     if key not in _KERNELS:
-        _KERNELS[key] = _load(kernel_source(rule, sz, padded, direction), f"memdsl_tile2d_{direction}")
+        _KERNELS[key] = _load(kernel_source(rule, sz, padded, direction, rows), f"memdsl_tile2d_{direction}")
     return _KERNELS[key]
 
 
@@ -84,14 +87,11 @@ def reason(rule, sz: dict, T: int, V: int, tile: tuple[int, int], lr_width: int 
     """None when the kernels cover this call; else why not (the caller raises or takes the torch tiles)."""
     if rule.algorithm == "wavefront":
         return "the exact wavefront (semantics exact) has no tile kernel"
-    if V > tile[1]:
-        return (f"{V} variates in tiles of {tile[1]}: the kernels cover one variate chunk (V <= the tile's "
-                "variates); several chunks run on the torch tiles program")
     if lr_width != 1:
         return "a per-channel learning rate"
     Tc, Vc, Tp, Vp = tile_sizes(tile, T, V)
     try:  # the backward graph holds every tile of the forward: generating it checks both
-        kernel_source(rule, sz, (Tp, Vp), "bwd")
+        kernel_source(rule, sz, (Tp, Vp), "bwd", V > Vc)
     except Unsupported as why:
         return str(why)
     return None
@@ -102,36 +102,38 @@ class Tile2D(torch.autograd.Function):
     triton_2d_gen): q, k, v, gates, kt, kv, lr, outers, then (left, top) per param."""
 
     @staticmethod
-    def forward(ctx, get_kernel, Tc, n_gates, n_outers, save, *tensors):
+    def forward(ctx, get_kernel, tiling, n_gates, n_outers, widths, save, *tensors):
+        Tc, Vc, Tp = tiling
         q, v = tensors[0], tensors[2]
         B, H, T, V = q.shape[:4]
-        NT = -(-T // Tc)
+        NT, NVC = -(-T // Tc), -(-V // Vc)
         cells = 3 + n_gates + 3 + n_outers
         states = tensors[cells:]
         y = torch.full((B, H, T, V, v.shape[-1]), float("nan"), device=q.device, dtype=torch.float32)
         last = [torch.full_like(s, float("nan")) for s in states[0::2]]
         saved = [s.new_empty((B, H, NT, *s.shape[2:])) for s in states[0::2]]
-        args = [*tensors[:cells]]
-        for left, top in zip(states[0::2], states[1::2], strict=True):
-            args += [left, top]
+        # several variate chunks: every tile's last variate row, the row above the tile below it
+        rows = [q.new_empty((B, H, NVC, NT, Tp, w)) for w in widths] if NVC > 1 else []
         outs = [y]
         for c, s in zip(last, saved, strict=True):
             outs += [c, s]
-        get_kernel("fwd")[(B * H,)](*args, *outs, T, V, H, NT, TC=Tc, SAVE=save)
-        ctx.meta = (get_kernel, Tc, n_gates, n_outers)
+        get_kernel("fwd", NVC > 1)[(B * H,)](*tensors, *outs, *rows, T, V, H, NT, NVC, TC=Tc, VC=Vc, SAVE=save)
+        ctx.meta = (get_kernel, tiling, n_gates, n_outers, widths)
         if save:
-            ctx.save_for_backward(*tensors, *saved)
+            ctx.save_for_backward(*tensors, *saved, *rows)
         return (y, *last)
 
     @staticmethod
     def backward(ctx, dy, *dlast):
-        get_kernel, Tc, n_gates, n_outers = ctx.meta
-        saved_all = ctx.saved_tensors
-        n_params = len(dlast)
-        tensors, saved = saved_all[:len(saved_all) - n_params], saved_all[len(saved_all) - n_params:]
-        q, v = tensors[0], tensors[2]
+        get_kernel, (Tc, Vc, Tp), n_gates, n_outers, widths = ctx.meta
+        q, v = ctx.saved_tensors[0], ctx.saved_tensors[2]
         B, H, T, V = q.shape[:4]
-        NT = -(-T // Tc)
+        NT, NVC = -(-T // Tc), -(-V // Vc)
+        n_params = len(dlast)
+        n_rows = n_params if NVC > 1 else 0
+        n_in = len(ctx.saved_tensors) - n_params - n_rows
+        tensors = ctx.saved_tensors[:n_in]
+        saved, rows = ctx.saved_tensors[n_in:n_in + n_params], ctx.saved_tensors[n_in + n_params:]
         cells = 3 + n_gates + 3 + n_outers
         states = tensors[cells:]
         dy = torch.zeros((B, H, T, V, v.shape[-1]), device=q.device) if dy is None else dy.float()
@@ -140,12 +142,14 @@ class Tile2D(torch.autograd.Function):
         dcell = [torch.zeros_like(x) for x in tensors[:3 + n_gates + 3]]
         douter = [torch.zeros((B, *o.shape), device=o.device) for o in tensors[3 + n_gates + 3:cells]]
         dstates = [torch.zeros_like(s) for s in states]
+        drows = [q.new_zeros((B, H, NT, Tp, w)) for w in widths] if NVC > 1 else []
         grads = [*dcell]
         for dleft, dtop in zip(dstates[0::2], dstates[1::2], strict=True):
             grads += [dleft, dtop]
         grads += douter
-        get_kernel("bwd")[(B * H,)](*tensors, *saved, dy.contiguous(), *dc, *grads, T, V, H, NT, TC=Tc)
-        return (None, None, None, None, None, *dcell, *[d.sum(0) for d in douter], *dstates)
+        get_kernel("bwd", NVC > 1)[(B * H,)](*tensors, *saved, *rows, dy.contiguous(), *dc, *grads, *drows,
+                                             T, V, H, NT, NVC, TC=Tc, VC=Vc)
+        return (None, None, None, None, None, None, *dcell, *[d.sum(0) for d in douter], *dstates)
 
 
 def tiles(rule, tok, kt, kv, lr, outers, sz, left, top, tile):
@@ -153,7 +157,7 @@ def tiles(rule, tok, kt, kv, lr, outers, sz, left, top, tile):
     kt, kv [B, H, T, V], lr [B, H, T, V, 1], outers {o: [H, *shape]}, left {p: [B, H, V, *shape]},
     top {p: [B, H, *shape]} -> y [B, H, T, V, dv], {p: the last time column [B, H, V, *shape]}."""
     T, V = kt.shape[2], kt.shape[3]
-    Tc, _, Tp, Vp = tile_sizes(tile, T, V)
+    Tc, Vc, Tp, Vp = tile_sizes(tile, T, V)
     why = reason(rule, sz, T, V, tile, lr.shape[-1])
     if why:
         raise Unsupported(why)
@@ -170,11 +174,12 @@ def tiles(rule, tok, kt, kv, lr, outers, sz, left, top, tile):
     for p in params:
         tensors += [f32(left[p]), f32(top[p])]
     save = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    widths = tuple(math.prod(tile_shape_of(list(top[p].shape[2:]))) for p in params)  # padded flat state widths
 
-    def get_kernel(direction):
-        return kernel_for(rule, sz, (Tp, Vp), direction)
+    def get_kernel(direction, rows):
+        return kernel_for(rule, sz, (Tp, Vp), direction, rows)
 
-    y, *last = Tile2D.apply(get_kernel, Tc, len(gates), len(outer_names), save, *tensors)
+    y, *last = Tile2D.apply(get_kernel, (Tc, Vc, Tp), len(gates), len(outer_names), widths, save, *tensors)
     return y.to(work), {p: c.to(work) for p, c in zip(params, last, strict=True)}
 
 

@@ -1,11 +1,12 @@
 """Generated Triton kernels of the 2-D rules against the torch tile program (CPU: TRITON_INTERPRET=1).
 
-The kernels (codegen/triton_2d.py, one variate chunk) run in fp32; the reference is `Runtime2D.tiles`
+The kernels (codegen/triton_2d.py) run in fp32; the reference is `Runtime2D.tiles`
 (backend "tiles") in float64 with the same inputs. Outputs, final state and the gradients of every
 input — q, k, v, every gate, the initial memory (`params`) and the carried-in state — under random
-cotangents, relative RMS ≤ 1e-5; odd T not a multiple of the tile, V below the tile's variates, a tile
-length that is not a power of two (padded rows), a bidirectional rule (two launches), and a rule with a
-vector parameter and outer constants at a width that is not a power of two (padded columns).
+cotangents, relative RMS ≤ 1e-5; odd T not a multiple of the tile, V below the tile's variates, several
+variate chunks (the last one partial), a tile length that is not a power of two (padded rows), a
+bidirectional rule (two launches), and a rule with a vector parameter and outer constants at a width
+that is not a power of two (padded columns).
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def _check(rule, B, T, V, H, d, tile):
     ("hydra", (3, 8), 7, 5),       # tile length 3 (padded to 4 rows), variates padded 5 -> 8
     ("chimera", (4, 4), 9, 3),     # bidirectional: two launches
     ("mamba2d", (8, 2), 13, 2),
+    ("hydra", (4, 2), 6, 5),       # three variate chunks, the last one partial: rows passed between chunks
+    ("chimera", (3, 2), 5, 3),     # two chunks, both directions
 ])
 def test_kernels_match_the_torch_tiles(name, tile, T, V):
     rule = compile_2d(str(ROOT / "rules" / f"{name}.mem"))
@@ -120,14 +123,16 @@ def test_tile_1x1_kernel_is_the_exact_recurrence():
 def test_dispatch_and_refusals():
     rule = compile_2d(str(ROOT / "rules" / "hydra.mem"))
     toks, gates, _, _ = _inputs(rule, 1, 5, 3, 1, 4)
-    with pytest.raises(ValueError, match="one variate chunk"):
-        rule(*toks, gates, backend="triton", tile=(4, 2))
     exact = compile_2d(str(ROOT / "rules" / "hydra.mem"), semantics="exact")
     with pytest.raises(ValueError, match="wavefront"):
         exact(*toks, gates, backend="triton")
+    channels = compile_2d(LN_RULE.replace("gate eta : scalar sigmoid", "gate eta : [d] sigmoid"))
+    ch_gates = {**gates, "eta": torch.rand(1, 5, 3, 1, 4, dtype=torch.float64)}
+    with pytest.raises(ValueError, match="per-channel"):
+        channels(*toks, ch_gates, backend="triton", tile=(4, 4))
     sz = rule.sizes(toks[1], toks[2], toks[0])
     assert rule.triton_reason(sz, 5, 3, (4, 4)) is None
-    assert "variate chunk" in rule.triton_reason(sz, 5, 9, (4, 8))
+    assert rule.triton_reason(sz, 5, 9, (4, 2)) is None
     # auto on CPU tensors is the torch tile program
     y_auto, _ = rule(*toks, gates, tile=(4, 4))
     y_tiles, _ = rule(*toks, gates, backend="tiles", tile=(4, 4))
