@@ -24,19 +24,23 @@ from .tile2d_tiles import tile_sizes
 from .triton_launch import kernel_cache_dir
 
 _KERNELS: dict[str, object] = {}
-_PROGRAMS: dict[int, object] = {}
+_PROGRAMS: dict[str, object] = {}
+
+
+def _key(rule) -> str:
+    return hashlib.sha256(rule.source.encode()).hexdigest()[:16]
 
 
 def _program(rule):
     """The rule's program with its gradient factors exposed (the graph builder reads them)."""
-    if id(rule) not in _PROGRAMS:
+    if _key(rule) not in _PROGRAMS:
         from memdsl.driver import load
 
         from .module import factor_outputs
         program = load(rule.source)
         factor_outputs(program)
-        _PROGRAMS[id(rule)] = program
-    return _PROGRAMS[id(rule)]
+        _PROGRAMS[_key(rule)] = program
+    return _PROGRAMS[_key(rule)]
 
 
 def _load(source: str, entry: str):
@@ -77,16 +81,37 @@ def _sizes_and_shapes(program, sz: dict) -> tuple[dict, dict[str, list[int]]]:
 
 
 def kernel_for(rule, sz: dict, padded: tuple[int, int], direction: str, rows: bool = False):
-    key = f"{rule.name}-{id(rule)}-{sorted((n, int(x)) for n, x in sz.items())}-{padded}-{direction}-{rows}"
+    key = f"{_key(rule)}-{sorted((n, int(x)) for n, x in sz.items())}-{padded}-{direction}-{rows}"
     if key not in _KERNELS:
         _KERNELS[key] = _load(kernel_source(rule, sz, padded, direction, rows), f"memdsl_tile2d_{direction}")
     return _KERNELS[key]
+
+
+MAX_CELLS = 128  # cells per kernel tile: the tile's [n, n] transfer matrix is one register / shared-memory tile
+
+
+def kernel_tile(rule, tile: tuple[int, int], T: int, V: int) -> tuple[int, int] | None:
+    """The tile the kernels run: the rule's, when its padded cells fit MAX_CELLS; for a `scan2d` rule, whose
+    result does not depend on the tile (the exact 2-D scan), a smaller one that fits (chimera's 32 x 8 runs as
+    16 x 8); None when an anchored rule's tile (part of its model) does not fit."""
+    Tc, Vc, Tp, Vp = tile_sizes(tile, T, V)
+    if Tp * Vp <= MAX_CELLS:
+        return tuple(tile)
+    if rule.algorithm != "scan2d":
+        return None
+    variates = min(tile[1], MAX_CELLS)
+    return (min(tile[0], MAX_CELLS // tile_sizes((1, variates), T, V)[3]), variates)
 
 
 def reason(rule, sz: dict, T: int, V: int, tile: tuple[int, int], lr_width: int = 1) -> str | None:
     """None when the kernels cover this call; else why not (the caller raises or takes the torch tiles)."""
     if rule.algorithm == "wavefront":
         return "the exact wavefront (semantics exact) has no tile kernel"
+    if kernel_tile(rule, tile, T, V) is None:
+        Tp, Vp = tile_sizes(tile, T, V)[2:]
+        return (f"a tile of {Tp} x {Vp} cells (padded): the kernels hold a tile's {Tp * Vp} x {Tp * Vp} transfer "
+                f"matrix, at most {MAX_CELLS} cells (e.g. tile 16 x 8)")
+    tile = kernel_tile(rule, tile, T, V)
     if lr_width != 1:
         return "a per-channel learning rate"
     Tc, Vc, Tp, Vp = tile_sizes(tile, T, V)
@@ -157,10 +182,10 @@ def tiles(rule, tok, kt, kv, lr, outers, sz, left, top, tile):
     kt, kv [B, H, T, V], lr [B, H, T, V, 1], outers {o: [H, *shape]}, left {p: [B, H, V, *shape]},
     top {p: [B, H, *shape]} -> y [B, H, T, V, dv], {p: the last time column [B, H, V, *shape]}."""
     T, V = kt.shape[2], kt.shape[3]
-    Tc, Vc, Tp, Vp = tile_sizes(tile, T, V)
     why = reason(rule, sz, T, V, tile, lr.shape[-1])
     if why:
         raise Unsupported(why)
+    Tc, Vc, Tp, Vp = tile_sizes(kernel_tile(rule, tile, T, V), T, V)
     params = list(rule.runtime.params)
     gates = list(rule.spec1d["gates"])
     outer_names = list(rule.spec1d["outers"])
@@ -183,4 +208,4 @@ def tiles(rule, tok, kt, kv, lr, outers, sz, left, top, tile):
     return y.to(work), {p: c.to(work) for p, c in zip(params, last, strict=True)}
 
 
-__all__ = ["Tile2D", "Unsupported", "kernel_for", "kernel_source", "reason", "tiles"]
+__all__ = ["Tile2D", "Unsupported", "MAX_CELLS", "kernel_for", "kernel_source", "kernel_tile", "reason", "tiles"]

@@ -91,3 +91,28 @@ def test_torch_paths_run_on_cuda(name):
     y_cpu, _ = rule(*(tok[n].cpu() for n in ("q", "k", "v")), {n: g.cpu() for n, g in gates.items()},
                     {n: p.cpu() for n, p in params.items()}, chunk=16, backend="chunk")
     assert rel_rms(y.cpu(), y_cpu) < 1e-4
+
+
+@pytest.mark.parametrize("name, tile, V", [("hydra", (16, 8), 7), ("hydra", (16, 4), 7), ("chimera", (32, 8), 7),
+                                           ("mamba2d", (32, 8), 7)])
+def test_2d_kernels_match_the_torch_tiles_at_the_etth1_shape(name, tile, V):
+    """The 2-D rules' Triton kernels (tests/test_triton_2d.py) at the forecaster's shape: lookback 96, 7
+    variates, 2 heads of 4, batch 16; one variate chunk (8) and two (4): outputs, final state, every gradient,
+    within 1e-5 of float64 or 4x the torch fp32 tile program's own error."""
+    check_2d_at_etth1(name, tile, V, "cuda")
+
+
+def check_2d_at_etth1(name, tile, V, device, B=16, H=2):
+    """The body of the test above (a device argument, so that it can be dry-run on CPU under the interpreter)."""
+    from memdsl.twod import compile_2d
+    from tests.test_triton_2d import _inputs, _run
+    rule = compile_2d(f"rules/{name}.mem")
+    inputs = _inputs(rule, B, 96, V, H, 4)
+    got = _run(rule, inputs, torch.float32, device, backend="triton", tile=tile)
+    f32 = _run(rule, inputs, torch.float32, device, backend="tiles", tile=tile)
+    f64 = _run(rule, inputs, torch.float64, device, backend="tiles", tile=tile)
+    assert not got[0].isnan().any()
+    pairs = [("y", got[0], f32[0], f64[0])] + [(k, got[1][k], f32[1][k], f64[1][k]) for k in f64[1]]
+    pairs += [(f"d{k}", got[2][k], f32[2][k], f64[2][k]) for k in f64[2]]
+    for key, a, ref, exact in pairs:
+        assert rel_rms(a, exact) <= max(1e-5, 4 * rel_rms(ref, exact)), key

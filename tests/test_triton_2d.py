@@ -59,10 +59,11 @@ def _inputs(rule, B, T, V, H, d, seed=0):
     return toks, gates, params, state
 
 
-def _run(rule, inputs, dtype, **kw):
-    """Outputs, final state and the gradient of a fixed random functional of both w.r.t. every input."""
+def _run(rule, inputs, dtype, device="cpu", **kw):
+    """Outputs, final state and the gradient of a fixed random functional of both w.r.t. every input (on CPU)."""
     toks, gates, params, state = inputs
-    leaves = [x.to(dtype).requires_grad_() for x in [*toks, *gates.values(), *params.values(), *state.values()]]
+    leaves = [x.to(dtype=dtype, device=device).requires_grad_()
+              for x in [*toks, *gates.values(), *params.values(), *state.values()]]
     nt, ng, npar = len(toks), len(gates), len(params)
     tk = leaves[:nt]
     gs = dict(zip(gates, leaves[nt:nt + ng], strict=True))
@@ -70,12 +71,12 @@ def _run(rule, inputs, dtype, **kw):
     st = dict(zip(state, leaves[nt + ng + npar:], strict=True))
     y, out = rule(*tk, gs, ps, st, **kw)
     g = torch.Generator().manual_seed(1)
-    loss = (y * torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)).sum()
-    loss = loss + sum((s * torch.randn(s.shape, generator=g, dtype=torch.float64).to(dtype)).sum()
-                      for s in out.values())
+    loss = (y * torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)).sum()
+    loss = loss + sum((s * torch.randn(s.shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device))
+                      .sum() for s in out.values())
     names = [*"qkv", *gates, *params, *state]
-    return y.detach(), {k: s.detach() for k, s in out.items()}, dict(zip(names, torch.autograd.grad(loss, leaves),
-                                                                        strict=True))
+    grads = [x.cpu() for x in torch.autograd.grad(loss, leaves)]
+    return y.detach().cpu(), {k: s.detach().cpu() for k, s in out.items()}, dict(zip(names, grads, strict=True))
 
 
 def _check(rule, B, T, V, H, d, tile):
@@ -110,6 +111,20 @@ def test_vector_param_outer_constants_and_padded_width():
     _check(rule, 1, 6, 3, 2, 3, (4, 4))
 
 
+def test_an_exact_scan_runs_in_a_smaller_kernel_tile():
+    """scan2d's result does not depend on the tile: a tile past the kernels' cells runs in a smaller one."""
+    from codegen.triton_2d import kernel_tile
+    rule = compile_2d(str(ROOT / "rules" / "mamba2d.mem"))
+    assert kernel_tile(rule, (32, 8), 96, 7) == (16, 8)
+    assert kernel_tile(rule, (64, 32), 96, 20) == (4, 32)
+    inputs = _inputs(rule, 1, 9, 3, 1, 4)
+    y, state, grads = _run(rule, inputs, torch.float32, backend="triton", tile=(64, 64))  # runs as 32 x 4
+    y0, state0, grads0 = _run(rule, inputs, torch.float64, backend="wavefront")
+    assert rel_rms(y, y0) <= TOL
+    for k in grads0:
+        assert rel_rms(grads[k], grads0[k]) <= TOL, k
+
+
 def test_tile_1x1_kernel_is_the_exact_recurrence():
     rule = compile_2d(str(ROOT / "rules" / "hydra.mem"))
     inputs = _inputs(rule, 1, 5, 1, 1, 4)
@@ -133,6 +148,12 @@ def test_dispatch_and_refusals():
     sz = rule.sizes(toks[1], toks[2], toks[0])
     assert rule.triton_reason(sz, 5, 3, (4, 4)) is None
     assert rule.triton_reason(sz, 5, 9, (4, 2)) is None
+    assert rule.triton_reason(sz, 96, 7, (16, 8)) is None
+    # hydra's tile is part of its model: past the kernels' 128 cells there is no kernel (torch tiles run)
+    assert "128 cells" in rule.triton_reason(sz, 96, 7, (32, 8))
+    long_toks, long_gates, _, _ = _inputs(rule, 1, 40, 3, 1, 4)
+    with pytest.raises(ValueError, match="128 cells"):  # 40 x 3 cells, padded to 64 x 4
+        rule(*long_toks, long_gates, backend="triton", tile=(64, 4))
     # auto on CPU tensors is the torch tile program
     y_auto, _ = rule(*toks, gates, tile=(4, 4))
     y_tiles, _ = rule(*toks, gates, backend="tiles", tile=(4, 4))
