@@ -151,12 +151,52 @@ def peer_rows(shape):
     return rows
 
 
+def twod_cases(device: str, B: int = 16, H: int = 2, d: int = 4) -> list[tuple[str, str, object]]:
+    """Hydra at the ETTh1 forecaster's shape (lookback 96, 7 variates, H heads of d, tile 16 x 8): one training
+    step (forward + backward) of the exact wavefront, the torch tile program and the Triton tile kernels, as
+    (label, backend, callable); on CPU under TRITON_INTERPRET=1 the same callables dry-run the benchmark."""
+    from memdsl.twod import compile_2d
+    rule = compile_2d(str(ROOT / "rules" / "hydra.mem"))
+    g = torch.Generator().manual_seed(0)
+    toks = [torch.randn(B, 96, 7, H, d, generator=g).to(device) for _ in range(3)]
+    gates = {n: (torch.rand(B, 96, 7, H, generator=g) * 0.6 + 0.05).to(device) for n in rule.spec1d["gates"]}
+    cases = []
+    for backend in ("wavefront", "tiles", "triton"):
+        def step(backend=backend):
+            leaves = [x.detach().requires_grad_() for x in toks]
+            y, _ = rule(*leaves, gates, backend=backend, tile=(16, 8))
+            y.square().mean().backward()
+        cases.append((f"memdsl hydra 2-D tile 16x8 (T 96, V 7, d {d})", backend, step))
+    return cases
+
+
+def twod_rows(deadline: float, B: int = 16) -> list[dict]:
+    """fwd+bwd medians of twod_cases on the GPU (the fwd column times the same step: one training step)."""
+    rows = []
+    for label, backend, step in twod_cases("cuda", B):
+        if time.time() > deadline:
+            rows.append({"rule": label, "shape": (B, 96, 7), "backend": backend, "error": "time budget spent"})
+            continue
+        rows.append(timed_row(label, (B, 96, 7), backend, step, None))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "gpu.json"))
     ap.add_argument("--budget-s", type=float, default=240)
+    ap.add_argument("--twod", action="store_true", help="time only the 2-D rows (hydra: wavefront, torch tiles, "
+                    "Triton tiles; one training step at the ETTh1 shape, batch 16 and 64)")
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
+    if args.twod:
+        rows = twod_rows(deadline, 16) + twod_rows(deadline, 64)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"rows": rows, "device": torch.cuda.get_device_name()}, indent=1))
+        print("| rule | B, T, V | backend | fwd+bwd ms |\n|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['rule']} | {r['shape']} | {r['backend']} | {r.get('error') or format(r['fwd_ms'], '.2f')} |")
+        return
     peak = bf16_peak()
     rows = []
     for shape in SHAPES:

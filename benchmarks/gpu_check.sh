@@ -25,3 +25,8 @@ cat "$OUT/env.txt"
 python3 -m pip install -q --no-index lark 2>/dev/null || true
 timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -20
 timeout 260 python3 benchmarks/gpu.py --out "$OUT/gpu.json" --budget-s 200 2>&1 | tee "$OUT/gpu_bench.txt" | tail -40
+# opt-in (adds up to 150 s, past the 8 minutes above): hydra's 2-D training step at the ETTh1 shape —
+# exact wavefront vs torch tiles vs the generated Triton tile kernels
+if [ "${MEMDSL_GPU_2D:-0}" = 1 ]; then
+  timeout 150 python3 benchmarks/gpu.py --twod --out "$OUT/gpu_2d.json" --budget-s 120 2>&1 | tee "$OUT/gpu_2d.txt" | tail -10
+fi
