@@ -25,6 +25,7 @@ from .triton_launch import kernel_cache_dir
 
 _KERNELS: dict[str, object] = {}
 _PROGRAMS: dict[str, object] = {}
+_REASONS: dict[str, str | None] = {}
 
 
 def _key(rule) -> str:
@@ -111,15 +112,17 @@ def reason(rule, sz: dict, T: int, V: int, tile: tuple[int, int], lr_width: int 
         Tp, Vp = tile_sizes(tile, T, V)[2:]
         return (f"a tile of {Tp} x {Vp} cells (padded): the kernels hold a tile's {Tp * Vp} x {Tp * Vp} transfer "
                 f"matrix, at most {MAX_CELLS} cells (e.g. tile 16 x 8)")
-    tile = kernel_tile(rule, tile, T, V)
     if lr_width != 1:
         return "a per-channel learning rate"
-    Tc, Vc, Tp, Vp = tile_sizes(tile, T, V)
-    try:  # the backward graph holds every tile of the forward: generating it checks both
-        kernel_source(rule, sz, (Tp, Vp), "bwd", V > Vc)
-    except Unsupported as why:
-        return str(why)
-    return None
+    Tc, Vc, Tp, Vp = tile_sizes(kernel_tile(rule, tile, T, V), T, V)
+    key = f"{_key(rule)}-{sorted((n, int(x)) for n, x in sz.items())}-{(Tp, Vp)}-{V > Vc}"
+    if key not in _REASONS:
+        try:  # the backward graph holds every tile of the forward: generating it checks both
+            kernel_source(rule, sz, (Tp, Vp), "bwd", V > Vc)
+            _REASONS[key] = None
+        except Unsupported as why:
+            _REASONS[key] = str(why)
+    return _REASONS[key]
 
 
 class Tile2D(torch.autograd.Function):

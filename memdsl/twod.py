@@ -133,7 +133,10 @@ def is_2d(tree: A.RuleFile) -> bool:
 class Rule2D:
     """A compiled 2-D rule. `y, state = rule(q, k, v, gates, params, state)` with tokens [B, T, V, H, D],
     gates [B, T, V, H] (or [..., n] per channel); y is [B, T, V, H, Dv]; the state holds the last time
-    column per variate, `A.<param>` [B, H, V, *shape] (and `Ab.<param>` for the backward variate pass)."""
+    column per variate, `A.<param>` [B, H, V, *shape] (and `Ab.<param>` for the backward variate pass).
+    Backends: `wavefront` (exact), `tiles` (the torch tile program), `anchored_loop` (its token oracle),
+    `triton` (the tile program's generated kernels, codegen/triton_2d.py; `triton_reason` says when not),
+    `auto` (wavefront for an exact rule, else triton for covered CUDA calls, else tiles)."""
 
     BACKENDS = ("auto", "wavefront", "tiles", "anchored_loop", "triton")
 
