@@ -1,4 +1,9 @@
-"""Render results.jsonl (forecast.py) as the markdown table of benchmarks/TIMESERIES.md."""
+"""Render results.jsonl (forecast.py) as the markdown table of benchmarks/TIMESERIES.md.
+
+    python benchmarks/timeseries/table.py [results.jsonl]            # one row per (model, steps, selection)
+    python benchmarks/timeseries/table.py [results.jsonl] --chosen   # per horizon, the run with the lowest
+                                                                     # validation MSE, per design and seed
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,37 @@ PUBLISHED = {  # ETTh1, lookback 96: MSE / MAE at horizons 96, 192, 336, 720 (..
     "DLinear": [(0.386, 0.400), (0.437, 0.432), (0.481, 0.459), (0.519, 0.516)],
 }
 HORIZONS = (96, 192, 336, 720)
+
+
+DESIGN = ("d_model", "layers", "mlp", "dt_bias", "ema", "dropout", "weight_decay")  # what --chosen keeps apart
+
+
+def design(r: dict) -> str:
+    """The model-design options of a row that differ from forecast.py's defaults (lr and steps are not design:
+    --chosen picks them per horizon)."""
+    default = {"d_model": 8, "layers": 1, "mlp": 0, "dt_bias": None, "ema": 0.0, "dropout": 0.0, "weight_decay": 0.0}
+    return ", ".join(f"{k} {r[k]}" for k in DESIGN if r.get(k, default[k]) != default[k])
+
+
+def chosen(path: str) -> None:
+    """Per (model, design, seed) and horizon, the best-validation run with the lowest validation MSE: the
+    per-horizon choice of lr and steps on validation (TIMESERIES.md, second and third sessions)."""
+    best: dict[tuple, dict[int, dict]] = {}
+    for line in pathlib.Path(path).read_text().splitlines():
+        r = json.loads(line)
+        if "bench" in r or "val_mse" not in r:
+            continue
+        by_h = best.setdefault((r["model"], design(r), r.get("seed", 0)), {})
+        if r["horizon"] not in by_h or r["val_mse"] < by_h[r["horizon"]]["val_mse"]:
+            by_h[r["horizon"]] = r
+    print("| model | design | seed | " + " | ".join(f"{h} MSE / MAE (val; lr, steps)" for h in HORIZONS)
+          + " | avg MSE |")
+    print("| --- | --- | ---: | " + " | ".join("---:" for _ in HORIZONS) + " | ---: |")
+    for (model, des, seed), by_h in best.items():
+        cells = [f"{r['mse']:.3f} / {r['mae']:.3f} ({r['val_mse']:.4f}; {r.get('lr', 1e-3):g}, {r['steps']})"
+                 if (r := by_h.get(h)) else "—" for h in HORIZONS]
+        avg = f"{sum(by_h[h]['mse'] for h in HORIZONS) / 4:.3f}" if all(h in by_h for h in HORIZONS) else "—"
+        print(f"| memdsl {model} | {des or 'default'} | {seed} | " + " | ".join(cells) + f" | {avg} |")
 
 
 def main(path: str) -> None:
@@ -37,4 +73,6 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else str(pathlib.Path(__file__).resolve().parent / "results.jsonl"))
+    args = [a for a in sys.argv[1:] if a != "--chosen"]
+    src = args[0] if args else str(pathlib.Path(__file__).resolve().parent / "results.jsonl")
+    chosen(src) if "--chosen" in sys.argv else main(src)
