@@ -26,13 +26,14 @@ valid-row masks vanish, the last row is a slice).
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import sympy as sp
 
 from .chunk_tiles import Unsupported
 from .tile_ir import Tile, TileGraph, X
-from .tile_torch_fusion import VIEWS, _bidiagonal, _fewer_passes, _Fusion, _Named
+from .tile_torch_fusion import VIEWS, _bidiagonal, _fewer_passes, _Fusion, _InPlace, _Named
 from .torch_activations import fold_activations
 
 
@@ -68,8 +69,9 @@ def _specialise_full(g: TileGraph) -> TileGraph:
     return out
 
 
-def _statement(g: TileGraph, i: int, ref, fuse: _Fusion | None = None, hoist=None) -> str:
-    """`t<i> = ...`: one tile op on tensors with any leading batch dims (the tile is the last two)."""
+def _statement(g: TileGraph, i: int, ref, fuse: _Fusion | None = None, hoist=None, inplace: bool = False) -> str:
+    """`t<i> = ...`: one tile op on tensors with any leading batch dims (the tile is the last two). `inplace`:
+    an elementwise expression writes its intermediates into its own temporaries (full-sequence passes)."""
     t = g.nodes[i]
     a = [ref(j) for j in t.args]
     m, n = t.shape
@@ -107,7 +109,7 @@ def _statement(g: TileGraph, i: int, ref, fuse: _Fusion | None = None, hoist=Non
         expr, names = fold_activations(expr), [ref(j) for j in leaves]
         if hoist is not None:
             expr, names = hoist(expr, leaves, names)
-        rhs = _Named(names).doprint(expr)
+        rhs = (_InPlace if inplace else _Named)(names).doprint(expr)
     elif t.op == "dot":
         k = g.shape(t.args[0])[1]
         (x, sx), (y, sy) = (fuse.operand(j, ref) if fuse else (ref(j), 1) for j in t.args)
@@ -296,7 +298,9 @@ def print_program(g: TileGraph, carried: dict[str, int], chunked: set[str], resu
     plan = _Plan(g, carried, chunked, results, after_loop, saved, given)
     live, level, fuse, keep, starts, ref = plan.live, plan.level, plan.fuse, plan.keep, plan.starts, plan.ref
 
-    hoisted: list[tuple[str, str, bool]] = []  # (name, its statement before the loop, sliced per chunk)
+    # (name, its statement before the loop, sliced per chunk, a common subexpression only the statements
+    # before the loop read)
+    hoisted: list[tuple[str, str, bool, bool]] = []
 
     def hoist(expr: sp.Expr, leaves: list[int], names: list[str]):
         """Subexpressions of a loop statement that read no loop value are computed before the loop, for
@@ -305,15 +309,23 @@ def print_program(g: TileGraph, carried: dict[str, int], chunked: set[str], resu
                   (level[j] == "input" and g.nodes[j].attrs[0] not in carried)}
         names = list(names)
 
+        def add(text: str, chunky: bool, temp: bool) -> str:
+            same = [h for h, st, *_ in hoisted if st.split(" = ", 1)[1] == text]
+            if same:
+                return same[0]
+            h = f"h{len(hoisted)}"
+            hoisted.append((h, f"{h} = {text}", chunky, temp))
+            return h
+
         def new(e: sp.Expr) -> sp.Expr:
             ks = sorted(int(x.name[1:]) for x in e.free_symbols)
-            text = _Named([ref(leaves[k], "pre") if k < len(leaves) else "?" for k in range(max(ks) + 1)]).doprint(
-                _fewer_passes(e))
+            pre = [ref(leaves[k], "pre") if k < len(leaves) else "?" for k in range(max(ks) + 1)]
             chunky = any(ref(leaves[k], "loop") != ref(leaves[k], "pre") for k in ks)
-            same = [h for h, st, _ in hoisted if st.split(" = ", 1)[1] == text]
-            h = same[0] if same else f"h{len(hoisted)}"
-            if not same:
-                hoisted.append((h, f"{h} = {text}", chunky))
+            # a subexpression used twice (x² in gelu'') is one temporary; every pass writes into its own result
+            temps, (e,) = sp.cse(_fewer_passes(e), symbols=(sp.Symbol(f"x{k}") for k in itertools.count(len(pre))))
+            for _, sub in temps:
+                pre.append(add(_InPlace(pre).doprint(sub), False, True))
+            h = add(_InPlace(pre).doprint(e), chunky, False)
             names.append(f"c_{h}" if chunky else h)
             if len(names) > len(X):
                 raise Unsupported("an elementwise expression over too many operands")
@@ -341,7 +353,9 @@ def print_program(g: TileGraph, carried: dict[str, int], chunked: set[str], resu
         for i in nodes:
             if i in fuse.skip:
                 continue
-            st = _statement(g, i, lambda j: ref(j, where), fuse, hoist if where == "loop" else None)
+            # in the loop only state-sized values: the in-place helpers check shapes at run time (~1 µs a call)
+            inplace = where != "loop" or g.shape(i)[0] * g.shape(i)[1] >= LARGE
+            st = _statement(g, i, lambda j: ref(j, where), fuse, hoist if where == "loop" else None, inplace)
             out.append((st, set(NAME.findall(st.split(" = ", 1)[1]))))
         return out
 
@@ -358,19 +372,26 @@ def print_program(g: TileGraph, carried: dict[str, int], chunked: set[str], resu
         lines.append(f"    S_{n} = torch.empty(B, H, NC, {r}, {c}, dtype=DT) if S_{n} is None else S_{n}")
     tail = {ref(j, "pre") for j in loop_reads | plan.reads}
     before = stmts([i for i in live if level[i] in ("setup", "pre")], "pre")
-    before += [(st, set(NAME.findall(st.split(" = ", 1)[1]))) for _, st, _ in hoisted]
-    lines += _with_dels(before, tail)
+    before += [(st, set(NAME.findall(st.split(" = ", 1)[1]))) for _, st, *_ in hoisted]
+    lines += _with_dels(before, tail | {h for h, _, _, temp in hoisted if not temp})
     # ---- the loop: what the carried values need ------------------------------------------------------
     lines += [f"    L_t{j} = torch.empty(B, H, NC, {g.shape(j)[0]}, {g.shape(j)[1]}, dtype=DT)" for j in keep]
-    body = [f"c_{ref(j, 'pre')} = {ref(j, 'pre')}[:, :, ci:ci + 1]" for j in sliced]
-    body += [f"S_{n}[:, :, ci:ci + 1] = i_{n}" for n in starts]
-    body += [f"c_{h} = {h}[:, :, ci:ci + 1]" for h, _, chunky in hoisted if chunky]
-    body += [st for st, _ in loop_stmts] + [f"L_t{j}[:, :, ci:ci + 1] = t{j}" for j in keep]
+    # every per-chunk view is made once, before the loop (`u_x = x.split(1, 2)`; u_x[ci] is x[:, :, ci:ci + 1]):
+    # a slice per chunk and tensor costs ~2 µs of dispatch, and at C=16 the backward loop reads ~30 of them
+    read = [ref(j, "pre") for j in sliced] + [h for h, _, chunky, _ in hoisted if chunky]
+    written = [f"S_{n}" for n in starts] + [f"L_t{j}" for j in keep]
+    views = [f"u_{x}" for x in read + written]
+    lines += [f"    u_{x} = {x}.split(1, 2)" for x in read + written]
+    body = [f"c_{x} = u_{x}[ci]" for x in read]
+    body += [f"u_S_{n}[ci].copy_(i_{n})" for n in starts]
+    body += [st for st, _ in loop_stmts] + [f"u_L_t{j}[ci].copy_(t{j})" for j in keep]
     if carried:
         body.append(", ".join(f"i_{n}" for n in carried) + " = " + ", ".join(ref(carried[n], "loop") for n in carried))
     if body:  # a graph without a carried value (a test's decay tiles) has no loop
         lines.append(f"    for ci in {'range(NC - 1, -1, -1)' if reverse else 'range(NC)'}:")
         lines += ["        " + st for st in body]
+    if views:  # the views would keep every full-sequence tensor they view alive after the loop
+        lines.append("    del " + ", ".join(views))
     lines += [f"    final_{n} = i_{n}" for n in carried]
     lines += [f"    t{j} = L_t{j}" for j in keep] + [f"    i_{n} = S_{n}" for n in starts]
     # ---- after the loop: every chunk at once ---------------------------------------------------------
@@ -389,7 +410,7 @@ def _with_dels(body: list[tuple[str, set[str]]], kept: set[str]) -> list[str]:
     out = []
     for k, (stmt, _) in enumerate(body):
         out.append("    " + stmt)
-        dead = sorted(r for r, at in last.items() if at == k and r.startswith("t") and r not in kept)
+        dead = sorted(r for r, at in last.items() if at == k and r.startswith(("t", "h")) and r not in kept)
         if dead:
             out.append("    del " + ", ".join(dead))
     return out

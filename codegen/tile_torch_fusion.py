@@ -223,3 +223,136 @@ def _fewer_passes(e: sp.Expr) -> sp.Expr:
     2√2·e^(-x²/2)/√π - √(2/π)·x²·e^(-x²/2), becomes 0.80·(2 - x²)·e^(-x²/2)."""
     f = sp.factor_terms(e).evalf()
     return f if sp.count_ops(f) < sp.count_ops(e) else e
+
+
+# ---- full-sequence elementwise expressions with fewer passes and temporaries ------------------------
+
+def _imul(a, b):
+    """a * b into a (a fresh temporary) when a already has the broadcast shape, else a new tensor."""
+    return a.mul_(b) if _holds(a, b) else a * b
+
+
+def _idiv(a, b):
+    return a.div_(b) if _holds(a, b) else a / b
+
+
+def _iadd(a, b, alpha: float):
+    return a.add_(b, alpha=alpha) if _holds(a, b) else torch.add(a, b, alpha=alpha)
+
+
+def _iaddcmul(a, b, c, value: float):
+    return a.addcmul_(b, c, value=value) if _holds(a, b, c) else torch.addcmul(a, b, c, value=value)
+
+
+def _holds(a, *others) -> bool:
+    """Whether a's shape is the broadcast of a and `others` (plain Python: torch.broadcast_shapes costs ~10 µs)."""
+    shape = a.shape
+    for o in others:
+        if isinstance(o, torch.Tensor) and (o.dim() > len(shape) or any(
+                y not in (x, 1) for x, y in zip(reversed(shape), reversed(o.shape), strict=False))):
+            return False
+    return True
+
+
+INPLACE_HELPERS = {"_imul": _imul, "_idiv": _idiv, "_iadd": _iadd, "_iaddcmul": _iaddcmul}
+_UNARY = {sp.exp: "exp", sp.log: "log", sp.tanh: "tanh", sp.erf: "erf", sp.Abs: "abs", sp.sign: "sign"}
+
+
+class _InPlace:
+    """Prints an elementwise expression over large tensors (a hoisted full-sequence pass) so that every
+    intermediate is a fresh temporary the next op writes into (`x.exp_()`, `_imul(t, y)`), not a new tensor
+    per op: the same passes over memory, but no fresh (cold) buffer for each. A product or sum whose operands
+    are all named tensors starts with one out-of-place op. Functions without an in-place form (gelu, where,
+    ...) print as `_Named` does; their result is fresh too. Each returned text is (code, fresh)."""
+
+    def __init__(self, names: list[str]):
+        self.named = _Named(names)
+
+    def doprint(self, e: sp.Expr) -> str:
+        return self.expr(e)[0]
+
+    def expr(self, e: sp.Expr) -> tuple[str, bool]:
+        if e.is_Symbol:
+            return self.named.doprint(e), False
+        if e.is_number:
+            return self.named.doprint(e), False
+        if isinstance(e, sp.Add):
+            return self.add(e)
+        if isinstance(e, sp.Mul) and not any(isinstance(f, TorchGeluGrad) for f in e.args):
+            return self.mul(e)
+        if isinstance(e, sp.Pow) and e.exp == 2:
+            base, fresh = self.expr(e.base)
+            return (f"{base}.square_()" if fresh else f"torch.square({base})"), True
+        if isinstance(e, sp.Pow) and e.exp == -1:
+            base, fresh = self.expr(e.base)
+            return (f"{base}.reciprocal_()" if fresh else f"torch.reciprocal({base})"), True
+        if e.func in _UNARY:
+            arg, fresh = self.expr(e.args[0])
+            return (f"{arg}.{_UNARY[e.func]}_()" if fresh else f"torch.{_UNARY[e.func]}({arg})"), True
+        return self.named.doprint(e), True
+
+    @staticmethod
+    def _split(term: sp.Expr) -> tuple[float, list[sp.Expr]]:
+        factors = sp.Mul.make_args(term)
+        return float(sp.Mul(*[f for f in factors if f.is_number])), [f for f in factors if not f.is_number]
+
+    def mul(self, e: sp.Expr) -> tuple[str, bool]:
+        c, factors = self._split(e)
+        num = [f for f in factors if not (isinstance(f, sp.Pow) and f.exp == -1)]
+        den = [f.base for f in factors if isinstance(f, sp.Pow) and f.exp == -1]
+        if not num:
+            num, den = [sp.Pow(sp.Mul(*den), -1)], []
+        printed = [self.expr(f) for f in num]
+        printed.sort(key=lambda p: not p[1])  # a fresh factor first: the product accumulates into it
+        acc, fresh = printed[0]
+        rest = printed[1:]
+        if not fresh:  # the first op makes the temporary the rest accumulate into
+            if rest:
+                acc, rest = f"torch.mul({acc}, {rest[0][0]})", rest[1:]
+            elif den:
+                acc, den = f"torch.div({acc}, {self.expr(den[0])[0]})", den[1:]
+            elif c != 1:
+                return (f"torch.neg({acc})" if c == -1 else f"torch.mul({acc}, {c!r})"), True
+            else:
+                return acc, False
+        for text, _ in rest:
+            acc = f"_imul({acc}, {text})"
+        for d in den:
+            acc = f"_idiv({acc}, {self.expr(d)[0]})"
+        if c != 1:
+            acc = f"{acc}.mul_({c!r})"
+        return acc, True
+
+    def add(self, e: sp.Expr) -> tuple[str, bool]:
+        const = float(sum(t for t in e.args if t.is_number))
+        terms = [self._split(t) for t in e.args if not t.is_number]
+        rests = [self.expr(sp.Mul(*f)) for _, f in terms]  # each term without its number
+        # the accumulator: a term that prints fresh with no number to apply, else a named term with coefficient
+        # 1 added to a second term out of place, else any term (one more pass for its number)
+        at = next((k for k, (c, _) in enumerate(terms) if rests[k][1] and c == 1), None)
+        pair = next((k for k, (c, _) in enumerate(terms) if not rests[k][1] and c == 1), None)
+        done = set()
+        if at is None and pair is not None and len(terms) >= 2:
+            other = next(k for k in range(len(terms)) if k != pair)
+            c2, f2 = terms[other]
+            a = rests[pair][0]
+            acc = f"torch.add({a}, {rests[other][0]}, alpha={c2!r})" if len(f2) == 1 else \
+                f"torch.addcmul({a}, {self.expr(f2[0])[0]}, {self.expr(sp.Mul(*f2[1:]))[0]}, value={c2!r})"
+            done = {pair, other}
+        elif at is None and len(terms) == 1 and not rests[0][1] and abs(terms[0][0]) == 1:
+            x = rests[0][0]
+            return (f"torch.add({x}, {const!r})" if terms[0][0] == 1 else f"torch.rsub({x}, {const!r})"), True
+        else:
+            at = 0 if at is None else at
+            acc, _ = self.expr(sp.Mul(terms[at][0], *terms[at][1]))
+            done = {at}
+        for k, (c, f) in enumerate(terms):
+            if k in done:
+                continue
+            if len(f) == 1:
+                acc = f"_iadd({acc}, {rests[k][0]}, {c!r})"
+            else:
+                acc = f"_iaddcmul({acc}, {self.expr(f[0])[0]}, {self.expr(sp.Mul(*f[1:]))[0]}, {c!r})"
+        if const:
+            acc = f"{acc}.add_({const!r})"
+        return acc, True

@@ -19,7 +19,7 @@ from .tile_eval import mask_value
 from .tile_grad import backward
 from .tile_ir import TileGraph
 from .tile_torch import _live, _Plan, _specialise_full, print_program
-from .tile_torch_fusion import _addmm
+from .tile_torch_fusion import INPLACE_HELPERS, _addmm
 from .torch_activations import PRELUDE
 from .triton_gen import HYPER, TOKENS, _graph, _Layout, supported
 
@@ -30,7 +30,7 @@ FILL = {"lr": 0.0, "mu": 1.0, "keep": 1.0, "scale": 0.0}  # hyper-parameters on 
 def _compile(source: str, name: str, key: str):
     filename = f"<memdsl tiles {key}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    ns = {"torch": torch, "_addmm": _addmm}
+    ns = {"torch": torch, "_addmm": _addmm, **INPLACE_HELPERS}
     exec(PRELUDE, ns)  # _gelu_grad, for the fused gelu derivative the printer emits
     exec(compile(source, filename, "exec"), ns)
     return ns[name]

@@ -341,3 +341,40 @@ def test_hoisted_expressions_fold_common_factors():
     want, got = (eval(_Named(["a", "b"]).doprint(z), ns) for z in (e, f))
     assert (want - got).abs().max() <= 1e-14
     assert _fewer_passes(x * y + X[2]) == x * y + X[2]
+
+
+def test_inplace_printing_equals_the_plain_printer():
+    """Full-sequence expressions printed to write into their own temporaries (`_InPlace`) give the plain
+    printer's values, never write into an operand (named tensors, a column and a setup tile broadcast against
+    full ones), and a hoisted expression's repeated x² is one temporary (gelu'' of the titans backward)."""
+    import re
+
+    import sympy as sp
+
+    from codegen.tile_ir import X
+    from codegen.tile_torch_fusion import INPLACE_HELPERS, _InPlace, _Named
+    from codegen.torch_activations import TorchGelu
+    a, b, c, d = X[:4]
+    exprs = [a * b, 2 - a, -a, a - b, -a - b, 3 * a * b + c - 1, a / b, 1 / a, a * b / (c * d), (a * b) ** 2,
+             sp.exp(-a**2 / 2) * (2 - a**2) * c, sp.exp(a) + sp.exp(b), a * b + c * d - a, TorchGelu(a * b) * c,
+             sp.tanh(a * b) - a, a**2 + b**2, c * d, d * a, 0.5 * a * d + b,
+             c**2 * a, sp.exp(c) * a + c]  # a fresh column times a full tile: out of place
+    gen = torch.Generator().manual_seed(11)
+    full = (2, 3, 4, 5, 6)
+    vals = {"a": torch.rand(full, generator=gen, dtype=torch.float64) + 0.5,
+            "b": torch.rand(full, generator=gen, dtype=torch.float64) + 0.5,
+            "c": torch.rand(2, 3, 4, 5, 1, generator=gen, dtype=torch.float64) + 0.5,  # a column
+            "d": torch.rand(5, 6, generator=gen, dtype=torch.float64) + 0.5}  # a setup tile
+    names = list(vals)
+    for e in exprs:
+        before = {n: v.clone() for n, v in vals.items()}
+        ns = {"torch": torch, **INPLACE_HELPERS, **vals}
+        text = _InPlace(names).doprint(e)
+        got, want = eval(text, ns), eval(_Named(names).doprint(e), ns)
+        assert torch.allclose(got, want, rtol=1e-12, atol=0), (e, text)
+        assert all(torch.equal(vals[n], before[n]) for n in vals), (e, text)
+    rule = memdsl.compile("rules/titans.mem")
+    src = kernel_for(rule, _sizes(rule, 16), 16, "bwd").source(True)
+    hoisted = [ln.strip() for ln in src.splitlines() if ln.startswith("    h")]
+    assert sum(bool(re.fullmatch(r"h\d+ = torch.square\(t\d+\)", ln)) for ln in hoisted) == 1, hoisted
+    assert sum(ln.count("exp") for ln in hoisted) == 1, hoisted
