@@ -29,6 +29,9 @@ from .errors import (
 from .program import AxesSpec, Program, ScheduleSpec
 
 DEFAULT_TILE = (16, 8)
+# backend="auto" takes the generated Triton kernels for CUDA calls they cover; False keeps the torch tile
+# program there (the kernels are tested under the CPU interpreter; set it while a GPU run is outstanding)
+AUTO_TRITON = True
 AXES = ("time", "variate")
 
 
@@ -249,7 +252,8 @@ class Rule2D:
         if backend == "auto":
             if self.algorithm == "wavefront":
                 return "wavefront"
-            return "triton" if q.is_cuda and self.triton_reason(sz, T, V, tile) is None else "tiles"
+            covered = AUTO_TRITON and q.is_cuda and self.triton_reason(sz, T, V, tile) is None
+            return "triton" if covered else "tiles"
         if backend == "triton":
             if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
                 raise ValueError("backend='triton' on CPU tensors runs only under TRITON_INTERPRET=1 (set before "
