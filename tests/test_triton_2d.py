@@ -175,7 +175,6 @@ def test_tile_graph_and_its_adjoint_in_float64(name):
     evaluated graph, float64."""
     from codegen.tile2d_tiles import mask_values
     from codegen.tile_eval import evaluate
-    from codegen.tile_grad import backward
     rule = compile_2d(str(ROOT / "rules" / f"{name}.mem"))
     B, T, V, H, d, tile, (Tp, Vp) = 1, 7, 3, 1, 4, (3, 4), (4, 4)
     (toks, gates, params, state) = _inputs(rule, B, T, V, H, d)
@@ -212,18 +211,50 @@ def test_tile_graph_and_its_adjoint_in_float64(name):
     for p in cur:
         assert torch.allclose(cur[p][:V], last0[p][0, 0].reshape(V, -1), atol=1e-10, rtol=1e-10)
 
-    # the adjoint of the last tile's graph against autograd through the evaluated graph
-    leaves = {n: x.clone().requires_grad_() for n, x in inputs.items() if not x.dtype == torch.bool}
+    _adjoint_matches_autograd(graph, inputs)  # the last tile's
+
+
+def _adjoint_matches_autograd(graph, inputs):
+    """tile_grad's reverse mode of the graph == autograd through the evaluated graph (float64), for every
+    non-mask input, under random cotangents on every output."""
+    from codegen.tile_eval import evaluate
+    from codegen.tile_grad import backward
+    leaves = {n: x.clone().requires_grad_() for n, x in inputs.items()
+              if x.dtype != torch.bool and n in graph.inputs}
     values = evaluate(graph, {**inputs, **leaves})
     g = torch.Generator().manual_seed(2)
-    outs = ["y", *[f"C_{p}" for p in cur]]
+    outs = list(graph.outputs)
     cot = {o: torch.randn(values[graph.outputs[o]].shape, generator=g, dtype=torch.float64) for o in outs}
     loss = sum((values[graph.outputs[o]] * cot[o]).sum() for o in outs)
     expected = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True), strict=True))
-    seeds = [(graph.outputs["y"], graph.input("dy", graph.shape(graph.outputs["y"])))]
-    seeds += [(graph.outputs[f"C_{p}"], graph.input(f"dC_{p}", graph.shape(graph.outputs[f"C_{p}"]))) for p in cur]
+    seeds = [(graph.outputs[o], graph.input(f"d{o}", graph.shape(graph.outputs[o]))) for o in outs]
     adj = backward(graph, seeds, [graph.inputs[n] for n in leaves])
-    values = evaluate(graph, {**inputs, "dy": cot["y"], **{f"dC_{p}": cot[f"C_{p}"] for p in cur}})
+    values = evaluate(graph, {**inputs, **{f"d{o}": cot[o] for o in outs}})
+    assert any(e is not None and e.abs().max() > 0 for e in expected.values())
     for n in leaves:
         want = expected[n] if expected[n] is not None else torch.zeros_like(inputs[n])
         assert torch.allclose(values[adj[graph.inputs[n]]].expand_as(want), want, atol=1e-10, rtol=1e-9), n
+
+
+@pytest.mark.parametrize("name", ["hydra", "chimera"])
+def test_the_several_chunk_graph_adjoint_in_float64(name):
+    """The graph of a tile with a row above ([Tp, F]) and a last-row output, its adjoint against autograd."""
+    from codegen.tile2d_tiles import build_tile2d_graph, mask_values
+    from codegen.triton_2d import _program, _sizes_and_shapes
+    rule = compile_2d(str(ROOT / "rules" / f"{name}.mem"))
+    probe = torch.zeros(1, 1, 1, 1, 4)
+    program = _program(rule)
+    sym, shapes = _sizes_and_shapes(program, rule.sizes(probe, probe, probe))
+    Tp, Vp = 4, 4
+    graph = build_tile2d_graph(program, rule.spec1d, shapes, sym, Tp, Vp, rows=True)
+    g = torch.Generator().manual_seed(3)
+    inputs = mask_values(Tp, Vp, 3, 3, 3, Vc=3)  # a 3 x 3 tile in 4 x 4 padded cells, the last one of both axes
+    for n, i in graph.inputs.items():
+        if n not in inputs and not n.startswith("d"):
+            shape = graph.shape(i)
+            positive = n in ("kt", "kv", "lr") or n in rule.spec1d["gates"] or n.startswith("tok_") and \
+                n[4:] in rule.spec1d["gates"]
+            x = torch.rand(shape, generator=g, dtype=torch.float64) * 0.6 + 0.05 if positive else \
+                torch.randn(shape, generator=g, dtype=torch.float64) * 0.5
+            inputs[n] = x
+    _adjoint_matches_autograd(graph, inputs)
