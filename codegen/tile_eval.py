@@ -62,6 +62,13 @@ def evaluate(graph: TileGraph, inputs: dict[str, torch.Tensor], upto: int | None
             x = a[0].reshape(tile.shape)
         elif tile.op == "gmax":
             x = a[0].reshape(a[0].shape[0], -1, tile.attrs[0]).amax(dim=2)
+        elif tile.op == "place_cols":
+            # the printed kernel's gather: a clamped index (0 outside the block), then the block mask
+            off, n, src = tile.attrs
+            j = torch.arange(tile.shape[1])
+            inside = (j >= off) & (j < off + n)
+            index = torch.where(inside, j - off + src, 0).expand(a[0].shape[0], -1)
+            x = torch.where(inside, torch.gather(a[0], 1, index), 0.0)
         elif tile.op == "trinv":
             eye = torch.eye(tile.shape[0], dtype=a[0].dtype)
             x = torch.linalg.solve_triangular(eye + torch.where(a[1], a[0], 0.0), eye, upper=False)

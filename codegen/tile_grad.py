@@ -21,6 +21,7 @@ Adjoint rules (g is the cotangent of the node's output):
     permute(a)     a += permute(g) by the inverse permutation
     bmm(a, b)      per row, C = op(a) op(b): op(a) += g op(b)^T ; op(b) += op(a)^T g (stored as a, b are)
     gmax(a)        none: a softmax shift, which the softmax does not depend on (tile_ir)
+    place_cols(a)  a += place_cols(g) with the offsets swapped: the block's columns read back, zero past them
 """
 
 from __future__ import annotations
@@ -121,6 +122,10 @@ def backward(graph: TileGraph, seeds: list[tuple[int, int]], wrt: list[int]) -> 
             accumulate(node.args[0], graph.reshape(g, graph.shape(node.args[0])))
         elif node.op == "gmax":
             continue
+        elif node.op == "place_cols":
+            off, n, src = node.attrs
+            a = node.args[0]
+            accumulate(a, graph.place_cols(g, src, n, graph.shape(a)[1], src=off))
         elif node.op == "trinv":
             a, strict = node.args
             xt = graph.trans(i)

@@ -24,6 +24,10 @@ matrices, boolean masks. A dozen ops are enough for the anchored chunk program i
     gmax     the maximum over consecutive groups of g columns, [r, k*g] -> [r, k]: a softmax's shift.
              It has no adjoint (tile_grad skips it): softmax(x - shift) does not depend on the shift,
              so the kernels use it only there
+    place_cols  a block of n columns moved to another column offset in a zero tile of width W:
+             out[:, off + i] = x[:, src + i] for i < n, 0 elsewhere (a concat's block into the padded
+             polynomial features; with src and off swapped, its own adjoint). Printed as a gather:
+             no [n, W] placement matrix (2^21 elements at d = 32) and no C*n*W product
 
 Tile widths are powers of two (≥ 16 where a product needs it): a logical size that is not — the
 1 + d + d^2 of polynomial features — is padded, and a column mask keeps the padding at zero.
@@ -231,6 +235,15 @@ class TileGraph:
         if n % group:
             raise ValueError(f"gmax: width {n} is not a multiple of {group}")
         return self.add(Tile("gmax", (a,), (r, n // group), (group,)))
+
+    def place_cols(self, a: int, off: int, n: int, width: int, src: int = 0) -> int:
+        """[r, width]: columns src..src+n-1 of `a` at columns off..off+n-1, zeros elsewhere."""
+        r, have = self.shape(a)
+        if n < 1 or min(off, src) < 0 or off + n > width or src + n > have:
+            raise ValueError(f"place_cols: {n} columns from {src} of {self.shape(a)} to {off} of width {width}")
+        if (off, src, n) == (0, 0, width) and have == width:
+            return a
+        return self.add(Tile("place_cols", (a,), (r, width), (off, n, src)))
 
     def reduce_to(self, a: int, shape: Shape) -> int:
         """Sum the axes along which `a` was broadcast from `shape` (the adjoint of broadcasting)."""

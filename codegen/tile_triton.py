@@ -82,6 +82,15 @@ def print_tiles(graph: TileGraph, bound: dict[str, str], nodes: list[int], names
             group = t.attrs[0]
             rhs = f"tl.max({a[0]}, axis=1, keep_dims=True)" if n == 1 else \
                 f"tl.max(tl.reshape({a[0]}, [{m}, {n}, {group}]), axis=2)"
+        elif t.op == "place_cols":
+            # tl.gather takes an index of the output's shape (it does not broadcast one), clamped to 0 outside
+            # the block; the mask then zeros those columns
+            off, nb, src = t.attrs
+            j, inside = f"{prefix}{i}_j", f"{prefix}{i}_in"
+            lines += [f"{j} = tl.broadcast_to(tl.arange(0, {n})[None, :], [{m}, {n}])",
+                      f"{inside} = ({j} >= {off}) & ({j} < {off + nb})"]
+            index = f"{j} - {off - src}" if off >= src else f"{j} + {src - off}"
+            rhs = f"tl.where({inside}, tl.gather({a[0]}, tl.where({inside}, {index}, 0), axis=1), 0.0)"
         elif t.op == "trinv":
             # forward substitution, one row per step: X_r = e_r - sum_{j<r} L_rj X_j (rows j < r are final)
             x, r = f"{prefix}{i}", f"{prefix}{i}_r"
