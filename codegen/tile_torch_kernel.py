@@ -128,12 +128,14 @@ class TorchChunkKernel:
             self._wanted[ragged] = frozenset(i for i in reached if i in held)
         return self._wanted[ragged]
 
-    def source(self, ragged: bool, save: bool = True, stash: bool = False) -> str:
+    def source(self, ragged: bool, save: bool = True, stash: bool = False, wrt: frozenset[str] | None = None) -> str:
         """The generated function for full (T a multiple of C) or ragged sequences. Forward: `save` keeps every
         chunk-start state (for the backward) and reads after the loop, else reads inside it; with a backward
         partner it also returns the values that backward wants. Backward: `stash` takes those values as inputs
-        instead of recomputing them."""
-        key = (ragged, save or self.direction == "bwd", stash)
+        instead of recomputing them; `wrt` (result names) computes only those gradients (and the state
+        cotangents): what feeds only the others — for hyper-parameters that need none, the decay products'
+        adjoints (state inner products in the loop, the C×C algebra after it) — is not printed."""
+        key = (ragged, save or self.direction == "bwd", stash, wrt if self.direction == "bwd" else None)
         if key not in self._sources:
             g, res, car, chk = self._variant(ragged)
             given: frozenset[int] = frozenset()
@@ -141,15 +143,17 @@ class TorchChunkKernel:
                 res = {**res, **{f"t{i}": i for i in sorted(self.partner().wanted(ragged))}}
             if self.direction == "bwd" and stash:
                 given = self.wanted(ragged)
+            if key[3] is not None:
+                res = {n: i for n, i in res.items() if n in key[3]}
             name = f"chunk_{self.direction}_{'ragged' if ragged else 'full'}{'' if key[1] else '_nosave'}" + \
-                ("_stash" if stash else "")
+                ("_stash" if stash else "") + ("" if key[3] is None else "_wrt_" + "_".join(sorted(key[3])))
             self._sources[key] = print_program(g, car, chk, res, self.direction == "bwd", name, after_loop=key[1],
                                                saved=tuple(car) if self.direction == "fwd" and key[1] else (),
                                                given=given)
         return self._sources[key]
 
-    def function(self, ragged: bool, save: bool = True, stash: bool = False):
-        key = (ragged, save or self.direction == "bwd", stash)
+    def function(self, ragged: bool, save: bool = True, stash: bool = False, wrt: frozenset[str] | None = None):
+        key = (ragged, save or self.direction == "bwd", stash, wrt if self.direction == "bwd" else None)
         if key not in self._fns:
             src = self.source(*key)
             name = src[4:src.index("(")]
@@ -255,7 +259,7 @@ class TorchChunkKernel:
             out = self.function(ragged, SAVE)(I, B, H, NC, DT)
             if SAVE and self.partner is not None:  # handed to the backward with the saved states (STASH)
                 setattr(x[f"SAVE_{lay.states[0]}"], STASH, (self.key, T, {n: v for n, v in out.items()
-                                                                          if n.startswith("t")}))
+                                                                          if n.startswith("t")}, self._wrt(x)))
             x["Y"].copy_(self._untile(out["y"].expand(B, H, NC, C, -1), T, x["v"].shape[-1]))
             for s in lay.states:
                 x[f"P_{s}"].copy_(self._unstate(out[f"final:{s}"], s[2:]).reshape(x[f"P_{s}"].shape))
@@ -270,11 +274,23 @@ class TorchChunkKernel:
         use = stash is not None and stash[0] == self.key.replace("-bwd-", "-fwd-") and stash[1] == T
         if use:
             I.update(stash[2])
-        out = self.function(ragged, stash=use)(I, B, H, NC, DT)
+        out = self.function(ragged, stash=use, wrt=stash[3] if use else None)(I, B, H, NC, DT)
         for s in lay.states:
             x[f"D{s}"].copy_(self._unstate(out[f"final:d{s}"], s[2:]).reshape(x[f"D{s}"].shape))
         self._store_grads(out, x, NC, T, B, H)
         return None
+
+    def _wrt(self, x: dict) -> frozenset[str] | None:
+        """Forward: the backward's results whose inputs require a gradient (autograd keeps the flags on the
+        tensors a Function's forward receives: TritonChunk); the others' buffers stay zero. None (every result)
+        when no input requires one: a caller driving the kernels directly, as Triton's, gets every gradient."""
+        def source(n: str) -> str:  # tok_q / hist_q -> q, tok_<gate> -> G_<gate>, out_<n> -> O_<n>, lr -> lr
+            if n.startswith(("tok_", "hist_")):
+                base = n.split("_", 1)[1]
+                return base if base in TOKENS else f"G_{base}"
+            return f"O_{n[4:]}" if n.startswith("out_") else n
+        wrt = frozenset(n for n in self.partner().results if getattr(x.get(source(n)), "requires_grad", False))
+        return wrt or None
 
     def _store_grads(self, out: dict, x: dict, NC: int, T: int, B: int, H: int):
         C, hh = self.chunk, self.window
@@ -295,6 +311,8 @@ class TorchChunkKernel:
             if n in out:
                 x[f"D_{n}"].copy_(self._untile(out[n].expand(B, H, NC, C, 1), T, 1)[..., 0])
         for n in self.lay.outers:
+            if f"out_{n}" not in out:
+                continue
             g = out[f"out_{n}"]
             g = g.expand(B, H, NC, *g.shape[-2:]).sum(2)
             x[f"DO_{n}"].copy_(self._unstate(g, n).reshape(x[f"DO_{n}"].shape))

@@ -378,3 +378,28 @@ def test_inplace_printing_equals_the_plain_printer():
     hoisted = [ln.strip() for ln in src.splitlines() if ln.startswith("    h")]
     assert sum(bool(re.fullmatch(r"h\d+ = torch.square\(t\d+\)", ln)) for ln in hoisted) == 1, hoisted
     assert sum(ln.count("exp") for ln in hoisted) == 1, hoisted
+
+
+@pytest.mark.parametrize("T", [37, 32])
+@pytest.mark.parametrize("wrt", [("q", "k", "v"), ("theta", "alpha"), ("v",)])
+def test_backward_computes_only_the_gradients_asked_for(wrt, T):
+    """The forward tells its backward which inputs require a gradient; the backward prints only those results
+    (and the state cotangents): with no gate asking, the decay products' adjoints — the state inner products in
+    the loop — are not computed. The gradients that are asked for equal the torch chunk program's."""
+    rule = memdsl.compile("rules/titans.mem")
+    tok, gates, params, state = inputs(rule, B=2, T=T, H=2, D=16)
+    got, ref = ({n: t.clone().requires_grad_(n in wrt) for n, t in {**tok, **gates}.items()} for _ in range(2))
+    for leaves, backend in ((got, "tiles"), (ref, "dual")):
+        y, s = rule(leaves["q"], leaves["k"], leaves["v"], {n: leaves[n] for n in gates}, params, dict(state),
+                    chunk=16, backend=backend)
+        w = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+        ((y * w).sum() + sum(x.square().sum() for x in s.values())).backward()
+    for n in wrt:
+        assert rel_rms(got[n].grad, ref[n].grad) <= 1e-5, n
+    bwd = kernel_for(rule, _sizes(rule, 16), 16, "bwd")
+    # theta and alpha reach the kernel as their own (direct) inputs and through lr = theta, keep = 1 - alpha
+    want = frozenset(f"tok_{n}" for n in wrt) | ({"lr", "keep"} if "theta" in wrt else set())
+    assert (T % 16 != 0, True, True, want) in bwd._sources
+    inner = ".sum((-2, -1), keepdim=True)"  # <state, cotangent>: the decay products' adjoints
+    assert (inner in bwd.source(T % 16 != 0, stash=True, wrt=want)) == ("theta" in wrt)
+    assert inner in bwd.source(T % 16 != 0, stash=True)
