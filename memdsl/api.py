@@ -26,9 +26,12 @@ _HEADER = "# memdsl-cache sha256="
 # backend="auto" on CPU tensors that need a gradient takes the torch-printed tile programs (codegen/tile_torch.py,
 # a generated backward) for dual-form rules at chunks up to this size, the torch chunk path above it (0: never).
 # Measured side by side (benchmarks/cpu.py, benchmarks/RESULTS.md): tiles train 1.2-1.3x faster at C=16 (titans,
-# titans_linear) and level or slower at C=64, where the tile graphs' decay algebra costs more than autograd's
-# overhead saves.
-TILES_UP_TO_CHUNK = 16
+# titans_linear). Since the backward computes only the gradients asked for (tile_torch_kernel), one thread, every
+# gradient, cpu-small: tiles / chunk program 0.73 (titans C=16), at C=32 0.83 (titans), 0.87 (titans_linear),
+# 0.76 (ttt_mlp), 0.66 (ttt_linear), 0.89 (linear_attention), 0.83 (yaad); at C=64 0.94-0.99 (titans), 0.96
+# (titans_linear, linear_attention, yaad): level, so the chunk program keeps C=64. The per-chunk state passes
+# (GEMMs with K or M = C, <state, cotangent> products) dominate there, not the decay algebra (a few % of the time).
+TILES_UP_TO_CHUNK = 32
 
 
 def cache_dir() -> Path:
