@@ -4,7 +4,9 @@ Single-use elementwise nodes are substituted into their consumer; `p ± a @ b` i
 and `p ± (q + a @ b)^T` accumulates into p's layout; sums of products print as addcmul (`_Named`);
 sum(sum(x * y)) is one product and one reduction; the row sums of a product's sub-diagonal a row-wise
 product. Also the helpers that recognise the decay coefficients' sub-diagonal (`_bidiagonal`) and shrink
-hoisted expressions (`_fewer_passes`).
+hoisted expressions (`_fewer_passes`), and `_InPlace`: full-sequence and state-sized elementwise expressions
+written into their own temporaries (`_imul`, `_iaddcmul`, ... check at run time that the temporary holds the
+broadcast shape).
 """
 
 from __future__ import annotations
