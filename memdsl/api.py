@@ -25,13 +25,13 @@ _LOCK = threading.Lock()
 _HEADER = "# memdsl-cache sha256="
 # backend="auto" on CPU tensors that need a gradient takes the torch-printed tile programs (codegen/tile_torch.py,
 # a generated backward) for dual-form rules at chunks up to this size, the torch chunk path above it (0: never).
-# Measured side by side (benchmarks/cpu.py, benchmarks/RESULTS.md): tiles train 1.2-1.3x faster at C=16 (titans,
-# titans_linear). Since the backward computes only the gradients asked for (tile_torch_kernel), one thread, every
-# gradient, cpu-small: tiles / chunk program 0.73 (titans C=16), at C=32 0.83 (titans), 0.87 (titans_linear),
-# 0.76 (ttt_mlp), 0.66 (ttt_linear), 0.89 (linear_attention), 0.83 (yaad); at C=64 0.94-0.99 (titans), 0.96
-# (titans_linear, linear_attention, yaad): level, so the chunk program keeps C=64. The per-chunk state passes
-# (GEMMs with K or M = C, <state, cotangent> products) dominate there, not the decay algebra (a few % of the time).
-TILES_UP_TO_CHUNK = 32
+# Measured side by side (tiles / torch chunk program, fwd+bwd, cpu-small, 2 threads, medians of 7-9, load 1.5;
+# since the backward computes only the gradients asked for, tile_torch_kernel): titans 0.69 (C=16), 0.81 (C=32),
+# 0.92-0.93 (C=64) with every gradient, 0.76 / 0.88 / 0.96 with q, k, v only; at C=64 titans_linear 0.90-0.92,
+# linear_attention 0.87, ttt_mlp 0.77-0.81, yaad 0.85-0.91 (one thread, process time: the same order, titans at
+# C=64 0.94-0.99). Larger chunks are not measured. Where the time goes: the per-chunk state passes (GEMMs with K or
+# M = C, <state, cotangent> products), not the decay algebra (a few % of it).
+TILES_UP_TO_CHUNK = 64
 
 
 def cache_dir() -> Path:
