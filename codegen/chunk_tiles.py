@@ -143,12 +143,11 @@ class _Lower:
         elif node.op == "broadcast":
             rows = self.C if kind == "tok" else 1
             out = self.mask_cols(t.expand(args[0], (rows, pad(width or 1))), width or 1)
-        elif node.op == "concat":  # each block placed at its column offset by a 0/1 matrix product
+        elif node.op == "concat":  # each block moved to its column offset (a gather: no [n, W] placement matrix)
             out, off = None, 0
             for o, x in zip(ops, args, strict=True):
                 n_o = self.n(ir.node(o).shape[0])
-                place = t.where(t.mask("place", off, n_o, t.shape(x)[1], pad(width)), t.const(1.0), t.const(0.0))
-                term = t.dot(x, place)
+                term = t.place_cols(x, off, n_o, pad(width))
                 out = term if out is None else t.add2(out, term)
                 off += n_o
         elif node.op == "kron":

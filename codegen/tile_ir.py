@@ -31,7 +31,7 @@ matrices, boolean masks. A dozen ops are enough for the anchored chunk program i
 
 Tile widths are powers of two (≥ 16 where a product needs it): a logical size that is not — the
 1 + d + d^2 of polynomial features — is padded, and a column mask keeps the padding at zero.
-Masks the kernel builds from indices (column masks, placement matrices of a concat) are inputs
+Masks the kernel builds from indices (column masks, bands, 0/1 placement matrices) are inputs
 with a definition (`mask_defs`), printed once before the chunk loop.
 
 The forward kernel prints these nodes; `tile_grad.backward` appends their reverse-mode

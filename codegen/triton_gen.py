@@ -250,9 +250,9 @@ def _masks(graph: TileGraph) -> list[str]:
 
 
 def _check_tiles(graph: TileGraph, nodes: list[int]) -> None:
-    """Every printed tensor within Triton's largest (a concat's placement matrix into padded polynomial
-    features is [d^2, pad(1 + d + d^2)]: 2^21 elements at d = 32); past it there is no kernel, not a crash
-    at launch."""
+    """Every printed tensor within Triton's largest (polynomial features with an Omega window at d = 64: the
+    window history's [4, 8192] features times W2^T, a thin product printed as a [4, 8192, 128] broadcast, 2^22
+    elements); past it there is no kernel, not a crash at launch."""
     for i in nodes:
         size = printed_numel(graph, i)
         if size > MAX_NUMEL:

@@ -39,9 +39,9 @@ def kernel_for(rule, sizes: dict[str, int], chunk: int, direction: str = "fwd", 
 def kernel_reason(rule, sizes: dict[str, int], chunk: int, read_order: str | None = None) -> str | None:
     """None when kernels can be generated for these sizes and chunk; else why not — what `rule.triton_reason()`
     cannot know without sizes: token widths or a chunk that are not powers of two ≥ 16, per-position state
-    tiles or any other printed tensor past Triton's largest (ATLAS at d = 64, polynomial features at d = 32).
-    An automatic dispatch should ask this before it chooses the Triton path: a kernel that cannot be
-    generated raises Unsupported at the first call."""
+    tiles or any other printed tensor past Triton's largest (ATLAS's per-position W2 at d = 32, windowed
+    polynomial features at d = 64). An automatic dispatch should ask this before it chooses the Triton path: a
+    kernel that cannot be generated raises Unsupported at the first call."""
     read_order = read_order or rule.spec["read_order"]
     key = f"{rule.key}-{sorted(sizes.items())}-{chunk}-{read_order}"
     if key not in _REASONS:

@@ -129,6 +129,30 @@ def test_kernel_gradients_equal_torch(path, dtype, tol):
             assert rel_rms(g[key], f64[2][key]) <= max(FP32_LOOSE.get(path.stem, 1e-5), 4 * own), key
 
 
+@pytest.mark.parametrize("name", ["deep_transformer", "omeganet", "dot"])
+def test_polynomial_features_at_d32(name):
+    """d = 32: 1 + d + d^2 = 1057 features padded to 2048; each concat block is placed by a gather (tile op
+    place_cols), where a 0/1 placement matrix of the d^2 block was [1024, 2048], past Triton's 2^20 elements.
+    kernel_reason accepts it, and the kernels (gathers, no placement matrix) give the forward and every gradient
+    in fp32 against float64 (the criterion of the tests above)."""
+    from codegen.triton_run import kernel_reason, kernel_sources
+    rule = memdsl.compile(f"rules/{name}.mem")
+    sizes = {n: int(v) for n, v in rule.impl.sizes(sizes={"d": 32}).items()}
+    assert kernel_reason(rule, sizes, 16) is None
+    assert all("tl.gather(" in src for src in kernel_sources(rule, sizes, 16))
+    tok, gates, params = inputs(rule, B=1, T=37, H=2, D=32, dtype=torch.float32)
+    y, s, g = run_with_grads(rule, tok, gates, params, backend="triton", chunk=16)
+    y32, s32, g32 = run_with_grads(rule, tok, gates, params, backend=reference(rule), chunk=16)
+    y64, s64, g64 = run_with_grads(rule, *({n: t.double() for n, t in d.items()} for d in (tok, gates, params)),
+                                   backend=reference(rule), chunk=16)
+    assert set(s) == set(s64) and set(g) == set(g64)
+    pairs = [("y", y, y32, y64), *((f"state.{k}", s[k], s32[k], s64[k]) for k in s64),
+             *((f"grad.{k}", g[k], g32[k], g64[k]) for k in g64 if g64[k].abs().sum() > 0)]
+    for key, got, ref32, ref64 in pairs:
+        assert not torch.isnan(got).any(), key
+        assert rel_rms(got, ref64) <= max(FP32_LOOSE.get(name, 1e-5), 4 * rel_rms(ref32, ref64)), key
+
+
 def test_backward_kernel_is_generated_not_a_torch_recompute():
     """The backward of the Triton path is a Triton kernel printed from the adjoint tile graph."""
     from codegen.triton_run import kernel_sources

@@ -528,13 +528,16 @@ def test_a_keep_of_exactly_zero_keeps_its_gradient():
 
 
 def test_tiles_past_tritons_largest_tensor_are_refused():
-    """Polynomial features at d = 32: the concat's placement matrix is [1024, 2048]. kernel_reason says so and the
-    Triton path raises, where it crashed at launch (fuzz); d = 16 still has kernels."""
+    """Polynomial features at d = 64 (pad(1 + 64 + 64^2) = 8192 columns): the window history's features times W2^T,
+    a [4, 8192] x [8192, 128] product printed as a 3-D broadcast (4 rows: no tl.dot), holds 2^22 elements.
+    kernel_reason says so and the Triton path raises, where such a tile crashed at launch (fuzz, at d = 32 before
+    the concat's blocks were placed by a gather); d = 16 and d = 32 have kernels."""
     from codegen.triton_run import kernel_reason
     rule = memdsl.compile("rules/omeganet.mem")
-    sizes = {d: {n: int(v) for n, v in rule.impl.sizes(sizes={"d": d}).items()} for d in (16, 32)}
+    sizes = {d: {n: int(v) for n, v in rule.impl.sizes(sizes={"d": d}).items()} for d in (16, 32, 64)}
     assert kernel_reason(rule, sizes[16], 16) is None
-    assert "past Triton's 1048576 per tensor" in kernel_reason(rule, sizes[32], 16)
-    tok, gates, params = make_inputs(rule, B=1, T=5, H=1, D=32, dtype=torch.float32)
+    assert kernel_reason(rule, sizes[32], 16) is None
+    assert "past Triton's 1048576 per tensor" in kernel_reason(rule, sizes[64], 16)
+    tok, gates, params = make_inputs(rule, B=1, T=5, H=1, D=64, dtype=torch.float32)
     with pytest.raises(Exception, match="past Triton's 1048576 per tensor"):
         rule(tok["q"], tok["k"], tok["v"], gates, params, chunk=16, backend="triton")
