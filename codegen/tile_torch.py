@@ -116,8 +116,9 @@ def _statement(g: TileGraph, i: int, ref, fuse: _Fusion | None = None, hoist=Non
         rhs = f"{x} * {y}" if k == 1 else f"torch.matmul({x}, {y})"
         if sx * sy < 0:
             rhs = f"({rhs}).neg_()"
-    elif t.op == "trans":
-        rhs = f"{a[0]}.transpose(-1, -2)"
+    elif t.op == "trans":  # of a constant (an unweighted window's weight): the constant tile itself
+        rhs = (f"torch.full(({m}, {n}), {a[0]}, dtype=DT)" if g.nodes[t.args[0]].op == "const"
+               else f"{a[0]}.transpose(-1, -2)")
     elif t.op == "sum":
         rhs = f"{a[0]}.sum({t.attrs[0] - 2}, keepdim=True)"
     elif t.op == "cumsum":
@@ -151,6 +152,12 @@ def _statement(g: TileGraph, i: int, ref, fuse: _Fusion | None = None, hoist=Non
     elif t.op == "permute":
         (d0, d1, d2), perm = t.attrs
         rhs = f"{a[0]}.unflatten(-1, ({d1}, {d2})).movedim({tuple(p - 3 for p in perm)}, {(-3, -2, -1)}).flatten(-2)"
+    elif t.op == "place_cols":  # a slice and zero padding: what the Triton kernels gather (tile_triton)
+        off, nb, src = t.attrs
+        x = a[0]
+        if g.nodes[t.args[0]].op == "const":  # a number here (poly features' constant 1): made a tile first
+            x = f"torch.full({g.shape(t.args[0])}, {x}, dtype=DT)"
+        rhs = f"torch.nn.functional.pad({x}[..., {src}:{src + nb}], ({off}, {n - off - nb}))"
     elif t.op == "gmax":
         rhs = f"{a[0]}.unflatten(-1, ({n}, {t.attrs[0]})).amax(-1)"
     elif t.op == "trinv" and _bidiagonal(g, t.args[0]) is not None:

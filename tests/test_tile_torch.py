@@ -114,6 +114,24 @@ def test_odd_widths_and_chunks(name, D, C, T):
     check(rule, got, ref32, ref64, 1e-5)
 
 
+WINDOWED = "memory m {{\n  param W : [d, d] init zeros\n  model M(x) = W @ x\n  gate g0 : scalar sigmoid\n" \
+    "  loss sum((M(k) - v)^2)\n  optim {optim}\n  window 3{weight}\n  read M(q)\n}}\n"
+
+
+@pytest.mark.parametrize("weight", ["", " weight g0"])
+@pytest.mark.parametrize("optim", ["gd(lr = g0)", "momentum(lr = g0, decay = g0)"])
+def test_omega_windows_with_and_without_a_weight(optim, weight):
+    """An unweighted window's weight is the constant 1, whose transpose the printer once wrote as
+    `1.0.transpose(...)` (an AttributeError at the first call of any rule with `window c` and no weight)."""
+    rule = memdsl.compile(WINDOWED.format(optim=optim, weight=weight))
+    tok, gates, params, state = inputs(rule, B=1, T=23, H=2, D=16)
+    got = run(rule, "tiles", tok, gates, params, state, chunk=8)
+    ref32 = run(rule, reference(rule), tok, gates, params, state, chunk=8)
+    ref64 = run(rule, reference(rule), *[{n: t.double() for n, t in d.items()} for d in (tok, gates, params, state)],
+                chunk=8)
+    check(rule, got, ref32, ref64, 1e-5)
+
+
 @pytest.mark.parametrize("read_order", ["before", "chunk_start"])
 def test_read_orders(read_order):
     rule = memdsl.compile("rules/titans.mem")
