@@ -83,9 +83,12 @@ def matmul_rate(n: int = 2048, repeat: int = 5) -> float:
 
 def memdsl_runner(rule, tok, gates, backend, chunk, train: bool):
     def run():
-        if train:
+        if train:  # every input needs its gradient, gates too: in training they come from learned projections
+            # (titans-pytorch's fwd+bwd computes its gate projections' gradients); a program that skipped them
+            # would be timed on less work than its peers
             leaves = {n: t.clone().requires_grad_() for n, t in tok.items()}
-            y, _ = rule(leaves["q"], leaves["k"], leaves["v"], gates, chunk=chunk, backend=backend)
+            g = {n: t.clone().requires_grad_() for n, t in gates.items()}
+            y, _ = rule(leaves["q"], leaves["k"], leaves["v"], g, chunk=chunk, backend=backend)
             y.sum().backward()
         else:
             with torch.no_grad():
@@ -206,12 +209,14 @@ def main() -> None:
     for r in rows:
         util = f"{100 * r[7]:.0f}%" if r[7] is not None else ""
         lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {fmt(r[3])} | {fmt(r[4])} | {r[5]} | {r[6]} | {util} |")
+    chosen = f" --candidates '{args.candidates}'" if args.candidates != ",".join(CANDIDATES) else ""
     cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True,
                          text=True).stdout.strip()
     meta = (f"\n### CPU, {datetime.date.today()} — {cpu or platform.processor()}, {os.cpu_count()} cores, "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads\n\n"
-            f"Command: `python benchmarks/cpu.py --T {T} --repeat {args.repeat} --loop-repeat {args.loop_repeat}` "
-            f"(B={B}, H={H}, d_head={D}, fp32, "
+            f"Command: `python benchmarks/cpu.py --T {T} --repeat {args.repeat} --loop-repeat {args.loop_repeat}"
+            f"{chosen}` (B={B}, H={H}, d_head={D}, fp32; fwd+bwd: the gradients of q, k, v and every gate for "
+            f"memdsl, of the input and every parameter for titans-pytorch; "
             f"glibc allocator variables of BENCH.md set for every candidate; every candidate in its own subprocess, "
             f"address space capped at {MEMORY_CAP >> 30} GiB so a peer that needs more is reported, not killed). "
             f"Measured fp32 matmul rate (2048³): {peak / 1e9:.1f} GFLOP/s. Before timing, each memdsl chunk "
