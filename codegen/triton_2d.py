@@ -12,7 +12,6 @@ the 1-D launcher (triton_launch.py). A bidirectional rule runs the two direction
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import math
 import os
 
@@ -21,7 +20,7 @@ import torch
 
 from .chunk_tiles import Unsupported, tile_shape_of
 from .tile2d_tiles import tile_sizes
-from .triton_launch import kernel_cache_dir
+from .triton_launch import import_kernel
 
 _KERNELS: dict[str, object] = {}
 _PROGRAMS: dict[str, object] = {}
@@ -45,19 +44,9 @@ def _program(rule):
 
 
 def _load(source: str, entry: str):
-    """Import a generated kernel from a file in the cache directory (Triton's JIT reads the source file);
-    on a GPU, autotuned over warps and stages (every output buffer is written whole: nothing to restore)."""
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    path = kernel_cache_dir() / f"triton2d_{digest}.py"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():  # atomic: concurrent processes never see a partial file
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(source)
-        os.replace(tmp, path)
-    spec = importlib.util.spec_from_file_location(f"memdsl_triton2d_{digest}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    kernel = getattr(mod, entry)
+    """Import a generated kernel (triton_launch.import_kernel); on a GPU, autotuned over warps and stages
+    (every output buffer is written whole: nothing to restore)."""
+    kernel = import_kernel(source, entry, "triton2d")
     if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("MEMDSL_AUTOTUNE") == "0":
         return kernel
     import triton

@@ -29,18 +29,24 @@ def kernel_cache_dir():
 
 
 def load_kernel(source, entry):
-    """Import a generated kernel source (Triton's JIT reads a function's source from its file)."""
+    """Import a generated kernel source, autotuned (see `autotuned`)."""
+    return autotuned(import_kernel(source, entry))
+
+
+def import_kernel(source, entry, prefix="triton"):
+    """Import a generated kernel source from a file in the cache directory (Triton's JIT reads a function's
+    source from its file)."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    path = kernel_cache_dir() / f"triton_{digest}.py"
+    path = kernel_cache_dir() / f"{prefix}_{digest}.py"
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():  # atomic: concurrent processes never see a partial file
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(source)
         os.replace(tmp, path)
-    spec = importlib.util.spec_from_file_location(f"memdsl_triton_{digest}", path)
+    spec = importlib.util.spec_from_file_location(f"memdsl_{prefix}_{digest}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return autotuned(getattr(mod, entry))
+    return getattr(mod, entry)
 
 
 def autotuned(kernel):
