@@ -329,9 +329,10 @@ def generate_forward(p: Program, spec: dict, sizes: dict[str, int], chunk: int, 
     return _fill("chunk_fwd.py.tmpl", fill, indent, _header(p, spec, "forward", sizes, chunk, precision, read_order))
 
 
-def generate_backward(p: Program, spec: dict, sizes: dict[str, int], chunk: int, precision: str = "ieee",
-                      read_order: str | None = None) -> str:
-    """The Triton source of the backward kernel: reverse mode over the same chunk graph."""
+def backward_graph(p: Program, spec: dict, sizes: dict[str, int], chunk: int, read_order: str | None = None):
+    """The backward kernel's graph: the forward chunk graph with its reverse mode appended (tile_grad), seeded
+    by the inputs `dy` and `d<state>`. Returns (layout, graph, grad_of: input name -> adjoint node, carries:
+    (token, rows, width) of each Omega-window carry). Also what a test evaluates in float64."""
     lay, graph = _prepare(p, spec, sizes, chunk, read_order)
     seeds = [(graph.outputs["y"], graph.input("dy", graph.shape(graph.outputs["y"])))]
     for s in lay.states:
@@ -354,6 +355,13 @@ def generate_backward(p: Program, spec: dict, sizes: dict[str, int], chunk: int,
             grad_of[f"tok_{n}"] = graph.add2(grad_of[f"tok_{n}"], graph.dot(graph.trans(place), carry))
         grad_of[f"carry_{n}"] = graph.where(graph.inputs["hist_valid"], grad_of.pop(f"hist_{n}"), graph.const(0.0))
         carries.append((n, hh, width))
+    return lay, graph, grad_of, carries
+
+
+def generate_backward(p: Program, spec: dict, sizes: dict[str, int], chunk: int, precision: str = "ieee",
+                      read_order: str | None = None) -> str:
+    """The Triton source of the backward kernel: reverse mode over the same chunk graph."""
+    lay, graph, grad_of, carries = backward_graph(p, spec, sizes, chunk, read_order)
     bound = {name: name for name in graph.inputs}
     names: dict[int, str] = {}
     live = graph.live(list(grad_of.values()))
@@ -399,4 +407,4 @@ def generate_backward(p: Program, spec: dict, sizes: dict[str, int], chunk: int,
     return _fill("chunk_bwd.py.tmpl", fill, indent, _header(p, spec, "backward", sizes, chunk, precision, read_order))
 
 
-__all__ = ["Unsupported", "generate_backward", "generate_forward", "supported"]
+__all__ = ["Unsupported", "backward_graph", "generate_backward", "generate_forward", "supported"]

@@ -3,7 +3,7 @@
 The kernel fuzz found the generated Muon kernels 1.5e-5 to 5e-4 off float64 in fp32 where the torch chunk program
 was ~1e-6 off, on rank-1 momenta. That gap is rounding, not a formula: here the kernels' own tile graphs — the
 forward chunk graph both kernels print (muon_tiles.build_muon_graph) and the adjoint graph the backward kernel
-prints (tile_grad.backward, seeded as triton_gen.generate_backward seeds it) — are evaluated in float64 by
+prints (triton_gen.backward_graph, the graph generate_backward prints) — are evaluated in float64 by
 tile_eval, chunk after chunk as the kernel templates run them, and compared with `Runtime.chunkwise` in float64:
 output, final state and every gradient (tokens, gates, outer constants, initial state) within 1e-10 relative.
 The tolerance is far below what a wrong formula costs: `test_a_wrong_formula_is_caught` moves one Newton–Schulz
@@ -19,8 +19,7 @@ import memdsl
 from codegen import muon_tiles
 from codegen.chunk_tiles import pad, tile_shape_of
 from codegen.tile_eval import evaluate
-from codegen.tile_grad import backward
-from codegen.triton_gen import HYPER, TOKENS, _prepare
+from codegen.triton_gen import HYPER, TOKENS, backward_graph
 from codegen.triton_run import program_for
 from memdsl.checking import make_inputs, rel_rms
 from tests.test_triton_fuzz import gate_values
@@ -82,25 +81,10 @@ def graph_run(rule, tok, gates, params, state, chunk: int, read_order, dy, dstat
     q, k, v = (tok[n][0, :, 0] for n in TOKENS)  # [T, width]
     T, C = q.shape[0], chunk
     sz = impl.sizes(k=tok["k"], v=tok["v"], q=tok["q"])
-    lay, graph = _prepare(program_for(rule), spec, {n: int(x) for n, x in sz.items()}, C, read_order)
-    n_fwd = len(graph.nodes)
-
-    # the backward kernel's graph, as triton_gen.generate_backward builds it
-    seeds = [(graph.outputs["y"], graph.input("dy", graph.shape(graph.outputs["y"])))]
-    seeds += [(graph.outputs[s], graph.input(f"d{s}", graph.shape(graph.outputs[s]))) for s in lay.states]
-    names = [f"{pre}_{n}" for pre in ("tok", "hist") for n in (*TOKENS, *lay.gates)] + list(HYPER) + \
-        [f"out_{n}" for n in lay.outers] + lay.states
-    names = [n for n in names if n in graph.inputs]
-    adj = backward(graph, seeds, [graph.inputs[n] for n in names])
-    grad_of = {n: adj[graph.inputs[n]] for n in names}
-    hist = [n for n in (*TOKENS, *lay.gates) if f"hist_{n}" in graph.inputs]
-    for n in hist:  # a token's gradient from the next chunk's window, carried to this chunk's last rows
-        hh, width = graph.shape(graph.inputs[f"hist_{n}"])
-        carry = graph.input(f"carry_{n}", (hh, width))
-        if f"tok_{n}" in grad_of:
-            place = graph.where(graph.mask("place", C - hh, hh, hh, C), graph.const(1.0), graph.const(0.0))
-            grad_of[f"tok_{n}"] = graph.add2(grad_of[f"tok_{n}"], graph.dot(graph.trans(place), carry))
-        grad_of[f"carry_{n}"] = graph.where(graph.inputs["hist_valid"], grad_of.pop(f"hist_{n}"), graph.const(0.0))
+    lay, graph, grad_of, carries = backward_graph(program_for(rule), spec, {n: int(x) for n, x in sz.items()}, C,
+                                                  read_order)
+    n_fwd = graph.inputs["dy"]  # the backward's first node: everything before it is the forward chunk graph
+    hist = [n for n, _, _ in carries]
 
     # hyper-parameters from the gates in torch (the launcher's _hyper), differentiated by autograd
     g_bht = {n: g.transpose(1, 2) for n, g in gates.items()}  # [1, 1, T]
