@@ -140,11 +140,20 @@ def source_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def generate(p: Program) -> str:
-    """The whole module text for a compiled Program."""
+def emitted_cell_functions(p: Program) -> list[str]:
+    """The emitted per-token (per-cell, for a 2-D rule) functions `grads`, `read` and `hyper`, after PRELUDE."""
     g = p.graph
     grads = [f"grad.{t.name}" for t in p.params if f"grad.{t.name}" in g.outputs]
     hyper = [k for k in g.outputs if k.startswith(("optim.", "retain"))]
+    return ["# ---- emitted from the rule's IR " + "-" * 50 + PRELUDE,
+            emit_function(g, "grads", grads, "d loss / d params at one anchor, per token"),
+            emit_function(g, "read", ["read"], "the read y = read(P(A), q), per token"),
+            emit_function(g, "hyper", hyper, "learning rates, decays, keeps and scales per token")]
+
+
+def generate(p: Program) -> str:
+    """The whole module text for a compiled Program."""
+    g = p.graph
     parts = [
         f'"""memdsl-generated module for rule `{p.name}` (sha256 {source_hash(p.source)[:12]}).\n\n'
         "Standalone: needs torch only. The rule source is in RULE_SOURCE; the algorithm is\n"
@@ -157,10 +166,7 @@ def generate(p: Program) -> str:
     ]
     for f in RUNTIME_FILES:
         parts.append(f"# ---- {f} " + "-" * 60 + "\n" + _strip_imports((HERE / f).read_text()))
-    parts.append("# ---- emitted from the rule's IR " + "-" * 50 + PRELUDE)
-    parts.append(emit_function(g, "grads", grads, "d loss / d params at one anchor, per token"))
-    parts.append(emit_function(g, "read", ["read"], "the read y = read(P(A), q), per token"))
-    parts.append(emit_function(g, "hyper", hyper, "learning rates, decays, keeps and scales per token"))
+    parts += emitted_cell_functions(p)
     factors = factor_outputs(p)
     spec = spec_of(p)
     spec["factors"] = factors

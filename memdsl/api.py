@@ -16,9 +16,13 @@ import tempfile
 import threading
 import types
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .driver import load, read_source
+
+if TYPE_CHECKING:
+    from .twod import Rule2D
 
 _MEMO: dict[str, CompiledRule] = {}
 _LOCK = threading.Lock()
@@ -83,15 +87,27 @@ def _write_atomic(path: Path, body: str) -> None:
 
 
 def module_source(path_or_source: str, **schedule) -> tuple[str, str]:
-    """The generated module text for a rule (from the cache when possible) and its cache key."""
-    from codegen.module import generate
+    """The generated module text for a rule (from the cache when possible) and its cache key. A 2-D rule
+    gets its own standalone module (codegen/module_2d.py; schedule: tile, semantics)."""
     source, _ = read_source(path_or_source)
-    _refuse_2d(source, path_or_source)
-    key = _key(source, schedule)
+    return _module_source(source, path_or_source, _is_2d(source, path_or_source), schedule)
+
+
+def _module_source(source: str, path_or_source: str, two_d: bool, schedule: dict) -> tuple[str, str]:
+    if two_d:
+        _check_2d_options(source, path_or_source, schedule)
+    key = _key(source, {**schedule, "2d": True} if two_d else schedule)
     path = cache_dir() / f"{key}.py"
     body = _read_cached(path)
     if body is None:
-        body = generate(load(path_or_source, schedule=schedule))
+        if two_d:
+            from codegen.module_2d import generate_2d
+
+            from .twod import program_2d
+            body = generate_2d(program_2d(path_or_source, schedule.get("tile"), schedule.get("semantics")))
+        else:
+            from codegen.module import generate
+            body = generate(load(path_or_source, schedule=schedule))
         try:
             _write_atomic(path, body)
         except OSError:
@@ -99,16 +115,21 @@ def module_source(path_or_source: str, **schedule) -> tuple[str, str]:
     return body, key
 
 
-def _refuse_2d(source: str, path_or_source: str) -> None:
-    """A 2-D rule has its own runtime (memdsl.twod.compile_2d); the 1-D module would silently drop its axes."""
-    from .errors import UnsupportedError
+def _is_2d(source: str, path_or_source: str) -> bool:
+    """A 2-D rule has its own runtime (memdsl/twod.py): the 1-D module would silently drop its axes."""
     from .parse import parse
     from .twod import is_2d
-    tree = parse(source, path_or_source if source != path_or_source else "<rule>")
-    if is_2d(tree):
-        raise UnsupportedError(f"rule {tree.memory.name} is 2-D (axes time, variate): standalone modules and "
-                               "memdsl.compile are 1-D only", tree.memory.span,
-                               "compile it with memdsl.twod.compile_2d(path)").attach(source, path_or_source)
+    return is_2d(parse(source, path_or_source if source != path_or_source else "<rule>"))
+
+
+def _check_2d_options(source: str, path_or_source: str, schedule: dict) -> None:
+    """A 2-D rule is scheduled in tiles: 1-D options (chunk, ...) are refused, not silently dropped."""
+    extra = sorted(set(schedule) - {"tile", "semantics"})
+    if extra:
+        from .parse import parse
+        name = parse(source, path_or_source if source != path_or_source else "<rule>").memory.name
+        raise ValueError(f"rule {name} is 2-D (axes time, variate): {', '.join(extra)} is a 1-D option; a 2-D "
+                         "rule takes tile=(T, V) and semantics='exact' | 'anchored'")
 
 
 class CompiledRule:
@@ -292,17 +313,23 @@ class CompiledRule:
         return f"\n  CPU training (backend='auto'): {auto}; backend='tiles' {tiles}"
 
 
-def compile(path_or_source: str, chunk: int | None = None, **schedule) -> CompiledRule:  # noqa: A001
-    """Compile a rule file (path or text). Schedule overrides: chunk, semantics."""
+def compile(path_or_source: str, chunk: int | None = None, **schedule) -> CompiledRule | Rule2D:  # noqa: A001
+    """Compile a rule file (path or text). Schedule overrides: chunk, semantics. A 2-D rule (`axes time,
+    variate`) returns memdsl.twod.compile_2d's Rule2D; its overrides are tile=(T, V) and semantics, and a
+    1-D option such as chunk is an error. (2-D rules are kept per process by source text, not on disk:
+    compiling one takes 20-150 ms.)"""
     opts = {k: v for k, v in {"chunk": chunk, **schedule}.items() if v is not None}
     source, _ = read_source(path_or_source)
     key = _key(source, opts)
     with _LOCK:
         if key in _MEMO:
             return _MEMO[key]
-    body, key = module_source(path_or_source, **opts)
+    if _is_2d(source, path_or_source):
+        from .twod import compile_2d
+        _check_2d_options(source, path_or_source, opts)
+        return compile_2d(path_or_source, tile=opts.get("tile"), semantics=opts.get("semantics"))
+    body, key = _module_source(source, path_or_source, False, opts)
     rule = CompiledRule(body, key)
     with _LOCK:
         _MEMO[key] = rule
     return rule
-

@@ -45,8 +45,12 @@ def _cmd_grad(args) -> str:
 
 def _cmd_compile(args) -> str:
     from .api import module_source
-    schedule = {k: v for k, v in {"chunk": args.chunk, "semantics": args.semantics}.items() if v is not None}
+    schedule = {k: v for k, v in {"chunk": args.chunk, "semantics": args.semantics,
+                                  "tile": _tile(args.tile)}.items() if v is not None}
     text, _ = module_source(args.file, **schedule)
+    if args.triton and "\nSPEC2D = " in text:  # a 2-D module (RULE_SOURCE is one repr line: no false hit)
+        raise ValueError("--triton: standalone 2-D modules do not carry Triton kernels yet (in process: "
+                         "memdsl.compile(FILE)(..., backend='triton'))")
     if args.triton:
         text = _with_kernels(text, args, schedule)
     if args.output:
@@ -54,6 +58,17 @@ def _cmd_compile(args) -> str:
             f.write(text)
         return f"wrote {args.output} ({len(text.splitlines())} lines)"
     return text
+
+
+def _tile(text: str | None) -> tuple[int, int] | None:
+    """`--tile 16,8`: a 2-D rule's tile (time, variate)."""
+    if text is None:
+        return None
+    try:
+        t, v = (int(x) for x in text.replace("x", ",").split(","))
+    except ValueError:
+        raise ValueError(f"--tile {text!r}: expected time,variate like 16,8") from None
+    return t, v
 
 
 def _sizes(rule, text: str, flag: str) -> dict[str, int]:
@@ -160,11 +175,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.set_defaults(run=_cmd_grad)
 
-    p = sub.add_parser("compile", help="write the standalone PyTorch module of a rule")
+    p = sub.add_parser("compile", help="write the standalone PyTorch module of a rule (1-D or 2-D)")
     p.add_argument("file")
     p.add_argument("-o", "--output", metavar="OUT.py", help="write here (default: print)")
     p.add_argument("--chunk", type=int, help="override the schedule's chunk size")
     p.add_argument("--semantics", choices=["exact", "anchored"], help="override the schedule's semantics")
+    p.add_argument("--tile", metavar="T,V", help="a 2-D rule's tile (time, variate), e.g. 16,8")
     p.add_argument("--triton", action="append", metavar="SIZES",
                    help="also carry the generated Triton kernels (fwd + bwd) for these sizes, e.g. d=64; repeatable")
     p.set_defaults(run=_cmd_compile)

@@ -15,6 +15,8 @@ import types
 
 import torch
 
+from codegen.runtime_2d import Runtime2D
+
 from . import ast as A
 from .build import Builder, _chunk
 from .errors import (
@@ -132,53 +134,53 @@ def is_2d(tree: A.RuleFile) -> bool:
 
 
 # ---- the callable ---------------------------------------------------------------------------------
+# Call2D and Memory2D use torch and their arguments only: codegen/module_2d.py carries their source verbatim
+# into the standalone 2-D module (`memdsl compile hydra.mem -o ...`), so no memdsl name may appear in them.
 
-class Rule2D:
-    """A compiled 2-D rule. `y, state = rule(q, k, v, gates, params, state)` with tokens [B, T, V, H, D],
-    gates [B, T, V, H] (or [..., n] per channel); y is [B, T, V, H, Dv]; the state holds the last time
-    column per variate, `A.<param>` [B, H, V, *shape] (and `Ab.<param>` for the backward variate pass).
-    Backends: `wavefront` (exact), `tiles` (the torch tile program), `anchored_loop` (its token oracle),
-    `triton` (the tile program's generated kernels, codegen/triton_2d.py; `triton_reason` says when not),
-    `auto` (wavefront for an exact rule, else triton for covered CUDA calls, else tiles)."""
+class Call2D:
+    """A 2-D rule's call on the torch backends. `y, state = rule(q, k, v, gates, params, state)` with tokens
+    [B, T, V, H, D], gates [B, T, V, H] (or [..., n] per channel); y is [B, T, V, H, Dv]; the state holds the
+    last time column per variate, `A.<param>` [B, H, V, *shape] (and `Ab.<param>` for the backward variate
+    pass). Backends: `wavefront` (exact), `tiles` (the torch tile program), `anchored_loop` (its token
+    oracle), `auto` (wavefront for an exact rule, else tiles).
+    spec: name, algorithm, tile, bidirectional, keep_time / keep_variate / lr (names of the emitted `hyper`
+    outputs), params {name: {"rank", "axis"}} in the rule's order. fns: the rule's emitted SPEC, grads,
+    read, hyper, sizes, shapes, and make_init."""
 
-    BACKENDS = ("auto", "wavefront", "tiles", "anchored_loop", "triton")
+    BACKENDS = ("auto", "wavefront", "tiles", "anchored_loop")
 
-    def __init__(self, program: Program, module: types.ModuleType):
-        from codegen.runtime_2d import Runtime2D
-        self.program, self.module = program, module
-        self.spec1d = module.SPEC
-        self.name, self.algorithm, self.tile = program.name, program.algorithm, program.schedule.tile
-        params = {t.name: {"rank": len(t.shape), "axis": self.spec1d["params"][t.name]["channel_axis"]}
-                  for t in program.params}
-        self.runtime = Runtime2D({"params": params, "linear": self.algorithm == "scan2d"},
-                                 {"grads": module.grads, "read": module.read})
+    def __init__(self, spec: dict, fns: dict):
+        self.spec2d, self.fns, self.spec1d = spec, fns, fns["SPEC"]
+        self.name, self.algorithm, self.tile = spec["name"], spec["algorithm"], tuple(spec["tile"])
+        self.runtime = Runtime2D({"params": spec["params"], "linear": self.algorithm == "scan2d"},
+                                 {"grads": fns["grads"], "read": fns["read"]})
 
     def __repr__(self) -> str:
         return (f"Rule2D {self.name}: {self.algorithm}, tile time {self.tile[0]} variate {self.tile[1]}"
-                f"{', bidirectional' if self.program.axes.bidirectional else ''}")
+                f"{', bidirectional' if self.spec2d['bidirectional'] else ''}")
 
     def sizes(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, sizes: dict | None = None) -> dict:
         given = dict(sizes or {})
         toks = {"k": k, "v": v, "q": q}
         for name, tok in self.spec1d["size_from"].items():
             given.setdefault(name, toks[tok].shape[-1])
-        return self.module.sizes(given)
+        return self.fns["sizes"](given)
 
     def init_memory(self, H: int, sz: dict, params: dict, dtype, device) -> dict[str, torch.Tensor]:
         """The initial memory per head, [H, *shape]: from params[<name>] when given, else the initializer."""
-        shapes = self.module.shapes(sz)
+        shapes = self.fns["shapes"](sz)
         gen = torch.Generator().manual_seed(0)
         out = {}
-        for t in self.program.params:
-            if t.name in params:
-                w = torch.as_tensor(params[t.name]).to(dtype=dtype, device=device)
-                w = w.expand(H, *shapes[t.name]) if w.dim() == len(shapes[t.name]) else w
+        for name in self.spec2d["params"]:
+            if name in params:
+                w = torch.as_tensor(params[name]).to(dtype=dtype, device=device)
+                w = w.expand(H, *shapes[name]) if w.dim() == len(shapes[name]) else w
             else:
-                w = self.module.make_init(self.spec1d["params"][t.name]["init"], (H, *shapes[t.name]), dtype,
-                                          device, shapes, gen)
-            if tuple(w.shape) != (H, *shapes[t.name]):
-                raise ValueError(f"params[`{t.name}`] must be {tuple(shapes[t.name])} or {(H, *shapes[t.name])}")
-            out[t.name] = w
+                w = self.fns["make_init"](self.spec1d["params"][name]["init"], (H, *shapes[name]), dtype, device,
+                                          shapes, gen)
+            if tuple(w.shape) != (H, *shapes[name]):
+                raise ValueError(f"params[`{name}`] must be {tuple(shapes[name])} or {(H, *shapes[name])}")
+            out[name] = w
         return out
 
     def __call__(self, q, k, v, gates=None, params=None, state=None, *, backend: str = "auto",
@@ -192,14 +194,14 @@ class Rule2D:
         work = torch.float64 if q.dtype == torch.float64 else torch.float32
         sz = self.sizes(k, v, q, sizes)
         params = dict(params or {})
-        known = {t.name for t in self.program.params} | set(self.spec1d["outers"])
+        known = set(self.spec2d["params"]) | set(self.spec1d["outers"])
         if set(params) - known:
             raise ValueError(f"unknown params {sorted(set(params) - known)}; rule {self.name} takes {sorted(known)} "
                              "(the carried state goes in `state=`)")
-        shapes = self.module.shapes(sz)
+        shapes = self.fns["shapes"](sz)
         outers = {}
         for name, info in self.spec1d["outers"].items():
-            o = params[name] if name in params else self.module.make_init(info["init"], shapes[name], work,
+            o = params[name] if name in params else self.fns["make_init"](info["init"], shapes[name], work,
                                                                           q.device, shapes, None)
             o = torch.as_tensor(o).to(work)
             outers[name] = o.expand(H, *shapes[name]) if o.dim() == len(shapes[name]) else o
@@ -217,7 +219,7 @@ class Rule2D:
         tile = tuple(tile or self.tile)
         backend = self._backend(backend, q, sz, T, V, tile)
         y, new_state = self._direction(tok, outers, sz, state, top, "A", backend, tile, V)
-        if self.program.axes.bidirectional:  # the same rule over the variates in reverse order
+        if self.spec2d["bidirectional"]:  # the same rule over the variates in reverse order
             flipped = {n: x.flip(3) for n, x in tok.items()}
             yb, back = self._direction(flipped, outers, sz, state, top, "Ab", backend, tile, V)
             y = y + yb.flip(3)
@@ -228,17 +230,99 @@ class Rule2D:
         hyp = self.hyper(tok, outers, sz)
         left = {p: (state[f"{prefix}.{p}"] if state is not None else
                     w.unsqueeze(2).expand(*w.shape[:2], V, *w.shape[2:])) for p, w in top.items()}
-        args = (tok, hyp["kt"], hyp["kv"], hyp["lr"], outers, sz, left, top)
-        if backend == "wavefront":
-            y, last = self.runtime.wavefront(*args)
-        elif backend == "tiles":
-            y, last = self.runtime.tiles(*args, tile)
-        elif backend == "triton":
-            from codegen import triton_2d
-            y, last = triton_2d.tiles(self, *args, tile)
-        else:
-            y, last = self.runtime.anchored_loop(*args, tile)
+        y, last = self._run(backend, (tok, hyp["kt"], hyp["kv"], hyp["lr"], outers, sz, left, top), tile)
         return y, {f"{prefix}.{p}": w for p, w in last.items()}
+
+    def _run(self, backend, args, tile):
+        if backend == "wavefront":
+            return self.runtime.wavefront(*args)
+        if backend == "tiles":
+            return self.runtime.tiles(*args, tile)
+        return self.runtime.anchored_loop(*args, tile)
+
+    def _backend(self, backend: str, q: torch.Tensor, sz: dict, T: int, V: int, tile: tuple[int, int]) -> str:
+        """`auto`: the exact wavefront for a `wavefront` rule, else the torch tiles program."""
+        if backend == "auto":
+            return "wavefront" if self.algorithm == "wavefront" else "tiles"
+        return backend
+
+    def hyper(self, tok: dict, outers: dict, sz: dict) -> dict[str, torch.Tensor]:
+        """kt, kv [B, H, T, V] (products of the axis keeps) and lr [B, H, T, V, ch] from the emitted `hyper`."""
+        like = tok["q"]
+        B, H, T, V = like.shape[:4]
+        env = {n: x for n, x in tok.items() if n not in ("q", "k", "v")}
+        env.update({n: o.reshape(1, H, 1, 1, *o.shape[1:]) for n, o in outers.items()})
+        values = self.fns["hyper"](env, sz)
+
+        def grid(name):
+            x = torch.as_tensor(values[name], dtype=like.dtype, device=like.device)
+            return x.expand(B, H, T, V) if x.dim() <= 4 else x.expand(B, H, T, V, x.shape[-1])
+
+        kt = torch.ones(B, H, T, V, dtype=like.dtype, device=like.device)
+        kv = torch.ones_like(kt)
+        for n in self.spec2d["keep_time"]:
+            kt = kt * grid(n)
+        for n in self.spec2d["keep_variate"]:
+            kv = kv * grid(n)
+        lr = grid(self.spec2d["lr"])
+        return {"kt": kt, "kv": kv, "lr": lr if lr.dim() == 5 else lr.unsqueeze(-1)}
+
+
+class Memory2D(torch.nn.Module):
+    """A compiled 2-D rule as an nn.Module: its outer constants and initial memory (one per head) are
+    Parameters. forward(q, k, v, gates, state, tile=None, backend="auto") -> y, state."""
+
+    def __init__(self, rule: Call2D, n_heads: int, d: int, **sizes):
+        super().__init__()
+        self.rule, self.n_heads = rule, n_heads
+        self.sz = rule.fns["sizes"](dict(sizes, d=d))
+        shapes = rule.fns["shapes"](self.sz)
+        gen = torch.Generator().manual_seed(0)
+        make_init = rule.fns["make_init"]
+        self.outer = torch.nn.ParameterDict({
+            name: torch.nn.Parameter(make_init(info["init"] or ["zeros", {}], (n_heads, *shapes[name]),
+                                               torch.float32, None, shapes, gen))
+            for name, info in rule.spec1d["outers"].items()})
+        self.init_memory = torch.nn.ParameterDict({
+            name: torch.nn.Parameter(make_init(rule.spec1d["params"][name]["init"], (n_heads, *shapes[name]),
+                                               torch.float32, None, shapes, gen))
+            for name in rule.spec2d["params"]})
+
+    def params(self) -> dict:
+        return {**dict(self.outer.items()), **dict(self.init_memory.items())}
+
+    def forward(self, q, k, v, gates=None, state=None, tile=None, backend="auto"):
+        return self.rule(q, k, v, gates, self.params(), state, backend=backend, tile=tile, sizes=self.sz)
+
+
+def spec_2d(p: Program, spec1d: dict) -> dict:
+    """The plain data Call2D needs (what a standalone 2-D module carries as SPEC2D)."""
+    return {"name": p.name, "algorithm": p.algorithm, "tile": tuple(p.schedule.tile),
+            "bidirectional": p.axes.bidirectional, "keep_time": tuple(p.axes.keep_time),
+            "keep_variate": tuple(p.axes.keep_variate), "lr": p.optim.lr,
+            "params": {t.name: {"rank": len(t.shape), "axis": spec1d["params"][t.name]["channel_axis"]}
+                       for t in p.params}}
+
+
+FNS = ("SPEC", "grads", "read", "hyper", "sizes", "shapes", "make_init")
+
+
+class Rule2D(Call2D):
+    """A compiled 2-D rule (Call2D) plus its Program and the `triton` backend (the tile program's generated
+    kernels, codegen/triton_2d.py; `triton_reason` says when not); `auto` takes triton for covered CUDA
+    calls of a non-exact rule."""
+
+    BACKENDS = (*Call2D.BACKENDS, "triton")
+
+    def __init__(self, program: Program, module: types.ModuleType):
+        self.program, self.module = program, module
+        super().__init__(spec_2d(program, module.SPEC), {n: getattr(module, n) for n in FNS})
+
+    def _run(self, backend, args, tile):
+        if backend == "triton":
+            from codegen import triton_2d
+            return triton_2d.tiles(self, *args, tile)
+        return super()._run(backend, args, tile)
 
     def triton_reason(self, sizes: dict, T: int, V: int, tile: tuple[int, int] | None = None) -> str | None:
         """None when the generated Triton kernels (codegen/triton_2d.py) cover a call over T x V cells at these
@@ -263,48 +347,48 @@ class Rule2D:
                 raise ValueError(f"backend='triton' does not cover this call of {self.name}: {why}")
         return backend
 
-    def hyper(self, tok: dict, outers: dict, sz: dict) -> dict[str, torch.Tensor]:
-        """kt, kv [B, H, T, V] (products of the axis keeps) and lr [B, H, T, V, ch] from the emitted `hyper`."""
-        like = tok["q"]
-        B, H, T, V = like.shape[:4]
-        env = {n: x for n, x in tok.items() if n not in ("q", "k", "v")}
-        env.update({n: o.reshape(1, H, 1, 1, *o.shape[1:]) for n, o in outers.items()})
-        values = self.module.hyper(env, sz)
+    def module_class(self) -> type:
+        """An nn.Module class for this rule: Memory(n_heads, d, **sizes), outers and initial memory learnable."""
+        rule = self
 
-        def grid(name):
-            x = torch.as_tensor(values[name], dtype=like.dtype, device=like.device)
-            return x.expand(B, H, T, V) if x.dim() <= 4 else x.expand(B, H, T, V, x.shape[-1])
-
-        axes = self.program.axes
-        kt = torch.ones(B, H, T, V, dtype=like.dtype, device=like.device)
-        kv = torch.ones_like(kt)
-        for n in axes.keep_time:
-            kt = kt * grid(n)
-        for n in axes.keep_variate:
-            kv = kv * grid(n)
-        lr = grid(self.program.optim.lr)
-        return {"kt": kt, "kv": kv, "lr": lr if lr.dim() == 5 else lr.unsqueeze(-1)}
+        class Memory(Memory2D):
+            def __init__(self, n_heads: int, d: int, **sizes):
+                super().__init__(rule, n_heads, d, **sizes)
+        return Memory
 
 
 _MEMO: dict[tuple, Rule2D] = {}
 
 
-def compile_2d(path_or_source: str, tile: tuple[int, int] | None = None, semantics: str | None = None) -> Rule2D:
-    """Compile a 2-D rule (path or text). `tile` and `semantics` override the file's schedule."""
-    from codegen.module import generate
-
-    from .driver import load, read_source
-    source, _ = read_source(path_or_source)
-    key = (source, tile, semantics)
-    if key in _MEMO:
-        return _MEMO[key]
+def program_2d(path_or_source: str, tile: tuple[int, int] | None = None, semantics: str | None = None) -> Program:
+    """The checked Program of a 2-D rule with the tile and semantics overrides applied."""
+    from .driver import load
     p = load(path_or_source, schedule={"semantics": semantics} if semantics else None)
     if p.axes is None:
         raise ValueError(f"rule {p.name} is 1-D (no `axes time, variate`): use memdsl.compile")
     if tile is not None:
-        if not all(isinstance(x, int) and 1 <= x <= 1 << 16 for x in tile) or len(tile) != 2:
-            raise ValueError(f"tile must be two integers from 1 to 65536, got {tile!r}")
-        p.schedule = dataclasses.replace(p.schedule, tile=tuple(tile))
+        p.schedule = dataclasses.replace(p.schedule, tile=_checked_tile(tile))
+    return p
+
+
+def _checked_tile(tile) -> tuple[int, int]:
+    if not isinstance(tile, (tuple, list)) or len(tile) != 2 or \
+            not all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 1 << 16 for x in tile):
+        raise ValueError(f"tile must be two integers from 1 to 65536, got {tile!r}")
+    return tuple(tile)
+
+
+def compile_2d(path_or_source: str, tile: tuple[int, int] | None = None, semantics: str | None = None) -> Rule2D:
+    """Compile a 2-D rule (path or text). `tile` and `semantics` override the file's schedule. Compiled rules
+    are kept per process by source text (compiling takes 20-150 ms: no disk cache)."""
+    from codegen.module import generate
+
+    from .driver import read_source
+    source, _ = read_source(path_or_source)
+    key = (source, None if tile is None else _checked_tile(tile), semantics)
+    if key in _MEMO:
+        return _MEMO[key]
+    p = program_2d(path_or_source, tile, semantics)
     mod = types.ModuleType(f"memdsl_rule2d_{p.name}")
     exec(compile(generate(p), f"<memdsl 2-D rule {p.name}>", "exec"), mod.__dict__)  # our own generated code
     rule = Rule2D(p, mod)

@@ -152,12 +152,12 @@ def test_bad_calls_say_what_is_wrong():
         compile_2d(str(ROOT / "rules" / "titans.mem"))
 
 
-def test_memdsl_compile_refuses_a_2d_rule():
-    """The 1-D module would silently drop the axes; the error names the 2-D entry point."""
+def test_memdsl_compile_refuses_a_1d_option_on_a_2d_rule():
+    """memdsl.compile returns the Rule2D (tests/test_module_2d.py); a 1-D chunk would be silently dropped."""
     import memdsl
-    from memdsl.errors import UnsupportedError
-    with pytest.raises(UnsupportedError, match="2-D"):
-        memdsl.compile(str(ROOT / "rules" / "chimera.mem"))
+    assert memdsl.compile(str(ROOT / "rules" / "chimera.mem")).algorithm == "scan2d"
+    with pytest.raises(ValueError, match="2-D.*chunk is a 1-D option"):
+        memdsl.compile(str(ROOT / "rules" / "chimera.mem"), chunk=16)
 
 
 ETTH1 = ROOT.parent / "shared" / "data" / "ltsf" / "ETTh1.csv.gz"

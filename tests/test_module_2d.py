@@ -1,0 +1,106 @@
+"""One entry point for every rule: memdsl.compile on a 2-D rule is compile_2d's Rule2D, and
+`memdsl compile FILE -o` writes a standalone (torch-only) 2-D module equal to the in-process rule."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import memdsl
+from memdsl.twod import Rule2D, compile_2d
+from tests.conftest import RULE_2D_IDS, RULES_2D
+
+B, T, V, H, D = 1, 5, 3, 2, 3
+
+
+def _inputs(rule, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    toks = [torch.randn(B, T, V, H, D, generator=g, dtype=dtype) for _ in range(3)]
+    # gates arrive activated (the layer applies sigmoid/softplus): positive values in the range they take
+    gates = {n: torch.rand(B, T, V, H, generator=g, dtype=dtype) * 0.6 + 0.05 for n in sorted(rule.spec1d["gates"])}
+    return toks, gates
+
+
+def _run(call, toks, gates, **kw):
+    """y, final state and the gradients of a fixed random functional of both w.r.t. every input."""
+    toks = [x.clone().requires_grad_() for x in toks]
+    gates = {n: x.clone().requires_grad_() for n, x in gates.items()}
+    y, state = call(*toks, gates, **kw)
+    g = torch.Generator().manual_seed(1)
+    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum()
+    loss = loss + sum((s * torch.randn(s.shape, generator=g, dtype=s.dtype)).sum() for _, s in sorted(state.items()))
+    grads = torch.autograd.grad(loss, [*toks, *gates.values()])
+    return y.detach(), {k: s.detach() for k, s in state.items()}, grads
+
+
+def _equal(a, b):
+    (ya, sa, ga), (yb, sb, gb) = a, b
+    assert torch.equal(ya, yb), (ya - yb).abs().max()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert all(torch.equal(x, y) for x, y in zip(ga, gb, strict=True))
+
+
+@pytest.mark.parametrize("path", RULES_2D, ids=RULE_2D_IDS)
+def test_memdsl_compile_returns_the_2d_rule(path):
+    for tile in (None, (2, 3)):
+        rule = memdsl.compile(str(path), tile=tile)
+        assert isinstance(rule, Rule2D)
+        want = compile_2d(str(path), tile=tile)
+        assert rule.tile == want.tile
+        toks, gates = _inputs(rule)
+        _equal(_run(rule, toks, gates), _run(want, toks, gates))
+
+
+def test_a_1d_option_on_a_2d_rule_is_refused(tmp_path):
+    path = str(RULES_2D[0])
+    with pytest.raises(ValueError, match=r"chunk is a 1-D option.*tile=\(T, V\)"):
+        memdsl.compile(path, chunk=8)
+    res = subprocess.run([sys.executable, "-m", "memdsl.cli", "compile", path, "--chunk", "8"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "chunk is a 1-D option" in res.stderr, res.stderr
+    res = subprocess.run([sys.executable, "-m", "memdsl.cli", "compile", path, "--triton", "d=4"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "2-D modules do not carry Triton kernels" in res.stderr, res.stderr
+
+
+def _import_without_memdsl(out, monkeypatch):
+    """Import the generated file with memdsl and codegen unimportable: standalone means torch only."""
+    with monkeypatch.context() as m:
+        for name in [n for n in sys.modules if n.split(".")[0] in ("memdsl", "codegen")]:
+            m.delitem(sys.modules, name)
+        m.setitem(sys.modules, "memdsl", None)
+        m.setitem(sys.modules, "codegen", None)
+        with pytest.raises(ImportError):
+            importlib.import_module("memdsl.twod")
+        spec = importlib.util.spec_from_file_location(f"gen2d_{out.stem}", out)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        yield mod
+
+
+@pytest.mark.parametrize("path", RULES_2D, ids=RULE_2D_IDS)
+def test_generated_2d_module_equals_in_process(path, tmp_path, monkeypatch):
+    out = tmp_path / f"{path.stem}_mem.py"
+    res = subprocess.run([sys.executable, "-m", "memdsl.cli", "compile", str(path), "-o", str(out), "--tile", "2,2"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    imports = [line for line in out.read_text().splitlines() if line.startswith(("import ", "from "))]
+    assert imports == ["import math", "import torch"]  # standalone: torch only
+    rule = compile_2d(str(path), tile=(2, 2))
+    toks, gates = _inputs(rule)
+    want = {b: _run(rule, toks, gates, backend=b) for b in ("wavefront", "tiles", "anchored_loop")}
+    layer_in = rule.module_class()(n_heads=H, d=D)
+    y_layer_in, _ = layer_in(*(x.float() for x in toks), {n: x.float() for n, x in gates.items()})
+    for mod in _import_without_memdsl(out, monkeypatch):  # the calls too: nothing may import memdsl lazily
+        assert mod.RULE.tile == (2, 2) and mod.RULE.algorithm == rule.algorithm
+        for backend, expected in want.items():
+            _equal(_run(mod.memory, toks, gates, backend=backend), expected)
+        y_layer, _ = mod.Memory(n_heads=H, d=D)(*(x.float() for x in toks), {n: x.float() for n, x in gates.items()})
+        assert torch.equal(y_layer, y_layer_in)
+        assert sorted(n for n, _ in mod.Memory(n_heads=H, d=D).named_parameters()) == \
+            sorted(n for n, _ in layer_in.named_parameters())
