@@ -49,9 +49,8 @@ def _cmd_compile(args) -> str:
                                   "tile": _tile(args.tile)}.items() if v is not None}
     text, _ = module_source(args.file, **schedule)
     if args.triton and "\nSPEC2D = " in text:  # a 2-D module (RULE_SOURCE is one repr line: no false hit)
-        raise ValueError("--triton: standalone 2-D modules do not carry Triton kernels yet (in process: "
-                         "memdsl.compile(FILE)(..., backend='triton'))")
-    if args.triton:
+        text = _with_kernels_2d(text, args, schedule)
+    elif args.triton:
         text = _with_kernels(text, args, schedule)
     if args.output:
         with open(args.output, "w") as f:
@@ -71,13 +70,16 @@ def _tile(text: str | None) -> tuple[int, int] | None:
     return t, v
 
 
-def _sizes(rule, text: str, flag: str) -> dict[str, int]:
-    """Every size of the rule from `d=64[,h=256]` (derived sizes computed)."""
+def _given(text: str, flag: str) -> dict[str, int]:
     try:
-        given = {n.strip(): int(x) for n, x in (item.split("=") for item in text.split(","))}
+        return {n.strip(): int(x) for n, x in (item.split("=") for item in text.split(","))}
     except ValueError:
         raise ValueError(f"{flag} {text!r}: expected sizes like d=64 or d=64,h=256") from None
-    return {n: int(x) for n, x in rule.impl.sizes(sizes=given).items()}
+
+
+def _sizes(rule, text: str, flag: str) -> dict[str, int]:
+    """Every size of the rule from `d=64[,h=256]` (derived sizes computed)."""
+    return {n: int(x) for n, x in rule.impl.sizes(sizes=_given(text, flag)).items()}
 
 
 def _with_kernels(text: str, args, schedule: dict) -> str:
@@ -97,6 +99,15 @@ def _with_kernels(text: str, args, schedule: dict) -> str:
             raise ValueError(f"rule {rule.name}: no Triton kernel for sizes {sizes}, chunk {chunk}: {why}") from None
         kernels[(tuple(sorted(sizes.items())), chunk)] = {"fwd": fwd, "bwd": bwd}
     return add_kernels(text, kernels)
+
+
+def _with_kernels_2d(text: str, args, schedule: dict) -> str:
+    """A 2-D module with the generated Triton kernels for each `--triton d=4[,..]` size set, at its tile."""
+    from codegen.module_2d import add_kernels_2d, kernel_table_2d
+
+    from .twod import compile_2d
+    rule = compile_2d(args.file, **schedule)
+    return add_kernels_2d(text, kernel_table_2d(rule, [_given(t, "--triton") for t in args.triton]))
 
 
 def _cmd_kernel(args) -> str:

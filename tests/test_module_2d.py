@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import torch
 
 import memdsl
 from memdsl.twod import Rule2D, compile_2d
-from tests.conftest import RULE_2D_IDS, RULES_2D
+from tests.conftest import ROOT, RULE_2D_IDS, RULES_2D
 
 B, T, V, H, D = 1, 5, 3, 2, 3
 
@@ -63,9 +64,6 @@ def test_a_1d_option_on_a_2d_rule_is_refused(tmp_path):
     res = subprocess.run([sys.executable, "-m", "memdsl.cli", "compile", path, "--chunk", "8"],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "chunk is a 1-D option" in res.stderr, res.stderr
-    res = subprocess.run([sys.executable, "-m", "memdsl.cli", "compile", path, "--triton", "d=4"],
-                         capture_output=True, text=True)
-    assert res.returncode == 2 and "2-D modules do not carry Triton kernels" in res.stderr, res.stderr
 
 
 def _import_without_memdsl(out, monkeypatch):
@@ -104,3 +102,59 @@ def test_generated_2d_module_equals_in_process(path, tmp_path, monkeypatch):
         assert torch.equal(y_layer, y_layer_in)
         assert sorted(n for n, _ in mod.Memory(n_heads=H, d=D).named_parameters()) == \
             sorted(n for n, _ in layer_in.named_parameters())
+
+
+_TRITON_CHECK = r'''
+import importlib.util, sys, torch
+path, rule_path = sys.argv[1], sys.argv[2]
+blocked = {"memdsl": None, "codegen": None}
+sys.modules.update(blocked)  # the generated module and its kernels run without memdsl
+spec = importlib.util.spec_from_file_location("gen2d_triton", path)
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+
+
+def run(call, V):
+    g = torch.Generator().manual_seed(V)
+    toks = [torch.randn(1, 5, V, 2, 3, generator=g).requires_grad_() for _ in range(3)]
+    gates = {n: (torch.rand(1, 5, V, 2, generator=g) * 0.6 + 0.05).requires_grad_() for n in sorted(mod.SPEC["gates"])}
+    y, state = call(*toks, gates, backend="triton")
+    w = torch.Generator().manual_seed(1)
+    loss = (y * torch.randn(y.shape, generator=w)).sum() + sum((s * torch.randn(s.shape, generator=w)).sum()
+                                                               for _, s in sorted(state.items()))
+    return y, state, torch.autograd.grad(loss, [*toks, *gates.values()])
+
+
+got = {V: run(mod.memory, V) for V in (2, 3)}  # one variate chunk of the 2 x 2 tile, and several
+try:
+    mod.memory(*[torch.zeros(1, 5, 3, 2, 3)] * 3, {n: torch.ones(1, 5, 3, 2) for n in mod.SPEC["gates"]},
+               backend="triton", tile=(4, 4))
+    raise SystemExit("a tile other than the module's must be refused")
+except ValueError as err:
+    assert "module's tile" in str(err), err
+for name in blocked:
+    del sys.modules[name]
+from memdsl.twod import compile_2d
+rule = compile_2d(rule_path, tile=(2, 2))
+for V, (y, state, grads) in got.items():
+    y0, state0, grads0 = run(rule, V)
+    assert torch.equal(y, y0), (V, (y - y0).abs().max())
+    assert state.keys() == state0.keys() and all(torch.equal(state[k], state0[k]) for k in state)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads0, strict=True)), V
+print("ok")
+'''
+
+
+@pytest.mark.parametrize("path", RULES_2D, ids=RULE_2D_IDS)
+def test_generated_2d_module_carries_the_triton_kernels(path, tmp_path):
+    """--triton d=3: the module's kernels (TRITON_INTERPRET=1) == the in-process Rule2D's backend='triton',
+    outputs, final state and every gradient, with one variate chunk and with several."""
+    out = tmp_path / f"{path.stem}_mem.py"
+    res = subprocess.run([sys.executable, "-m", "memdsl.cli", "compile", str(path), "-o", str(out), "--tile", "2,2",
+                          "--triton", "d=3"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    script = tmp_path / "check.py"
+    script.write_text(_TRITON_CHECK)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, str(script), str(out), str(path)], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr
