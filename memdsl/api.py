@@ -132,6 +132,11 @@ def _check_2d_options(source: str, path_or_source: str, schedule: dict) -> None:
                          "rule takes tile=(T, V) and semantics='exact' | 'anchored'")
 
 
+def _on_gpu(q) -> bool:
+    """Inputs the Triton kernels run on (CUDA tensors); CPU tensors take the torch programs."""
+    return bool(getattr(q, "is_cuda", False))
+
+
 class CompiledRule:
     """A compiled rule: call it, `init_state`, `step`; `print` it to see what was compiled."""
 
@@ -147,6 +152,7 @@ class CompiledRule:
         self.impl = mod.RULE
         self._triton_reasons: dict[str, str | None] = {}
         self._tiles_reasons: dict[tuple, str | None] = {}
+        self._kernel_failures: dict[tuple, str] = {}  # (sizes, chunk, order, dtype) -> the kernels' error
 
     @property
     def name(self) -> str:
@@ -172,14 +178,22 @@ class CompiledRule:
         unknown = set(kw) - {"chunk", "read_order"}  # options only the torch paths have (sizes, check_finite)
         if isinstance(state, dict) and any(key.startswith("hist.") for key in state):
             unknown.add("state with window history (hist.*)")  # the kernels start windows fresh
-        if backend == "triton" or (backend == "auto" and getattr(q, "is_cuda", False) and not unknown
-                                   and self._kernels_fit(q, k, v, kw.get("chunk"), read_order)):
-            from codegen.triton_run import run_triton
+        if backend == "triton" or (backend == "auto" and not unknown and self._auto_triton(q, k, v, kw.get("chunk"),
+                                                                                          read_order)):
+            from codegen import triton_run
             if self.triton_reason(read_order) is not None:
                 raise ValueError(f"rule {self.name} has no Triton kernel yet: {self.triton_reason(read_order)}")
             if unknown:
                 raise ValueError(f"the Triton path does not take {sorted(unknown)} yet: use a torch backend")
-            return run_triton(self, q, k, v, gates, params, state, kw.get("chunk"), cu_seqlens, read_order)
+            try:
+                return triton_run.run_triton(self, q, k, v, gates, params, state, kw.get("chunk"), cu_seqlens,
+                                             read_order)
+            except Exception as err:
+                # a generated kernel that Triton cannot compile or launch here (e.g. out of shared memory on
+                # this GPU): "auto" records it and takes the torch program; backend="triton" raises
+                if backend == "triton" or not type(err).__module__.startswith("triton"):
+                    raise
+                self._kernel_failed(q, k, v, kw.get("chunk"), read_order, err)
         def init_state():
             return self.impl.init_state(1, q.shape[2], sizes=self.impl.sizes(k=k, v=v, q=q), device=q.device,
                                         params=params)
@@ -190,6 +204,26 @@ class CompiledRule:
         if cu_seqlens is not None:
             return run_packed(self.impl, init_state, q, k, v, gates, params, state, cu_seqlens, backend=backend, **kw)
         return self.impl(q, k, v, gates, params, state, backend=backend, **kw)
+
+    def _auto_triton(self, q, k, v, chunk, read_order) -> bool:
+        """backend="auto" takes the Triton kernels: CUDA inputs, kernels that fit, and no earlier failure of
+        the kernels at these sizes in this process."""
+        if not _on_gpu(q) or not self._kernels_fit(q, k, v, chunk, read_order):
+            return False
+        return self._failure_key(q, k, v, chunk, read_order) not in self._kernel_failures
+
+    def _failure_key(self, q, k, v, chunk, read_order) -> tuple:
+        sizes, c = self._call_sizes(q, k, v, chunk) or ({}, chunk)
+        return tuple(sorted(sizes.items())), c, read_order or self.spec["read_order"], str(q.dtype)
+
+    def _kernel_failed(self, q, k, v, chunk, read_order, err: Exception) -> None:
+        """Remember (per process) that the kernels failed at these sizes, and say so once. A failure of the
+        backward kernel, compiled at the first backward, is not caught here: it raises there."""
+        import warnings
+        self._kernel_failures[self._failure_key(q, k, v, chunk, read_order)] = repr(err)
+        warnings.warn(f"memdsl: the Triton kernels of rule {self.name} failed here ({type(err).__name__}: {err}); "
+                      "backend='auto' runs the torch program at these sizes from now on (backend='triton' raises "
+                      "the error)", RuntimeWarning, stacklevel=3)
 
     def _kernels_fit(self, q, k, v, chunk, read_order) -> bool:
         """backend="auto" on CUDA: the Triton kernels when the rule has them AND they can be generated at these

@@ -187,6 +187,50 @@ def test_auto_dispatch_on_cuda_asks_whether_the_kernels_fit_these_sizes():
     assert not titans._kernels_fit(x48, x48, x48, 16, None)  # a width that is not a power of two
 
 
+def test_auto_falls_back_to_torch_when_a_kernel_fails_on_the_device(monkeypatch):
+    """A generated kernel that Triton cannot compile or launch on the device (say, out of shared memory):
+    backend="auto" warns once, runs the torch program and does not try those kernels again at these sizes;
+    backend="triton" raises; an error that is not Triton's (a bad call) is never swallowed. No GPU here: the
+    device check and the launch are replaced."""
+    from triton.runtime.errors import OutOfResources
+
+    from codegen import triton_run
+    rule = memdsl.compile("rules/titans.mem")
+    tok, gates, params = make_inputs(rule, B=1, T=37, H=2, D=16, dtype=torch.float32)
+    args = (tok["q"], tok["k"], tok["v"], gates, params)
+    with torch.no_grad():
+        want, _ = rule(*args)  # the torch program (CPU)
+    calls = []
+
+    def failing(*a, **kw):
+        calls.append(1)
+        raise OutOfResources(262144, 232448, "shared memory")
+    monkeypatch.setattr("memdsl.api._on_gpu", lambda q: True)
+    monkeypatch.setattr(triton_run, "run_triton", failing)
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="failed here.*OutOfResources"):
+            got, _ = rule(*args)
+        assert torch.equal(got, want) and len(calls) == 1
+        again, _ = rule(*args)  # remembered: the kernels are not tried again at these sizes
+        assert torch.equal(again, want) and len(calls) == 1
+        with pytest.raises(OutOfResources):
+            rule(*args, backend="triton")
+        rule(*(x[:, :20] for x in args[:3]), {n: g[:, :20] for n, g in gates.items()}, params)
+        assert len(calls) == 2  # another length, the same kernels: not tried again
+        t32, g32, p32 = make_inputs(rule, B=1, T=21, H=2, D=32, dtype=torch.float32)
+        with pytest.warns(RuntimeWarning):  # other widths, other kernels: tried
+            rule(t32["q"], t32["k"], t32["v"], g32, p32)
+        assert len(calls) == 3
+
+    def bad_call(*a, **kw):
+        raise ValueError("not Triton's error")
+    monkeypatch.setattr(triton_run, "run_triton", bad_call)
+    fresh = memdsl.compile("rules/titans_linear.mem")
+    t2, g2, p2 = make_inputs(fresh, B=1, T=21, H=2, D=16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="not Triton's error"):
+        fresh(t2["q"], t2["k"], t2["v"], g2, p2)
+
+
 def test_wy_backend_with_a_read_order():
     """backend="wy" with read_order="after" is the WY algorithm (it used to switch to the anchored chunk
     program, a different function, whenever any read_order was passed); another order is refused."""
