@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import types
+import warnings
 
 import torch
 
@@ -34,6 +35,7 @@ DEFAULT_TILE = (16, 8)
 # backend="auto" takes the generated Triton kernels for CUDA calls they cover; False keeps the torch tile
 # program there (the kernels are tested under the CPU interpreter; set it while a GPU run is outstanding)
 AUTO_TRITON = True
+AUTO_KERNELS = "triton (auto)"  # what `auto` picks on CUDA: the kernels, with a torch fallback
 AXES = ("time", "variate")
 
 
@@ -317,11 +319,26 @@ class Rule2D(Call2D):
     def __init__(self, program: Program, module: types.ModuleType):
         self.program, self.module = program, module
         super().__init__(spec_2d(program, module.SPEC), {n: getattr(module, n) for n in FNS})
+        self._kernel_failures: dict[tuple, str] = {}  # (sizes, tile, dtype) -> the kernels' error
 
     def _run(self, backend, args, tile):
-        if backend == "triton":
+        if backend in ("triton", AUTO_KERNELS):
             from codegen import triton_2d
-            return triton_2d.tiles(self, *args, tile)
+            key = (tuple(sorted(args[5].items())), tuple(tile), str(args[0]["q"].dtype))
+            if backend == AUTO_KERNELS and key in self._kernel_failures:
+                return super()._run("tiles", args, tile)
+            try:
+                return triton_2d.tiles(self, *args, tile)
+            except Exception as err:
+                # a kernel Triton cannot compile or launch on this device: "auto" records it, warns once and
+                # runs the torch tiles (the same function); backend="triton" and any other error raise
+                if backend == "triton" or not type(err).__module__.startswith("triton"):
+                    raise
+                self._kernel_failures[key] = repr(err)
+                warnings.warn(f"memdsl: the Triton kernels of rule {self.name} failed here ({type(err).__name__}: "
+                              f"{err}); backend='auto' runs the torch tiles at these sizes from now on "
+                              "(backend='triton' raises the error)", RuntimeWarning, stacklevel=4)
+                return super()._run("tiles", args, tile)
         return super()._run(backend, args, tile)
 
     def triton_reason(self, sizes: dict, T: int, V: int, tile: tuple[int, int] | None = None) -> str | None:
@@ -337,7 +354,7 @@ class Rule2D(Call2D):
             if self.algorithm == "wavefront":
                 return "wavefront"
             covered = AUTO_TRITON and q.is_cuda and self.triton_reason(sz, T, V, tile) is None
-            return "triton" if covered else "tiles"
+            return AUTO_KERNELS if covered else "tiles"
         if backend == "triton":
             if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
                 raise ValueError("backend='triton' on CPU tensors runs only under TRITON_INTERPRET=1 (set before "

@@ -258,3 +258,32 @@ def test_the_several_chunk_graph_adjoint_in_float64(name):
                 torch.randn(shape, generator=g, dtype=torch.float64) * 0.5
             inputs[n] = x
     _adjoint_matches_autograd(graph, inputs)
+
+
+def test_auto_falls_back_to_the_torch_tiles_when_a_kernel_fails(monkeypatch):
+    """On a device where Triton cannot compile or launch the 2-D kernels (say, out of shared memory), `auto`
+    warns once, runs the torch tiles (the same function) for both directions and does not try the kernels
+    again at these sizes; backend="triton" raises. No GPU here: auto's choice and the launch are replaced."""
+    from triton.runtime.errors import OutOfResources
+
+    from codegen import triton_2d
+    from memdsl import twod
+    rule = compile_2d(str(ROOT / "rules" / "chimera.mem"))  # bidirectional: two kernel calls per call
+    inputs = _inputs(rule, 1, 7, 3, 2, 4)
+    want = _run(rule, inputs, torch.float32, backend="tiles")
+    calls = []
+
+    def failing(*a, **kw):
+        calls.append(1)
+        raise OutOfResources(262144, 232448, "shared memory")
+    monkeypatch.setattr(triton_2d, "tiles", failing)
+    monkeypatch.setattr(twod.Rule2D, "_backend", lambda self, backend, *a: twod.AUTO_KERNELS if backend == "auto"
+                        else backend)
+    with pytest.warns(RuntimeWarning, match="failed here.*OutOfResources"):
+        got = _run(rule, inputs, torch.float32)
+    assert len(calls) == 1  # the second direction did not try the kernels again
+    assert torch.equal(got[0], want[0]) and all(torch.equal(got[2][k], want[2][k]) for k in want[2])
+    _run(rule, inputs, torch.float32)
+    assert len(calls) == 1
+    with pytest.raises(OutOfResources):
+        _run(rule, inputs, torch.float32, backend="triton")
