@@ -28,6 +28,18 @@ def kernel_cache_dir():
     return Path(root)
 
 
+def raised_by_triton(err: BaseException) -> bool:
+    """An error of Triton's own (compiling or launching a kernel), not of the call: a triton exception class
+    (OutOfResources, CompilationError), or any error whose innermost frame is in the triton package (its
+    MLIR passes raise plain RuntimeErrors)."""
+    if type(err).__module__.split(".")[0] == "triton":
+        return True
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}triton{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
 def load_kernel(source, entry):
     """Import a generated kernel source, autotuned (see `autotuned`)."""
     return autotuned(import_kernel(source, entry))

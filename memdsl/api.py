@@ -181,6 +181,7 @@ class CompiledRule:
         if backend == "triton" or (backend == "auto" and not unknown and self._auto_triton(q, k, v, kw.get("chunk"),
                                                                                           read_order)):
             from codegen import triton_run
+            from codegen.triton_launch import raised_by_triton
             if self.triton_reason(read_order) is not None:
                 raise ValueError(f"rule {self.name} has no Triton kernel yet: {self.triton_reason(read_order)}")
             if unknown:
@@ -191,7 +192,7 @@ class CompiledRule:
             except Exception as err:
                 # a generated kernel that Triton cannot compile or launch here (e.g. out of shared memory on
                 # this GPU): "auto" records it and takes the torch program; backend="triton" raises
-                if backend == "triton" or not type(err).__module__.startswith("triton"):
+                if backend == "triton" or not raised_by_triton(err):
                     raise
                 self._kernel_failed(q, k, v, kw.get("chunk"), read_order, err)
         def init_state():

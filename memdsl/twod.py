@@ -324,6 +324,7 @@ class Rule2D(Call2D):
     def _run(self, backend, args, tile):
         if backend in ("triton", AUTO_KERNELS):
             from codegen import triton_2d
+            from codegen.triton_launch import raised_by_triton
             key = (tuple(sorted(args[5].items())), tuple(tile), str(args[0]["q"].dtype))
             if backend == AUTO_KERNELS and key in self._kernel_failures:
                 return super()._run("tiles", args, tile)
@@ -332,7 +333,7 @@ class Rule2D(Call2D):
             except Exception as err:
                 # a kernel Triton cannot compile or launch on this device: "auto" records it, warns once and
                 # runs the torch tiles (the same function); backend="triton" and any other error raise
-                if backend == "triton" or not type(err).__module__.startswith("triton"):
+                if backend == "triton" or not raised_by_triton(err):
                     raise
                 self._kernel_failures[key] = repr(err)
                 warnings.warn(f"memdsl: the Triton kernels of rule {self.name} failed here ({type(err).__name__}: "

@@ -231,6 +231,28 @@ def test_auto_falls_back_to_torch_when_a_kernel_fails_on_the_device(monkeypatch)
         fresh(t2["q"], t2["k"], t2["v"], g2, p2)
 
 
+def test_which_errors_count_as_tritons():
+    """The fallback above takes Triton's own errors only: its exception classes, or an error raised inside
+    the triton package (its compiler passes raise plain RuntimeErrors); never an error of the call."""
+    import os
+
+    from triton.runtime.errors import OutOfResources
+
+    from codegen.triton_launch import raised_by_triton
+
+    def raised(code: str, filename: str) -> BaseException:
+        try:
+            exec(compile(code, filename, "exec"), {})
+        except Exception as err:  # noqa: BLE001 - the error is the value under test
+            return err
+        raise AssertionError("no error")
+    assert raised_by_triton(OutOfResources(1, 0, "shared memory"))
+    inside = os.path.join(os.sep, "site-packages", "triton", "compiler", "compiler.py")
+    assert raised_by_triton(raised("raise RuntimeError('PassManager::run failed')", inside))
+    assert not raised_by_triton(raised("raise RuntimeError('a user error')", os.path.join(os.sep, "work", "x.py")))
+    assert not raised_by_triton(raised("raise ValueError('bad shapes')", __file__))
+
+
 def test_wy_backend_with_a_read_order():
     """backend="wy" with read_order="after" is the WY algorithm (it used to switch to the anchored chunk
     program, a different function, whenever any read_order was passed); another order is refused."""
