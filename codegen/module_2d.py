@@ -91,6 +91,7 @@ def kernel_table_2d(rule, size_sets: list[dict[str, int]]) -> dict[tuple, dict]:
 _DISPATCH_2D = '''
 KERNELS_2D = {table}
 _LOADED = {{}}
+_FAILED = {{}}  # (sizes, dtype) -> the kernels' error, for backend="auto"
 
 
 def _kernel(key, direction, rows):
@@ -121,7 +122,7 @@ class Call2DTriton(Call2D):
     def _backend(self, backend, q, sz, T, V, tile):
         if backend == "auto" and self.algorithm != "wavefront" and q.is_cuda \
                 and self._why_not(sz, T, V, tile) is None:
-            return "triton"
+            return "triton (auto)"  # the kernels, with the torch tiles as a fallback (_run)
         if backend == "triton":
             if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
                 raise ValueError("backend='triton' on CPU tensors runs only under TRITON_INTERPRET=1 (set before "
@@ -133,8 +134,25 @@ class Call2DTriton(Call2D):
         return super()._backend(backend, q, sz, T, V, tile)
 
     def _run(self, backend, args, tile):
-        if backend != "triton":
+        if backend not in ("triton", "triton (auto)"):
             return super()._run(backend, args, tile)
+        key = (tuple(sorted((n, int(x)) for n, x in args[5].items())), str(args[0]["q"].dtype))
+        if backend == "triton (auto)" and key in _FAILED:
+            return super()._run("tiles", args, tile)
+        try:
+            return self._run_kernels(args)
+        except Exception as err:
+            # a kernel Triton cannot compile or launch on this device: auto warns once and runs the torch
+            # tiles (the same function) at these sizes from now on; backend="triton" and other errors raise
+            if backend == "triton" or not raised_by_triton(err):
+                raise
+            _FAILED[key] = repr(err)
+            warnings.warn(f"the Triton kernels of rule {{self.name}} failed here ({{type(err).__name__}}: {{err}}); "
+                          "backend='auto' runs the torch tiles at these sizes from now on", RuntimeWarning,
+                          stacklevel=4)
+            return super()._run("tiles", args, tile)
+
+    def _run_kernels(self, args):
         tok, kt, kv, lr, outers, sz, left, top = args
         if lr.shape[-1] != 1:
             raise ValueError("the carried 2-D kernels take a scalar learning rate, not a per-channel one")
@@ -167,11 +185,11 @@ def add_kernels_2d(body: str, table: dict[tuple, dict]) -> str:
     marker = "# ---- entry points "
     configs = ", ".join(str(dict(k)) for k in table)
     carried = "\n\n".join(inspect.getsource(f) for f in (triton_launch.kernel_cache_dir, triton_launch.import_kernel,
-                                                         triton_2d.Tile2D))
+                                                         triton_launch.raised_by_triton, triton_2d.Tile2D))
     section = (f"# ---- generated 2-D Triton kernels ({configs}); triton_launch.py, triton_2d.py " + "-" * 10
                + "\n" + carried + "\n\n" + _DISPATCH_2D.format(table=pprint.pformat(table, width=120)) + "\n\n")
     body = body.replace(marker, section + marker, 1).replace("RULE = Call2D(", "RULE = Call2DTriton(", 1)
-    imports = "import hashlib\nimport importlib.util\nimport os\nfrom pathlib import Path\n"
+    imports = "import hashlib\nimport importlib.util\nimport os\nimport warnings\nfrom pathlib import Path\n"
     body = body.replace("import math\n\nimport torch\n", f"{imports}import math\n\nimport torch\n", 1)
     body = body.replace("backends auto, wavefront, tiles, anchored_loop.",
                         "backends auto, wavefront, tiles, anchored_loop, triton (the carried kernels).", 1)

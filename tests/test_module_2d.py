@@ -158,3 +158,38 @@ def test_generated_2d_module_carries_the_triton_kernels(path, tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run([sys.executable, str(script), str(out), str(path)], capture_output=True, text=True, env=env)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr
+
+
+def test_generated_2d_module_falls_back_to_its_torch_tiles(tmp_path, monkeypatch):
+    """The --triton module's `auto` on a device where Triton cannot compile or launch the carried kernels:
+    one warning, the module's torch tiles (the same function), not retried at those sizes; backend="triton"
+    raises. No GPU here: auto's choice and the launch are replaced."""
+    from triton.runtime.errors import OutOfResources
+    path = ROOT / "rules" / "chimera.mem"
+    out = tmp_path / "chimera_fallback.py"
+    res = subprocess.run([sys.executable, "-m", "memdsl.cli", "compile", str(path), "-o", str(out), "--tile", "2,2",
+                          "--triton", f"d={D}"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    spec = importlib.util.spec_from_file_location("gen2d_fallback", out)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    toks, gates = _inputs(compile_2d(str(path)), dtype=torch.float32)
+    want = _run(mod.memory, toks, gates, backend="tiles")
+    calls = []
+
+    def failing(*a, **kw):
+        calls.append(1)
+        raise OutOfResources(262144, 232448, "shared memory")
+    monkeypatch.setattr(mod.Tile2D, "apply", failing)
+    original = mod.Call2DTriton._backend
+    monkeypatch.setattr(mod.Call2DTriton, "_backend", lambda self, backend, q, sz, T, V, tile: "triton (auto)"
+                        if backend == "auto" else original(self, backend, q, sz, T, V, tile))
+    with pytest.warns(RuntimeWarning, match="failed here.*OutOfResources"):
+        got = _run(mod.memory, toks, gates)
+    _equal(got, want)
+    assert len(calls) == 1  # the second direction did not try again
+    _run(mod.memory, toks, gates)
+    assert len(calls) == 1
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets backend="triton" reach the (replaced) launch on CPU
+    with pytest.raises(OutOfResources):
+        _run(mod.memory, toks, gates, backend="triton")
