@@ -91,7 +91,6 @@ def kernel_table_2d(rule, size_sets: list[dict[str, int]]) -> dict[tuple, dict]:
 _DISPATCH_2D = '''
 KERNELS_2D = {table}
 _LOADED = {{}}
-_FAILED = {{}}  # (sizes, dtype) -> the kernels' error, for backend="auto"
 
 
 def _kernel(key, direction, rows):
@@ -101,13 +100,11 @@ def _kernel(key, direction, rows):
     return _LOADED[key, name]
 
 
-class Call2DTriton(Call2D):
-    """Call2D plus backend="triton": the carried kernels, for calls at a carried size set, at the module's tile,
-    over a grid at least one kernel tile large; `auto` takes them for such CUDA calls of a non-exact rule."""
+class Call2DTriton(Kernels2D):
+    """The carried kernels (Kernels2D's backend="triton" and auto), for calls at a carried size set, at the
+    module's tile, over a grid at least one kernel tile large."""
 
-    BACKENDS = (*Call2D.BACKENDS, "triton")
-
-    def _why_not(self, sz, T, V, tile):
+    def _kernel_reason(self, sz, T, V, tile):
         entry = KERNELS_2D.get(tuple(sorted((n, int(x)) for n, x in sz.items())))
         if self.algorithm == "wavefront":
             return "the exact wavefront (semantics exact) has no tile kernel"
@@ -119,40 +116,7 @@ class Call2DTriton(Call2D):
             return f"a grid of {{T}} x {{V}} cells, smaller than the kernel tile {{entry['tile'][:2]}}"
         return None
 
-    def _backend(self, backend, q, sz, T, V, tile):
-        if backend == "auto" and self.algorithm != "wavefront" and q.is_cuda \
-                and self._why_not(sz, T, V, tile) is None:
-            return "triton (auto)"  # the kernels, with the torch tiles as a fallback (_run)
-        if backend == "triton":
-            if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-                raise ValueError("backend='triton' on CPU tensors runs only under TRITON_INTERPRET=1 (set before "
-                                 "triton is imported); use backend='tiles'")
-            why = self._why_not(sz, T, V, tile)
-            if why:
-                raise ValueError(f"backend='triton' does not cover this call of {{self.name}}: {{why}}")
-            return backend
-        return super()._backend(backend, q, sz, T, V, tile)
-
-    def _run(self, backend, args, tile):
-        if backend not in ("triton", "triton (auto)"):
-            return super()._run(backend, args, tile)
-        key = (tuple(sorted((n, int(x)) for n, x in args[5].items())), str(args[0]["q"].dtype))
-        if backend == "triton (auto)" and key in _FAILED:
-            return super()._run("tiles", args, tile)
-        try:
-            return self._run_kernels(args)
-        except Exception as err:
-            # a kernel Triton cannot compile or launch on this device: auto warns once and runs the torch
-            # tiles (the same function) at these sizes from now on; backend="triton" and other errors raise
-            if backend == "triton" or not raised_by_triton(err):
-                raise
-            _FAILED[key] = repr(err)
-            warnings.warn(f"the Triton kernels of rule {{self.name}} failed here ({{type(err).__name__}}: {{err}}); "
-                          "backend='auto' runs the torch tiles at these sizes from now on", RuntimeWarning,
-                          stacklevel=4)
-            return super()._run("tiles", args, tile)
-
-    def _run_kernels(self, args):
+    def _run_kernels(self, args, tile):
         tok, kt, kv, lr, outers, sz, left, top = args
         if lr.shape[-1] != 1:
             raise ValueError("the carried 2-D kernels take a scalar learning rate, not a per-channel one")
@@ -181,11 +145,14 @@ def add_kernels_2d(body: str, table: dict[tuple, dict]) -> str:
     """A standalone 2-D module that also carries generated Triton kernels (kernel_table_2d): RULE becomes a
     Call2DTriton. Kernel sources are string constants, imported (and compiled by Triton) on first use; the
     module still imports without triton installed."""
+    from memdsl import twod
+
     from . import triton_2d, triton_launch
     marker = "# ---- entry points "
     configs = ", ".join(str(dict(k)) for k in table)
     carried = "\n\n".join(inspect.getsource(f) for f in (triton_launch.kernel_cache_dir, triton_launch.import_kernel,
-                                                         triton_launch.raised_by_triton, triton_2d.Tile2D))
+                                                         triton_launch.raised_by_triton, triton_2d.Tile2D,
+                                                         twod.Kernels2D))
     section = (f"# ---- generated 2-D Triton kernels ({configs}); triton_launch.py, triton_2d.py " + "-" * 10
                + "\n" + carried + "\n\n" + _DISPATCH_2D.format(table=pprint.pformat(table, width=120)) + "\n\n")
     body = body.replace(marker, section + marker, 1).replace("RULE = Call2D(", "RULE = Call2DTriton(", 1)

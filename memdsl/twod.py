@@ -17,6 +17,7 @@ import warnings
 import torch
 
 from codegen.runtime_2d import Runtime2D
+from codegen.triton_launch import raised_by_triton
 
 from . import ast as A
 from .build import Builder, _chunk
@@ -35,7 +36,6 @@ DEFAULT_TILE = (16, 8)
 # backend="auto" takes the generated Triton kernels for CUDA calls they cover; False keeps the torch tile
 # program there (the kernels are tested under the CPU interpreter; set it while a GPU run is outstanding)
 AUTO_TRITON = True
-AUTO_KERNELS = "triton (auto)"  # what `auto` picks on CUDA: the kernels, with a torch fallback
 AXES = ("time", "variate")
 
 
@@ -309,38 +309,67 @@ def spec_2d(p: Program, spec1d: dict) -> dict:
 FNS = ("SPEC", "grads", "read", "hyper", "sizes", "shapes", "make_init")
 
 
-class Rule2D(Call2D):
+class Kernels2D(Call2D):
+    """Call2D plus backend="triton": generated Triton kernels for the calls `_kernel_reason` accepts (None),
+    run by `_run_kernels(args, tile)` — both defined by a subclass (Rule2D; the standalone module's
+    Call2DTriton, which carries this class). `auto` takes the kernels for CUDA calls of a non-exact rule when
+    `auto_kernels` is true, and falls back to the torch tiles (one warning, remembered per sizes, tile and
+    dtype) when Triton cannot compile or launch them on the device; backend="triton" and any error that is not
+    Triton's raise."""
+
+    BACKENDS = (*Call2D.BACKENDS, "triton")
+    AUTO = "triton (auto)"  # what `auto` picks: the kernels, with the torch tiles as the fallback
+    auto_kernels = True
+
+    def _backend(self, backend: str, q: torch.Tensor, sz: dict, T: int, V: int, tile: tuple[int, int]) -> str:
+        if backend == "auto" and self.algorithm != "wavefront":
+            covered = self.auto_kernels and q.is_cuda and self._kernel_reason(sz, T, V, tile) is None
+            return self.AUTO if covered else "tiles"
+        if backend == "triton":
+            if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError("backend='triton' on CPU tensors runs only under TRITON_INTERPRET=1 (set before "
+                                 "triton is imported); use backend='tiles'")
+            why = self._kernel_reason(sz, T, V, tile)
+            if why:
+                raise ValueError(f"backend='triton' does not cover this call of {self.name}: {why}")
+            return backend
+        return super()._backend(backend, q, sz, T, V, tile)
+
+    def _run(self, backend, args, tile):
+        if backend not in ("triton", self.AUTO):
+            return super()._run(backend, args, tile)
+        key = (tuple(sorted((n, int(x)) for n, x in args[5].items())), tuple(tile), str(args[0]["q"].dtype))
+        failures = self.__dict__.setdefault("_kernel_failures", {})  # key -> the kernels' error
+        if backend == self.AUTO and key in failures:
+            return super()._run("tiles", args, tile)
+        try:
+            return self._run_kernels(args, tile)
+        except Exception as err:
+            if backend == "triton" or not raised_by_triton(err):
+                raise
+            failures[key] = repr(err)
+            warnings.warn(f"memdsl: the Triton kernels of rule {self.name} failed here ({type(err).__name__}: "
+                          f"{err}); backend='auto' runs the torch tiles at these sizes from now on "
+                          "(backend='triton' raises the error)", RuntimeWarning, stacklevel=4)
+            return super()._run("tiles", args, tile)
+
+
+class Rule2D(Kernels2D):
     """A compiled 2-D rule (Call2D) plus its Program and the `triton` backend (the tile program's generated
     kernels, codegen/triton_2d.py; `triton_reason` says when not); `auto` takes triton for covered CUDA
     calls of a non-exact rule."""
 
-    BACKENDS = (*Call2D.BACKENDS, "triton")
-
     def __init__(self, program: Program, module: types.ModuleType):
         self.program, self.module = program, module
         super().__init__(spec_2d(program, module.SPEC), {n: getattr(module, n) for n in FNS})
-        self._kernel_failures: dict[tuple, str] = {}  # (sizes, tile, dtype) -> the kernels' error
 
-    def _run(self, backend, args, tile):
-        if backend in ("triton", AUTO_KERNELS):
-            from codegen import triton_2d
-            from codegen.triton_launch import raised_by_triton
-            key = (tuple(sorted(args[5].items())), tuple(tile), str(args[0]["q"].dtype))
-            if backend == AUTO_KERNELS and key in self._kernel_failures:
-                return super()._run("tiles", args, tile)
-            try:
-                return triton_2d.tiles(self, *args, tile)
-            except Exception as err:
-                # a kernel Triton cannot compile or launch on this device: "auto" records it, warns once and
-                # runs the torch tiles (the same function); backend="triton" and any other error raise
-                if backend == "triton" or not raised_by_triton(err):
-                    raise
-                self._kernel_failures[key] = repr(err)
-                warnings.warn(f"memdsl: the Triton kernels of rule {self.name} failed here ({type(err).__name__}: "
-                              f"{err}); backend='auto' runs the torch tiles at these sizes from now on "
-                              "(backend='triton' raises the error)", RuntimeWarning, stacklevel=4)
-                return super()._run("tiles", args, tile)
-        return super()._run(backend, args, tile)
+    @property
+    def auto_kernels(self) -> bool:  # the module switch, read at each call
+        return AUTO_TRITON
+
+    def _run_kernels(self, args, tile):
+        from codegen import triton_2d
+        return triton_2d.tiles(self, *args, tile)
 
     def triton_reason(self, sizes: dict, T: int, V: int, tile: tuple[int, int] | None = None) -> str | None:
         """None when the generated Triton kernels (codegen/triton_2d.py) cover a call over T x V cells at these
@@ -348,22 +377,7 @@ class Rule2D(Call2D):
         from codegen import triton_2d
         return triton_2d.reason(self, sizes, T, V, tuple(tile or self.tile))
 
-    def _backend(self, backend: str, q: torch.Tensor, sz: dict, T: int, V: int, tile: tuple[int, int]) -> str:
-        """`auto`: the exact wavefront for a `wavefront` rule, else the Triton kernels for CUDA tensors when they
-        cover the call, else the torch tiles program. `triton` is checked here, with the reason when refused."""
-        if backend == "auto":
-            if self.algorithm == "wavefront":
-                return "wavefront"
-            covered = AUTO_TRITON and q.is_cuda and self.triton_reason(sz, T, V, tile) is None
-            return AUTO_KERNELS if covered else "tiles"
-        if backend == "triton":
-            if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-                raise ValueError("backend='triton' on CPU tensors runs only under TRITON_INTERPRET=1 (set before "
-                                 "triton is imported); use backend='tiles'")
-            why = self.triton_reason(sz, T, V, tile)
-            if why:
-                raise ValueError(f"backend='triton' does not cover this call of {self.name}: {why}")
-        return backend
+    _kernel_reason = triton_reason
 
     def module_class(self) -> type:
         """An nn.Module class for this rule: Memory(n_heads, d, **sizes), outers and initial memory learnable."""

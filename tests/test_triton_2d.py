@@ -277,7 +277,7 @@ def test_auto_falls_back_to_the_torch_tiles_when_a_kernel_fails(monkeypatch):
         calls.append(1)
         raise OutOfResources(262144, 232448, "shared memory")
     monkeypatch.setattr(triton_2d, "tiles", failing)
-    monkeypatch.setattr(twod.Rule2D, "_backend", lambda self, backend, *a: twod.AUTO_KERNELS if backend == "auto"
+    monkeypatch.setattr(twod.Rule2D, "_backend", lambda self, backend, *a: twod.Rule2D.AUTO if backend == "auto"
                         else backend)
     with pytest.warns(RuntimeWarning, match="failed here.*OutOfResources"):
         got = _run(rule, inputs, torch.float32)
