@@ -166,3 +166,44 @@ def test_classification_example_checks_itself():
                           "100", "--batch", "16"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert res.stdout.rstrip().endswith("ok")
+
+
+def periodic_splits(period: int = 6, lookback: int = 12, n_vars: int = 2) -> tuple[dict, np.ndarray]:
+    """An exactly periodic series (period `period`, no noise) cut like load_splits at borders whose split
+    starts have different phases (train 0, val 49, test 71: phases 0, 1, 5 mod 6); and its cycle [period, V]."""
+    g = np.random.default_rng(0)
+    cycle = g.standard_normal((period, n_vars)).astype(np.float32)
+    x = cycle[np.arange(110) % period]
+    b = (0, 61, 83, 110)
+    return ({"train": x[b[0]:b[1]], "val": x[b[1] - lookback:b[2]], "test": x[b[2] - lookback:b[3]],
+             "starts": {"train": b[0], "val": b[1] - lookback, "test": b[2] - lookback}}, cycle)
+
+
+@pytest.mark.parametrize("name", ["linear", "chimera"])
+def test_cycle_phase_is_each_windows_row_in_the_whole_series(name):
+    # A cycle-only forecaster (linear path and head zeroed) whose Q is the true cycle in the window-normalised
+    # frame forecasts an exactly periodic series exactly -- in every split, training batches included -- only
+    # if each window's phase is its first row's index in the whole series, mod P.
+    period, L, H = 6, 12, 8
+    splits, cycle = periodic_splits(period, L)
+    rows = ltsf.window_rows(splits["val"], L, H, splits["starts"]["val"])
+    x, _ = ltsf.windows(splits["val"], L, H)
+    assert rows[0] == 49 and torch.equal(x[3], torch.from_numpy(cycle[(int(rows[3]) + np.arange(L)) % period]))
+    torch.manual_seed(0)
+    model = ltsf.build_model(name, L, H, 2, d_model=8, tile=(8, 8), cycle=period)
+    # L is a whole number of periods: every window has the same mean and std, so the normalised cycle is fixed
+    mu, sd = cycle.mean(0), np.sqrt(cycle.var(0) + 1e-5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.cycle.copy_(torch.from_numpy((cycle - mu) / sd))
+    for split in ("train", "val", "test"):
+        start = splits["starts"][split]
+        assert ltsf.evaluate(model, splits[split], L, H, start=start)[0] < 1e-9, split
+        assert ltsf.evaluate(model, splits[split], L, H, start=start + 1)[0] > 0.1, split  # off by one row
+    logs: list[str] = []
+    res = ltsf.train_and_test(model, splits, L, H, steps=1, batch=8, lr=0.0, val_every=1, log=logs.append)
+    assert res["mse"] < 1e-9 and res["val_mse"] < 1e-9
+    assert "train mse 0.0000" in logs[0]  # the training batch's windows got their phases too
+    with pytest.raises(ValueError):
+        model(x)  # a cycle without the rows is an error, not a silent phase 0

@@ -28,9 +28,10 @@ def plot(model, splits, horizon, title, path, window=0):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     x, y = ltsf.windows(splits["test"], 96, horizon)
+    rows = ltsf.window_rows(splits["test"], 96, horizon, splits["starts"]["test"])
     model.eval()
     with torch.no_grad():
-        p = model(x[window:window + 1])[0]
+        p = model(x[window:window + 1], rows[window:window + 1])[0]
     fig, axes = plt.subplots(2, 1, figsize=(9, 5), sharex=True)
     for ax, ch, label in zip(axes, (6, 0), ("OT (oil temperature)", "HUFL (high useful load)"), strict=True):
         ax.plot(range(96), x[window, :, ch], color="0.4", label="lookback")
@@ -67,6 +68,8 @@ def main() -> int:
                     "(0: the raw weights)")
     ap.add_argument("--dt-bias", default=None, help="the two heads' Δ1 gate biases before softplus, e.g. -4,0 "
                     "(default: the model's, MODELS in ltsf.py)")
+    ap.add_argument("--cycle", type=int, default=0, help="CycleNet's residual cycle forecasting with a learned "
+                    "cycle of this many steps, e.g. 24 for hourly ETTh1 (0: off)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (2 threads on 2 busy cores is slower)")
     ap.add_argument("--tile", default=None, help="override the 2-D rule's tile, e.g. 8x8 (scan2d rules are exact for "
                     "every tile: only the speed changes; for hydra it changes the model)")
@@ -85,7 +88,8 @@ def main() -> int:
             tile = tuple(int(x) for x in args.tile.split("x")) if args.tile else None
             gate_bias = {"dt": [float(x) for x in args.dt_bias.split(",")]} if args.dt_bias else None
             model = ltsf.build_model(name, 96, h, splits["train"].shape[1], d_model=args.d_model, tile=tile,
-                                     dropout=args.dropout, layers=args.layers, mlp=args.mlp, gate_bias=gate_bias)
+                                     dropout=args.dropout, layers=args.layers, mlp=args.mlp, gate_bias=gate_bias,
+                                     cycle=args.cycle)
             steps = args.linear_steps if name == "linear" else args.steps
             print(f"{name} horizon {h}: {steps} steps, batch {args.batch}", flush=True)
             res = ltsf.train_and_test(model, splits, 96, h, steps, args.batch, lr=args.lr, seed=args.seed,
@@ -96,6 +100,7 @@ def main() -> int:
                    "seed": args.seed, "lr": args.lr, "dropout": args.dropout, "weight_decay": args.weight_decay,
                    **({"layers": args.layers} if args.layers != 1 else {}), **({"mlp": args.mlp} if args.mlp else {}),
                    **({"dt_bias": args.dt_bias} if args.dt_bias else {}),
+                   **({"cycle": args.cycle} if args.cycle else {}),
                    "params": sum(p.numel() for p in model.parameters()), **res,
                    "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                    "date": time.strftime("%Y-%m-%d %H:%M")}

@@ -4,7 +4,10 @@
 Protocol: ETTh splits at rows [0, 8640, 11520, 14400]; validation and test windows start `lookback` rows
 earlier; standard scaling fitted on the training rows only; every window with stride 1; MSE and MAE on the
 normalised scale over all channels. The model normalises each input window (RevIN-style, as iTransformer
-and PatchTST do) and predicts in that frame; errors are measured after undoing it.
+and PatchTST do) and predicts in that frame; errors are measured after undoing it. With `cycle` P > 0 the model
+also does CycleNet's residual cycle forecasting (Lin et al., NeurIPS 2024): a learned cycle Q [P, V] aligned
+to each window's phase (its first row's index in the whole csv, mod P) is removed from the normalised input
+and the cycle aligned to the horizon is added to the forecast, so windows carry their row index.
 """
 
 from __future__ import annotations
@@ -42,7 +45,14 @@ def load_splits(name: str = "ETTh1", lookback: int = 96) -> dict[str, np.ndarray
     b = BORDERS[name]
     mean, std = x[b[0]:b[1]].mean(0), x[b[0]:b[1]].std(0)
     x = ((x - mean) / std).astype(np.float32)
-    return {"train": x[b[0]:b[1]], "val": x[b[1] - lookback:b[2]], "test": x[b[2] - lookback:b[3]]}
+    return {"train": x[b[0]:b[1]], "val": x[b[1] - lookback:b[2]], "test": x[b[2] - lookback:b[3]],
+            "starts": {"train": b[0], "val": b[1] - lookback, "test": b[2] - lookback}}
+
+
+def window_rows(series: np.ndarray, lookback: int, horizon: int, start: int = 0) -> torch.Tensor:
+    """The row of each stride-1 window's first input step in the whole series ([N] int64), for a split that
+    begins at row `start` (load_splits' "starts"): window i of `windows` begins at row start + i."""
+    return torch.arange(len(series) - lookback - horizon + 1, dtype=torch.int64) + start
 
 
 def windows(series: np.ndarray, lookback: int, horizon: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,11 +140,17 @@ class CellMLP(nn.Module):
 
 class Forecaster(nn.Module):
     """Window-normalised input -> cell embedding (value, variate, time) -> mixers -> per-variate linear head,
-    plus a per-variate linear map of the input window (the DLinear-style path; `mixers=[]` is that alone)."""
+    plus a per-variate linear map of the input window (the DLinear-style path; `mixers=[]` is that alone).
+
+    With `cycle` P > 0, CycleNet's residual cycle forecasting around all of it, in the order of CycleNet's code
+    (models/CycleNet.py): normalise the window, subtract the learned cycle Q[(row + t) mod P] (row: the window's
+    first row in the whole series, `rows` of forward), forecast the residual, add Q[(row + L + s) mod P], undo
+    the normalisation. Q starts at zero, so the model starts as the one without the cycle."""
 
     def __init__(self, lookback: int, horizon: int, n_vars: int, d_model: int, mixers: list[nn.Module],
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, cycle: int = 0):
         super().__init__()
+        self.cycle = nn.Parameter(torch.zeros(cycle, n_vars)) if cycle else None
         self.value = nn.Linear(1, d_model)
         self.drop = nn.Dropout(dropout)  # on the head's input features (PatchTST's head dropout): the head is most
         # of the parameters at long horizons (L * d * horizon) and fits the 8,640 training windows too closely
@@ -144,10 +160,16 @@ class Forecaster(nn.Module):
         self.head = nn.Linear(lookback * d_model, horizon) if mixers else None
         self.linear = nn.Linear(lookback, horizon)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, V] -> [B, horizon, V]
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, V] -> [B, horizon, V]; `rows` [B]: each window's first row in the whole series (needed
+        with a cycle, ignored without)."""
         mu = x.mean(1, keepdim=True)
         sd = torch.sqrt(x.var(1, keepdim=True, unbiased=False) + 1e-5)
         xn = (x - mu) / sd
+        if self.cycle is not None:
+            if rows is None:
+                raise ValueError("a forecaster with a cycle needs each window's row index (rows)")
+            xn = xn - self._cycle(rows, 0, x.shape[1])
         out = self.linear(xn.transpose(1, 2))
         if self.mixers:
             h = self.value(xn.unsqueeze(-1)) + self.var_emb[None, None] + self.time_emb[None, :, None]
@@ -155,7 +177,16 @@ class Forecaster(nn.Module):
                 h = m(h)
             B, L, V, d = h.shape
             out = out + self.head(self.drop(h.transpose(1, 2).reshape(B, V, L * d)))
-        return out.transpose(1, 2) * sd + mu
+        out = out.transpose(1, 2)
+        if self.cycle is not None:
+            out = out + self._cycle(rows, x.shape[1], out.shape[1])
+        return out * sd + mu
+
+    def _cycle(self, rows: torch.Tensor, offset: int, length: int) -> torch.Tensor:
+        """Q at the phases of steps offset .. offset + length - 1 of each window: [B, length, V]."""
+        phase = (rows.to(self.cycle.device)[:, None] + offset + torch.arange(length, device=self.cycle.device)
+                 ) % self.cycle.shape[0]
+        return self.cycle[phase]
 
 
 MODELS = {
@@ -171,10 +202,12 @@ MODELS = {
 
 def build_model(name: str, lookback: int, horizon: int, n_vars: int, d_model: int = 16, n_heads: int = 2,
                 tile: tuple[int, int] | None = None, backend: str = "auto", dropout: float = 0.0, *,
-                layers: int = 1, mlp: int = 0, gate_bias: dict[str, list[float]] | None = None) -> Forecaster:
+                layers: int = 1, mlp: int = 0, gate_bias: dict[str, list[float]] | None = None,
+                cycle: int = 0) -> Forecaster:
     """`layers` stacked blocks, each the rule mixer followed (with `mlp` > 0) by a per-cell MLP of hidden size
     mlp * d_model; `gate_bias` overrides entries of the model's per-head gate biases. The `embed_head` control
-    keeps the per-cell MLPs and drops only the rule mixers, so it is the same model without them."""
+    keeps the per-cell MLPs and drops only the rule mixers, so it is the same model without them. `cycle` P > 0:
+    CycleNet's residual cycle forecasting with a learned cycle of P steps (Forecaster; any model)."""
     path, bias = MODELS[name]
     if gate_bias:
         bias = {**(bias or {}), **gate_bias}
@@ -185,7 +218,7 @@ def build_model(name: str, lookback: int, horizon: int, n_vars: int, d_model: in
                           else RuleMixer(str(ROOT / path), d_model, n_heads, tile, bias, backend))
             if mlp:
                 blocks.append(CellMLP(d_model, mlp))
-    return Forecaster(lookback, horizon, n_vars, d_model, blocks, dropout)
+    return Forecaster(lookback, horizon, n_vars, d_model, blocks, dropout, cycle)
 
 
 def cosine_adam(model: nn.Module, lr: float, steps: int, weight_decay: float = 0.0):
@@ -211,9 +244,13 @@ def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, 
     the validation MSE is measured every that many steps (and at the end) and the weights with the best one are
     tested (early stopping by model selection, as the published models do). With `ema` (a decay, e.g. 0.999)
     an exponential moving average of the weights is what is validated, selected and tested; the raw weights'
-    best validation MSE is recorded beside it (`val_mse_raw`: the same training run without the average)."""
+    best validation MSE is recorded beside it (`val_mse_raw`: the same training run without the average).
+    Each window's row in the whole series goes to the model (`rows`); `splits["starts"]` (load_splits) gives
+    each split's first row (0 where absent)."""
     torch.manual_seed(seed)
+    starts = splits.get("starts", {})
     xtr, ytr = windows(splits["train"], lookback, horizon)
+    rtr = window_rows(splits["train"], lookback, horizon, starts.get("train", 0))
     opt, sched = cosine_adam(model, lr, steps, weight_decay)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
@@ -224,7 +261,7 @@ def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, 
     model.train()
     for step in range(steps):
         idx = torch.randint(len(xtr), (batch,), generator=gen)
-        loss = nn.functional.mse_loss(model(xtr[idx]), ytr[idx])
+        loss = nn.functional.mse_loss(model(xtr[idx], rtr[idx]), ytr[idx])
         optimizer_step(opt, sched, loss)
         if shadow is not None:  # a plain mean of the steps so far until 1 / (1 - ema) of them: no init bias
             with torch.no_grad():
@@ -236,10 +273,11 @@ def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, 
         if val_every and ((step + 1) % val_every == 0 or step + 1 == steps):
             raw = ""
             if shadow is not None:
-                best_raw = min(best_raw, v := evaluate(model, splits["val"], lookback, horizon)[0])
+                v = evaluate(model, splits["val"], lookback, horizon, start=starts.get("val", 0))[0]
+                best_raw = min(best_raw, v)
                 raw = f"  (raw weights {v:.4f})"
             with _swapped(model, shadow):
-                val = evaluate(model, splits["val"], lookback, horizon)[0]
+                val = evaluate(model, splits["val"], lookback, horizon, start=starts.get("val", 0))[0]
                 if best is None or val < best[0]:
                     best = (val, step + 1, copy.deepcopy(model.state_dict()))
             model.train()
@@ -256,7 +294,7 @@ def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, 
         extra.update(val_mse=best[0], best_step=best[1], val_every=val_every)
         if shadow is not None:
             extra["val_mse_raw"] = best_raw
-    mse, mae = evaluate(model, splits["test"], lookback, horizon, limit=test_limit)
+    mse, mae = evaluate(model, splits["test"], lookback, horizon, limit=test_limit, start=starts.get("test", 0))
     return {"mse": mse, "mae": mae, "train_s": train_s, "eval_s": time.perf_counter() - t0 - train_s, **extra}
 
 
@@ -280,14 +318,16 @@ def _swapped(model: nn.Module, params: dict[str, torch.Tensor] | None):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, series: np.ndarray, lookback: int, horizon: int, batch: int = 256,
-             limit: int | None = None) -> tuple[float, float]:
-    """MSE and MAE over every test window (or the first `limit`, for quick checks only)."""
+             limit: int | None = None, start: int = 0) -> tuple[float, float]:
+    """MSE and MAE over every window of `series` (or the first `limit`, for quick checks only); `start`: the
+    series' first row in the whole csv (the windows' phases for a model with a cycle)."""
     model.eval()
     x, y = windows(series, lookback, horizon)
-    x, y = x[:limit], y[:limit]
+    rows = window_rows(series, lookback, horizon, start)
+    x, y, rows = x[:limit], y[:limit], rows[:limit]
     se = ae = 0.0
     for i in range(0, len(x), batch):
-        p = model(x[i:i + batch])
+        p = model(x[i:i + batch], rows[i:i + batch])
         se += (p - y[i:i + batch]).pow(2).sum().item()
         ae += (p - y[i:i + batch]).abs().sum().item()
     n = y.numel()

@@ -20,13 +20,14 @@ PUBLISHED = {  # ETTh1, lookback 96: MSE / MAE at horizons 96, 192, 336, 720 (..
 HORIZONS = (96, 192, 336, 720)
 
 
-DESIGN = ("d_model", "layers", "mlp", "dt_bias", "ema", "dropout", "weight_decay")  # what --chosen keeps apart
+DESIGN = ("d_model", "layers", "mlp", "dt_bias", "cycle", "ema", "dropout", "weight_decay")  # what --chosen keeps apart
 
 
 def design(r: dict) -> str:
     """The model-design options of a row that differ from forecast.py's defaults (lr and steps are not design:
     --chosen picks them per horizon)."""
-    default = {"d_model": 8, "layers": 1, "mlp": 0, "dt_bias": None, "ema": 0.0, "dropout": 0.0, "weight_decay": 0.0}
+    default = {"d_model": 8, "layers": 1, "mlp": 0, "dt_bias": None, "cycle": 0, "ema": 0.0, "dropout": 0.0,
+               "weight_decay": 0.0}
     return ", ".join(f"{k} {r[k]}" for k in DESIGN if r.get(k, default[k]) != default[k])
 
 
