@@ -338,5 +338,11 @@ class MemoryModule(torch.nn.Module):
     def params(self):
         return {**dict(self.outer.items()), **dict(self.init_memory.items())}
 
+    def size_kw(self) -> dict:
+        """{"sizes": ...} when the rule has a size no token carries (`dim n` without a relation), else {}: the
+        sizes option keeps a call on the torch paths, so it is passed only where it is needed."""
+        given = self.rule.spec["size_from"]
+        return {"sizes": self.sz} if any(n not in given for n in self.rule.spec["free_sizes"]) else {}
+
     def forward(self, q, k, v, gates=None, state=None, chunk=None, backend="auto"):
         return self.rule(q, k, v, gates, self.params(), state, chunk=chunk, backend=backend, sizes=self.sz)

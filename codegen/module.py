@@ -245,6 +245,15 @@ def memory(q, k, v, gates=None, params=None, state=None, *, backend="auto", cu_s
             return RULE.init_state(1, q.shape[2], sizes=RULE.sizes(k=k, v=v, q=q), device=q.device, params=params)
         return run_packed(RULE, init_one, q, k, v, gates, params, state, cu_seqlens, backend=backend, **kw)
     return RULE(q, k, v, gates, params, state, backend=backend, **kw)
+
+
+def _memory_forward(self, q, k, v, gates=None, state=None, chunk=None, backend="auto", cu_seqlens=None):
+    """Memory's forward through `memory` above: the carried kernels for CUDA tensors at their sizes."""
+    return memory(q, k, v, gates, self.params(), state, chunk=chunk, backend=backend, cu_seqlens=cu_seqlens,
+                  **self.size_kw())
+
+
+Memory.forward = _memory_forward
 '''
     imports = "import hashlib\nimport importlib.util\nimport itertools\nimport os\nfrom pathlib import Path\n"
     body = body.replace("import math\n\nimport torch\n", f"{imports}import math\n\nimport torch\n", 1)

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import linecache
 import os
+import sys
 import tempfile
 import threading
 import types
@@ -137,13 +138,30 @@ def _on_gpu(q) -> bool:
     return bool(getattr(q, "is_cuda", False))
 
 
+_MODULE_LOCK = threading.Lock()
+
+
+def new_module(name: str) -> types.ModuleType:
+    """An empty module for generated code, registered in sys.modules under a name no other module has:
+    torch.compile (dynamo) finds a function's globals by importing its module's name, so an unregistered
+    module fails it (`ModuleNotFoundError`) instead of compiling or breaking the graph."""
+    with _MODULE_LOCK:
+        unique, n = name, 1
+        while unique in sys.modules:
+            n += 1
+            unique = f"{name}_{n}"
+        mod = types.ModuleType(unique)
+        sys.modules[unique] = mod
+    return mod
+
+
 class CompiledRule:
     """A compiled rule: call it, `init_state`, `step`; `print` it to see what was compiled."""
 
     def __init__(self, source_text: str, key: str):
         self.module_source = source_text
         self.key = key
-        mod = types.ModuleType(f"memdsl_rule_{key}")
+        mod = new_module(f"memdsl_rule_{key}")
         filename = f"<memdsl rule {key}>"
         linecache.cache[filename] = (len(source_text), None, source_text.splitlines(True), filename)
         exec(builtins.compile(source_text, filename, "exec"), mod.__dict__)
@@ -153,6 +171,8 @@ class CompiledRule:
         self._triton_reasons: dict[str, str | None] = {}
         self._tiles_reasons: dict[tuple, str | None] = {}
         self._kernel_failures: dict[tuple, str] = {}  # (sizes, chunk, order, dtype) -> the kernels' error
+        self._module_class: type | None = None
+        self._eager = None  # __call__ outside torch.compile's tracing
 
     @property
     def name(self) -> str:
@@ -170,7 +190,16 @@ class CompiledRule:
                  cu_seqlens=None, **kw):
         """y, state = rule(q, k, v, gates, params, state). With `cu_seqlens` (flash-linear-attention's
         convention: B = 1, sequence i is tokens cu[i]..cu[i+1]) every packed sequence runs from its own
-        state ([N, H, ...]); y is [1, T, H, Dv] and the state has one entry per sequence."""
+        state ([N, H, ...]); y is [1, T, H, Dv] and the state has one entry per sequence.
+        Under torch.compile the call is one graph break: it runs eagerly — its programs are generated
+        already (Triton kernels, tile programs), and tracing into the generator would cost minutes."""
+        if self._eager is None:
+            import torch
+            self._eager = torch.compiler.disable(self._dispatch)
+        return self._eager(q, k, v, gates, params, state, backend=backend, cu_seqlens=cu_seqlens, **kw)
+
+    def _dispatch(self, q, k, v, gates=None, params=None, state=None, *, backend: str = "auto",
+                  cu_seqlens=None, **kw):
         from codegen.triton_launch import check_cu_seqlens, run_packed
         if cu_seqlens is not None:
             check_cu_seqlens(cu_seqlens, q)
@@ -323,8 +352,22 @@ class CompiledRule:
     def step(self, q, k, v, gates=None, state=None, params=None, **kw):
         return self.impl.step(q, k, v, gates, state, params, **kw)
 
-    def module_class(self):
-        return self.module.Memory
+    def module_class(self) -> type:
+        """The rule as an nn.Module class (outer constants and initial memory as Parameters) whose forward runs
+        through this compiled rule: the Triton kernels on CUDA, the tile programs for CPU training, else the
+        torch chunk program — what `rule(...)` itself picks (the generated module's own forward knows only
+        its torch paths). It also takes `cu_seqlens` (packed sequences)."""
+        if self._module_class is None:
+            rule = self
+
+            class Memory(self.module.Memory):
+                def forward(self, q, k, v, gates=None, state=None, chunk=None, backend="auto", cu_seqlens=None):
+                    return rule(q, k, v, gates, self.params(), state, chunk=chunk, backend=backend,
+                                cu_seqlens=cu_seqlens, **self.size_kw())
+
+            Memory.__qualname__ = Memory.__name__ = f"Memory_{self.name}"
+            self._module_class = Memory
+        return self._module_class
 
     def __repr__(self) -> str:
         sig = ("y, state = rule(q[B,T,H,Dk], k[B,T,H,Dk], v[B,T,H,Dv], gates={"

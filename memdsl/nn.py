@@ -14,6 +14,7 @@ from torch import nn
 from . import ast as A
 from .api import CompiledRule, compile
 from .driver import load_ast
+from .padding import RightAligned, check_mask, conv_input
 from .tnt import TNTSchedule, tnt_forward
 
 _ACTIVATIONS = {
@@ -53,12 +54,14 @@ class ShortConv(nn.Module):
         self.size = size
         self.conv = nn.Conv1d(channels, channels, size, groups=channels, padding=0, bias=False)
 
-    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        # x: [B, T, C]; cache: [B, size - 1, C] (the inputs before x)
+    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: [B, T, C]; cache: [B, size - 1, C] (the inputs before x); lengths: x is right-aligned (padding.py),
+        # row b's tokens are its last lengths[b]
         B, T, C = x.shape
         if cache is None:
             cache = x.new_zeros(B, self.size - 1, C)
-        full = torch.cat([cache, x], dim=1)
+        full = conv_input(x, cache, lengths)
         y = self.conv(full.transpose(1, 2)).transpose(1, 2)
         return F.silu(y), full[:, -(self.size - 1):] if self.size > 1 else full[:, :0]
 
@@ -72,6 +75,11 @@ class MemoryLayer(nn.Module):
     the full-sequence result whenever the pieces end on chunk boundaries (and always at chunk 1).
     A TNT layer carries only its global memory in the cache, so it takes one only with `tnt_segments=True`,
     for segments that start on multiples of C_G and of every S_L (memdsl.distributed chains shards so).
+    `attention_mask` ([B, S ≥ T], 1 = token, 0 = padding; while decoding, past and new tokens): each row runs
+    as its own unpadded sequence (the rule gets packed sequences, memdsl/padding.py), so left-padded prompts,
+    right-padded batches and rows that stop while others decode give every row its unpadded result; the
+    output is zero at padding. The rule call itself goes through the compiled rule's dispatch (Triton on
+    CUDA, the tile programs for CPU training).
 
     `max_lr` caps the inner learning rate like titans-pytorch's `max_lr`: the rule's lr gate (`lr_gate`, by
     default the one gate in its `optim ...(lr = ...)`) is read as max_lr·sigmoid(x) instead of through its
@@ -121,16 +129,21 @@ class MemoryLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: dict | None = None, use_cache: bool = False, tnt_segments: bool = False, **kwargs):
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("MemoryLayer does not support padding masks; pass unpadded sequences")
         B, T, _ = hidden_states.shape
         H = self.n_heads
+        # padding: every row's tokens right-aligned, the rule fed packed sequences (memdsl/padding.py)
+        mask = None if attention_mask is None else check_mask(attention_mask, B, T)
+        aligned = None if mask is None or bool(mask.all()) else RightAligned(mask)
+        if aligned is not None and self.tnt is not None:
+            raise ValueError("attention_mask with padding: TNT layers take unpadded sequences only (their local "
+                             "memories reset on absolute positions); pass each sequence unpadded")
         cache = (past_key_values or {}).get(self.layer_idx) if past_key_values is not None else None
-        x = hidden_states
+        x = hidden_states if aligned is None else aligned.align(hidden_states)
         new_conv = {}
         proj = {"q": self.q_proj(x), "k": self.k_proj(x), "v": self.v_proj(x)}
         for n in ("q", "k", "v"):
-            proj[n], new_conv[n] = self.convs[n](proj[n], None if cache is None else cache["conv"][n])
+            proj[n], new_conv[n] = self.convs[n](proj[n], None if cache is None else cache["conv"][n],
+                                                 None if aligned is None else aligned.lengths)
         q = F.normalize(proj["q"].view(B, T, H, -1), dim=-1)
         k = F.normalize(proj["k"].view(B, T, H, -1), dim=-1)
         v = proj["v"].view(B, T, H, -1)
@@ -152,13 +165,26 @@ class MemoryLayer(nn.Module):
             params = {f"{m}.{n}": p for m, mod in self.memories.items() for n, p in mod.params().items()}
             y, state = tnt_forward(self.rule, [self.rule] * len(self.tnt.locals), q, k, v, gates, params, self.tnt,
                                    state=None if cache is None else cache["state"], return_state=True)
-        else:
+        elif aligned is None:
             state = None if cache is None else cache["state"]
             y, state = self.memories["main"](q, k, v, gates, state=state, chunk=self.chunk)
+        else:  # one packed sequence per row, each from its own state; padding's outputs are zero
+            state = None if cache is None else cache["state"]
+            y, state = self.memories["main"](aligned.pack(q), aligned.pack(k), aligned.pack(v),
+                                             {n: aligned.pack(g) for n, g in gates.items()}, state=state,
+                                             chunk=self.chunk, cu_seqlens=aligned.cu_seqlens())
+            y = aligned.unpack(y)
+            window = self.rule.spec["window"]
+            if use_cache and window > 1 and "hist.k" not in state:
+                raise ValueError(f"attention_mask: rule {self.rule.name} carries the last {window - 1} tokens of each "
+                                 f"row (its window) in the cache, and a row here has fewer so far "
+                                 f"({aligned.lengths.tolist()} tokens in this call): decode such rows on their own")
         y = self.out_norm(y.to(x.dtype))
         if self.g_proj is not None:
             y = y * torch.sigmoid(self.g_proj(x).view(B, T, H, -1))
         out = self.o_proj(y.reshape(B, T, -1))
+        if aligned is not None:
+            out = aligned.restore(out * aligned.mask[..., None].to(out.dtype))
         if use_cache:
             past_key_values = {} if past_key_values is None else past_key_values
             past_key_values[self.layer_idx] = {"conv": new_conv, "state": state}

@@ -185,6 +185,7 @@ class Call2D:
             out[name] = w
         return out
 
+    @torch.compiler.disable  # under torch.compile: one graph break, run eagerly (see CompiledRule.__call__)
     def __call__(self, q, k, v, gates=None, params=None, state=None, *, backend: str = "auto",
                  tile: tuple[int, int] | None = None, sizes: dict | None = None):
         if backend not in self.BACKENDS:
@@ -421,7 +422,8 @@ def compile_2d(path_or_source: str, tile: tuple[int, int] | None = None, semanti
     if key in _MEMO:
         return _MEMO[key]
     p = program_2d(path_or_source, tile, semantics)
-    mod = types.ModuleType(f"memdsl_rule2d_{p.name}")
+    from .api import new_module
+    mod = new_module(f"memdsl_rule2d_{p.name}")
     exec(compile(generate(p), f"<memdsl 2-D rule {p.name}>", "exec"), mod.__dict__)  # our own generated code
     rule = Rule2D(p, mod)
     rule.source = source  # the Triton path rebuilds the program with its gradient factors exposed

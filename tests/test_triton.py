@@ -236,6 +236,16 @@ def test_standalone_module_carries_its_kernels(tmp_path, name):
     with pytest.raises(ValueError, match="no Triton kernel in this module"):
         q = torch.randn(1, 4, 1, 32)
         mod.memory(q, q, q, {n: torch.rand(1, 4, 1) for n in gates}, backend="triton")
+    # its nn.Module runs through the same dispatch (the carried kernels, packed sequences)
+    memory = mod.Memory(2, 16)
+    y_mod, _ = memory(tok["q"], tok["k"], tok["v"], gates, backend="triton")
+    y_fn, _ = mod.memory(tok["q"], tok["k"], tok["v"], gates, memory.params(), backend="triton")
+    assert torch.equal(y_mod, y_fn)
+    cu = torch.tensor([0, 20, 37])
+    y_packed, s_packed = memory(tok["q"], tok["k"], tok["v"], gates, cu_seqlens=cu, backend=ref)
+    y_first, _ = memory(tok["q"][:, :20], tok["k"][:, :20], tok["v"][:, :20], {n: g[:, :20] for n, g in gates.items()},
+                        backend=ref)
+    assert rel_rms(y_packed[:, :20], y_first) <= 1e-6 and all(s.shape[0] == 2 for s in s_packed.values())
 
 
 def test_kernel_reason_knows_sizes():
