@@ -203,18 +203,30 @@ def _hyper(impl, spec, gates_bht, outers, sz, T, chunk, q, cu_seqlens) -> list[t
 
 
 def run_packed(call, init_state, q, k, v, gates, params, state, cu_seqlens, **kw):
-    """Packed sequences on a path without varlen support: one call per sequence, states stacked.
-    `call(q, k, v, gates, params, state, **kw)` runs one sequence; the reference for the kernels."""
-    ys, states = [], []
-    for i, (lo, hi) in enumerate(itertools.pairwise(cu_seqlens.tolist())):
-        own = None if state is None else {n: s[i:i + 1] for n, s in state.items()}
-        if hi == lo:  # an empty sequence keeps its state
-            states.append(own if own is not None else init_state())
+    """Packed sequences on a path without varlen support, states stacked; the reference for the kernels.
+    `call(q, k, v, gates, params, state, **kw)` runs a batch of equally long sequences: the sequences of
+    each length run as one batch (a padded batch is mostly full rows: a few calls, not one per row)."""
+    bounds = list(itertools.pairwise(cu_seqlens.tolist()))
+    by_length: dict[int, list[int]] = {}
+    for i, (lo, hi) in enumerate(bounds):
+        by_length.setdefault(hi - lo, []).append(i)
+    pieces: dict[int, torch.Tensor] = {}  # sequence -> its y [1, length, H, Dv]
+    states: list[dict | None] = [None] * len(bounds)
+    for length, seqs in by_length.items():
+        own = None if state is None else {n: s[seqs] for n, s in state.items()}
+        if length == 0:  # an empty sequence keeps its state
+            for j, i in enumerate(seqs):
+                states[i] = {n: s[j:j + 1] for n, s in own.items()} if own is not None else init_state()
             continue
-        sl = slice(lo, hi)
-        y, s = call(q[:, sl], k[:, sl], v[:, sl], {n: g[:, sl] for n, g in (gates or {}).items()}, params, own, **kw)
-        ys.append(y)
-        states.append(s)
+        rows = [slice(bounds[i][0], bounds[i][1]) for i in seqs]
+
+        def batch(x, rows=rows):
+            return torch.cat([x[:, r] for r in rows])
+        y, s = call(batch(q), batch(k), batch(v), {n: batch(g) for n, g in (gates or {}).items()}, params, own, **kw)
+        for j, i in enumerate(seqs):
+            pieces[i] = y[j:j + 1]
+            states[i] = {n: t[j:j + 1] for n, t in s.items()}
+    ys = [pieces[i] for i in range(len(bounds)) if i in pieces]
     y = torch.cat(ys, dim=1) if ys else q.new_zeros(*q.shape[:3], v.shape[-1])
     return y, _stack_states(states)
 

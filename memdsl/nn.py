@@ -79,7 +79,7 @@ class MemoryLayer(nn.Module):
     as its own unpadded sequence (the rule gets packed sequences, memdsl/padding.py), so left-padded prompts,
     right-padded batches and rows that stop while others decode give every row its unpadded result; the
     output is zero at padding. The rule call itself goes through the compiled rule's dispatch (Triton on
-    CUDA, the tile programs for CPU training).
+    CUDA, the tile programs for CPU training); `backend` (a plain attribute) fixes one, as in `rule(...)`.
 
     `max_lr` caps the inner learning rate like titans-pytorch's `max_lr`: the rule's lr gate (`lr_gate`, by
     default the one gate in its `optim ...(lr = ...)`) is read as max_lr·sigmoid(x) instead of through its
@@ -90,7 +90,7 @@ class MemoryLayer(nn.Module):
     def __init__(self, rule: str | CompiledRule, d_model: int, n_heads: int, head_dim: int | None = None,
                  conv_size: int = 4, chunk: int | None = None, output_gate: bool = True,
                  norm_eps: float = 1e-5, layer_idx: int = 0, tnt: TNTSchedule | None = None,
-                 max_lr: float | None = None, lr_gate: str | None = None):
+                 max_lr: float | None = None, lr_gate: str | None = None, backend: str = "auto"):
         super().__init__()
         self.rule = rule if isinstance(rule, CompiledRule) else compile(rule)
         if lr_gate is not None and lr_gate not in self.rule.spec["gates"]:
@@ -100,7 +100,7 @@ class MemoryLayer(nn.Module):
         self.max_lr = max_lr
         self.d_model, self.n_heads = d_model, n_heads
         self.head_dim = head_dim or d_model // n_heads
-        self.chunk, self.layer_idx = chunk, layer_idx
+        self.chunk, self.layer_idx, self.backend = chunk, layer_idx, backend
         spec_tnt = self.rule.spec.get("tnt")
         if tnt is None and spec_tnt is not None:  # the rule file's schedule block asks for a TNT hierarchy
             tnt = TNTSchedule(spec_tnt["global_chunk"], tuple(map(tuple, spec_tnt["locals"])),
@@ -167,12 +167,13 @@ class MemoryLayer(nn.Module):
                                    state=None if cache is None else cache["state"], return_state=True)
         elif aligned is None:
             state = None if cache is None else cache["state"]
-            y, state = self.memories["main"](q, k, v, gates, state=state, chunk=self.chunk)
+            y, state = self.memories["main"](q, k, v, gates, state=state, chunk=self.chunk, backend=self.backend)
         else:  # one packed sequence per row, each from its own state; padding's outputs are zero
             state = None if cache is None else cache["state"]
             y, state = self.memories["main"](aligned.pack(q), aligned.pack(k), aligned.pack(v),
                                              {n: aligned.pack(g) for n, g in gates.items()}, state=state,
-                                             chunk=self.chunk, cu_seqlens=aligned.cu_seqlens())
+                                             chunk=self.chunk, backend=self.backend,
+                                             cu_seqlens=aligned.cu_seqlens())
             y = aligned.unpack(y)
             window = self.rule.spec["window"]
             if use_cache and window > 1 and "hist.k" not in state:
