@@ -403,7 +403,10 @@ def print_program(g: TileGraph, carried: dict[str, int], chunked: set[str], resu
     lines += [f"    t{j} = L_t{j}" for j in keep] + [f"    i_{n} = S_{n}" for n in starts]
     # ---- after the loop: every chunk at once ---------------------------------------------------------
     lines += _with_dels(stmts(plan.post, "post"), {ref(j, "post") for j in results.values()})
-    out = [f"{k!r}: {ref(j, 'post')}" for k, j in results.items()] + [f"'final:{n}': final_{n}" for n in carried]
+    def result(j: int) -> str:  # a constant tile prints as a number (a 1 x 1 one always): results are tensors
+        r = ref(j, "post")
+        return r if r.isidentifier() else f"torch.full({tuple(g.shape(j))}, {r}, dtype=DT)"
+    out = [f"{k!r}: {result(j)}" for k, j in results.items()] + [f"'final:{n}': final_{n}" for n in carried]
     lines.append("    return {" + ", ".join(out) + "}")
     return "\n".join(lines) + "\n"
 

@@ -164,7 +164,8 @@ class MemoryLayer(nn.Module):
                                  "tnt_segments=True to chain segments that start on multiples of C_G and every S_L")
             params = {f"{m}.{n}": p for m, mod in self.memories.items() for n, p in mod.params().items()}
             y, state = tnt_forward(self.rule, [self.rule] * len(self.tnt.locals), q, k, v, gates, params, self.tnt,
-                                   state=None if cache is None else cache["state"], return_state=True)
+                                   backend=self.backend, state=None if cache is None else cache["state"],
+                                   return_state=True)
         elif aligned is None:
             state = None if cache is None else cache["state"]
             y, state = self.memories["main"](q, k, v, gates, state=state, chunk=self.chunk, backend=self.backend)

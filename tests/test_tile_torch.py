@@ -421,3 +421,21 @@ def test_backward_computes_only_the_gradients_asked_for(wrt, T):
     inner = ".sum((-2, -1), keepdim=True)"  # <state, cotangent>: the decay products' adjoints
     assert (inner in bwd.source(T % 16 != 0, stash=True, wrt=want)) == ("theta" in wrt)
     assert inner in bwd.source(T % 16 != 0, stash=True)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_initial_memory_gradient_alone(chunk):
+    """Only the learned initial memory needs a gradient (a frozen model's memory fine-tuned; TNT stage two):
+    every result comes back, and at chunk 1 the gates' direct terms are constant tiles, which the printer
+    once returned as Python floats (`'tok_theta': 0.0`) and the driver crashed on."""
+    rule = memdsl.compile("rules/titans.mem")
+    tok, gates, params = make_inputs(rule, B=2, T=7, H=2, D=4, dtype=torch.float32)
+    grads = {}
+    for backend in ("tiles", "chunk"):
+        p = {n: t.clone().requires_grad_() for n, t in params.items()}
+        y, state = rule(tok["q"], tok["k"], tok["v"], gates, p, chunk=chunk, backend=backend)
+        (y.sin().sum() + sum(s.square().sum() for s in state.values())).backward()
+        grads[backend] = {n: t.grad for n, t in p.items()}
+    assert grads["tiles"].keys() == grads["chunk"].keys() == {"W1", "W2"}
+    for n in grads["chunk"]:
+        assert rel_rms(grads["tiles"][n], grads["chunk"][n]) < 1e-5, n
