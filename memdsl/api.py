@@ -369,6 +369,11 @@ class CompiledRule:
             self._module_class = Memory
         return self._module_class
 
+    def __deepcopy__(self, memo) -> CompiledRule:
+        """Itself: a compiled rule is immutable and shared (copy.deepcopy of a model — EMA, SWA's AveragedModel —
+        copies the layers' parameters, not their compiled rules; a module object cannot be copied anyway)."""
+        return self
+
     def __repr__(self) -> str:
         sig = ("y, state = rule(q[B,T,H,Dk], k[B,T,H,Dk], v[B,T,H,Dv], gates={"
                + ", ".join(f"{g}: [B,T,H{',n' if info['channels'] else ''}]" for g, info in self.spec["gates"].items())

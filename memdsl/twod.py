@@ -364,6 +364,9 @@ class Rule2D(Kernels2D):
         self.program, self.module = program, module
         super().__init__(spec_2d(program, module.SPEC), {n: getattr(module, n) for n in FNS})
 
+    def __deepcopy__(self, memo) -> Rule2D:
+        return self  # immutable and shared, as memdsl.api.CompiledRule
+
     @property
     def auto_kernels(self) -> bool:  # the module switch, read at each call
         return AUTO_TRITON

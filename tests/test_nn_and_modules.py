@@ -98,3 +98,21 @@ def test_generated_module_equals_in_process(path, tmp_path):
     layer = mod.Memory(n_heads=2, d=3)
     y_mod, _ = layer(tok["q"].float(), tok["k"].float(), tok["v"].float(), {n: g.float() for n, g in gates.items()})
     assert y_mod.shape == y_in.shape
+
+
+def test_memory_layer_deep_copies():
+    """copy.deepcopy of a model (EMA, torch.optim.swa_utils.AveragedModel) copies parameters and shares the
+    compiled rule (it held a module object, which deepcopy cannot copy)."""
+    import copy
+    torch.manual_seed(0)
+    layer = MemoryLayer("rules/titans.mem", d_model=16, n_heads=2)
+    twin = copy.deepcopy(layer)
+    assert twin.rule is layer.rule
+    assert twin.memory.init_memory["W1"] is not layer.memory.init_memory["W1"]
+    x = torch.randn(1, 5, 16)
+    assert torch.equal(twin(x)[0], layer(x)[0])
+    with torch.no_grad():
+        twin.memory.init_memory["W1"].add_(1.0)
+    assert not torch.equal(twin(x)[0], layer(x)[0])
+    hydra = memdsl.compile("rules/hydra.mem").module_class()(2, 4)
+    assert copy.deepcopy(hydra).rule is hydra.rule

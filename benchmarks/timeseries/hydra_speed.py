@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import pathlib
 import statistics
@@ -39,6 +40,14 @@ def step_time(rule, inputs, backend, tile, repeat):
     return statistics.median(times)
 
 
+def _compiled_step(fn, inputs):
+    q, k, v, gates = inputs
+    t0 = time.perf_counter()
+    y, _ = fn(q, k, v, gates)
+    y.square().mean().backward()
+    return time.perf_counter() - t0
+
+
 def runtime_at(rev):
     """Runtime2D from codegen/runtime_2d.py at a git revision."""
     root = pathlib.Path(__file__).resolve().parents[2]
@@ -61,6 +70,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--floor", action="store_true", help="also time the per-cell gradient + read over every cell in "
                     "one batched call (materialised states, no recurrence): a bound no schedule of these ops beats")
+    ap.add_argument("--compile", action="store_true", help="also time tiles and wavefront under torch.compile "
+                    "(inductor; compiling the wavefront's 102 steps takes minutes): the fused per-cell work")
     ap.add_argument("--against-rev", default=None, help="also time the tiles of codegen/runtime_2d.py as of this git "
                     "revision (the same model: a before/after of the runtime)")
     args = ap.parse_args()
@@ -83,6 +94,19 @@ def main() -> int:
         from hydra_train import floor_seconds
         runs.append(("floor: per-cell gradient + read, all cells at once",
                      lambda: floor_seconds(rule, B, T, V, H, D, 1)))
+    if args.compile:
+        # a rule call is a graph break under torch.compile (Rule2D.__call__ is torch.compiler.disable'd): compile
+        # the undecorated call itself, so inductor fuses the per-cell ops of both schedules
+        call = functools.partial(type(rule).__call__.__wrapped__, rule)
+        for backend, tile in (("tiles", rule.tile), ("wavefront", None)):
+            fn = torch.compile(lambda q, k, v, g, backend=backend, tile=tile: call(q, k, v, g, backend=backend,
+                                                                                   tile=tile))
+            t0 = time.perf_counter()
+            y, _ = fn(q, k, v, gates)
+            y.square().mean().backward()
+            print(f"torch.compile of {backend}: {time.perf_counter() - t0:.0f} s (first call, compiling)",
+                  file=sys.stderr, flush=True)
+            runs.append((f"{backend} under torch.compile", lambda fn=fn: _compiled_step(fn, inputs)))
     if args.against_rev:
         old = compile_2d(str(pathlib.Path(__file__).resolve().parents[2] / "rules" / "hydra.mem"))
         old = copy.copy(old)
