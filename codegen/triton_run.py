@@ -8,7 +8,7 @@ sources from the rule's program.
 from __future__ import annotations
 
 from .triton_gen import Unsupported, generate_backward, generate_forward
-from .triton_launch import launch, load_kernel
+from .triton_launch import launch, load_kernel, raised_by_triton
 
 _KERNELS: dict[str, object] = {}
 _REASONS: dict[str, str | None] = {}
@@ -59,11 +59,42 @@ def kernel_sources(rule, sizes: dict[str, int], chunk: int) -> tuple[str, str]:
     return generate_forward(program, rule.spec, sizes, chunk), generate_backward(program, rule.spec, sizes, chunk)
 
 
-def run_triton(rule, q, k, v, gates, params, state, chunk, cu_seqlens=None, read_order=None):
-    """The Triton path of a compiled rule: [B, T, H, D] in, (y, state) out, differentiable."""
+class BackwardWithFallback:
+    """A backward kernel that, when Triton cannot compile or launch it here (the backward is compiled at the
+    first backward, after its forward ran: a larger kernel, e.g. out of shared memory), reports the failure
+    and runs the torch-printed tile program instead — same calling convention, same buffers, so autograd
+    never sees the difference. Only `backend="auto"` asks for this; packed sequences and rules without a tile
+    program raise as before."""
+
+    def __init__(self, kernel, rule, sizes: dict[str, int], chunk: int, read_order: str | None, on_failure):
+        self.kernel, self.rule, self.sizes, self.chunk = kernel, rule, sizes, chunk
+        self.read_order, self.on_failure = read_order, on_failure
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            try:
+                return self.kernel[grid](*args, **kw)
+            except Exception as err:
+                if not raised_by_triton(err) or kw.get("VARLEN") or \
+                        self.rule.tiles_reason(self.read_order, self.sizes, self.chunk) is not None:
+                    raise
+                self.on_failure(err)
+            from .tile_torch_kernel import kernel_for as tiles_for
+            return tiles_for(self.rule, self.sizes, self.chunk, "bwd", self.read_order)[grid](*args, **kw)
+        return run
+
+
+def run_triton(rule, q, k, v, gates, params, state, chunk, cu_seqlens=None, read_order=None,
+               on_backward_failure=None):
+    """The Triton path of a compiled rule: [B, T, H, D] in, (y, state) out, differentiable. With
+    `on_backward_failure(err)`, a backward kernel Triton cannot run here falls back (BackwardWithFallback)."""
     def get_kernel(direction: str, sizes: dict[str, int], c: int):
-        return kernel_for(rule, sizes, c, direction, read_order)
+        kernel = kernel_for(rule, sizes, c, direction, read_order)
+        if direction == "bwd" and on_backward_failure is not None:
+            return BackwardWithFallback(kernel, rule, sizes, c, read_order, on_backward_failure)
+        return kernel
     return launch(rule.impl, rule.spec, get_kernel, q, k, v, gates, params, state, chunk or rule.chunk, cu_seqlens)
 
 
-__all__ = ["Unsupported", "kernel_for", "kernel_reason", "kernel_sources", "program_for", "run_triton"]
+__all__ = ["BackwardWithFallback", "Unsupported", "kernel_for", "kernel_reason", "kernel_sources", "program_for",
+           "run_triton"]

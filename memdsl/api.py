@@ -215,9 +215,12 @@ class CompiledRule:
                 raise ValueError(f"rule {self.name} has no Triton kernel yet: {self.triton_reason(read_order)}")
             if unknown:
                 raise ValueError(f"the Triton path does not take {sorted(unknown)} yet: use a torch backend")
+            def backward_failed(err: Exception) -> None:
+                self._kernel_failed(q, k, v, kw.get("chunk"), read_order, err)
             try:
                 return triton_run.run_triton(self, q, k, v, gates, params, state, kw.get("chunk"), cu_seqlens,
-                                             read_order)
+                                             read_order, on_backward_failure=None if backend == "triton"
+                                             else backward_failed)
             except Exception as err:
                 # a generated kernel that Triton cannot compile or launch here (e.g. out of shared memory on
                 # this GPU): "auto" records it and takes the torch program; backend="triton" raises
@@ -247,8 +250,9 @@ class CompiledRule:
         return tuple(sorted(sizes.items())), c, read_order or self.spec["read_order"], str(q.dtype)
 
     def _kernel_failed(self, q, k, v, chunk, read_order, err: Exception) -> None:
-        """Remember (per process) that the kernels failed at these sizes, and say so once. A failure of the
-        backward kernel, compiled at the first backward, is not caught here: it raises there."""
+        """Remember (per process) that the kernels failed at these sizes, and say so once. The backward kernel,
+        compiled at the first backward, reports here too (codegen/triton_run.py: that backward then runs the
+        torch tile program on the same buffers)."""
         import warnings
         self._kernel_failures[self._failure_key(q, k, v, chunk, read_order)] = repr(err)
         warnings.warn(f"memdsl: the Triton kernels of rule {self.name} failed here ({type(err).__name__}: {err}); "

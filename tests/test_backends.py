@@ -231,6 +231,48 @@ def test_auto_falls_back_to_torch_when_a_kernel_fails_on_the_device(monkeypatch)
         fresh(t2["q"], t2["k"], t2["v"], g2, p2)
 
 
+def test_auto_falls_back_when_the_backward_kernel_fails_on_the_device(monkeypatch):
+    """The backward kernel is compiled at the first backward, after its forward ran. When Triton cannot run it
+    (out of shared memory, say), backend="auto" warns, computes that backward with the torch tile program on
+    the same buffers (the gradients equal the torch path's) and runs the torch program at these sizes from
+    then on; backend="triton" raises. No GPU: the device check is replaced, the forward kernel runs in
+    Triton's interpreter, the backward kernel fails as the device would."""
+    from triton.runtime.errors import OutOfResources
+
+    from codegen import triton_run
+    rule = memdsl.compile("rules/titans_linear.mem")
+    tok, gates, params = make_inputs(rule, B=1, T=37, H=2, D=16, dtype=torch.float32)
+    kernel_for = triton_run.kernel_for
+    built = []
+
+    class Failing:
+        def __getitem__(self, grid):
+            def run(*a, **kw):
+                raise OutOfResources(262144, 232448, "shared memory")
+            return run
+
+    def kernels(rule, sizes, chunk, direction="fwd", read_order=None):
+        built.append(direction)
+        return Failing() if direction == "bwd" else kernel_for(rule, sizes, chunk, direction, read_order)
+    monkeypatch.setattr("memdsl.api._on_gpu", lambda q: True)
+    monkeypatch.setattr(triton_run, "kernel_for", kernels)
+
+    def grads(backend):
+        leaves = {n: t.clone().requires_grad_() for n, t in {**tok, **gates}.items()}
+        y, _ = rule(leaves["q"], leaves["k"], leaves["v"], {n: leaves[n] for n in gates}, params, backend=backend)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return [leaves[n].grad for n in leaves]
+    want = grads("chunk")
+    with pytest.warns(RuntimeWarning, match="failed here.*OutOfResources"):
+        got = grads("auto")
+    assert built == ["fwd", "bwd"]
+    assert all(rel_rms(a, b) < 1e-5 for a, b in zip(got, want, strict=True))
+    grads("auto")  # remembered: the torch program, no kernel built again
+    assert built == ["fwd", "bwd"]
+    with pytest.raises(OutOfResources):
+        grads("triton")
+
+
 def test_which_errors_count_as_tritons():
     """The fallback above takes Triton's own errors only: its exception classes, or an error raised inside
     the triton package (its compiler passes raise plain RuntimeErrors); never an error of the call."""
