@@ -10,6 +10,22 @@ import math
 import torch
 
 
+class _NoContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def no_autocast(x):
+    """A context without autocast on x's device: a rule's programs choose their own precision (under autocast a
+    bf16 matmul feeds an fp32 in-place state update, which fails; and states must not silently drop to bf16).
+    The rule computes in its inputs' dtype, as without autocast."""
+    device = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else _NoContext()
+
+
 class CompiledRuleModule:
     BACKENDS = ("auto", "loop", "anchored_loop", "chunk", "materialized", "dual", "wy")
 
@@ -137,6 +153,11 @@ class CompiledRuleModule:
                  read_order=None, check_finite=False):
         """y, state = rule(q, k, v, gates, params, state). Tensors [B, T, H, D]; y is [B, T, H, Dv].
         check_finite=True: stop at the first NaN/Inf with a NonFiniteError naming the tensor and chunk."""
+        with no_autocast(q):
+            return self._call(q, k, v, gates, params, state, chunk=chunk, backend=backend, sizes=sizes,
+                              read_order=read_order, check_finite=check_finite)
+
+    def _call(self, q, k, v, gates, params, state, *, chunk, backend, sizes, read_order, check_finite):
         if check_finite:
             return self._call_checked(q, k, v, gates, params, state, chunk=chunk, backend=backend, sizes=sizes,
                                       read_order=read_order)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .frontend_torch import no_autocast
+
 HYPER_NAMES = ("lr", "mu", "keep", "scale")  # the kernels' hyper-parameter inputs, in signature order
 
 
@@ -106,6 +108,12 @@ class TritonChunk(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, *dstates):
+        grad = next((t for t in (dy, *dstates) if t is not None), None)
+        with no_autocast(grad):  # a backward called under autocast: the programs keep their own precision
+            return TritonChunk._backward(ctx, dy, *dstates)
+
+    @staticmethod
+    def _backward(ctx, dy, *dstates):
         get_kernel, chunk, sizes, n_gates, n_outers, cu_seqlens = ctx.meta
         bwd = get_kernel("bwd", sizes, chunk)
         q, k, v, lr, mu, keep, scale, *rest = ctx.saved_tensors

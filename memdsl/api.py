@@ -196,7 +196,8 @@ class CompiledRule:
         if self._eager is None:
             import torch
             self._eager = torch.compiler.disable(self._dispatch)
-        return self._eager(q, k, v, gates, params, state, backend=backend, cu_seqlens=cu_seqlens, **kw)
+        with self.module.no_autocast(q):  # the programs choose their own precision (frontend_torch.no_autocast)
+            return self._eager(q, k, v, gates, params, state, backend=backend, cu_seqlens=cu_seqlens, **kw)
 
     def _dispatch(self, q, k, v, gates=None, params=None, state=None, *, backend: str = "auto",
                   cu_seqlens=None, **kw):

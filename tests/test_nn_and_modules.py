@@ -116,3 +116,20 @@ def test_memory_layer_deep_copies():
     assert not torch.equal(twin(x)[0], layer(x)[0])
     hydra = memdsl.compile("rules/hydra.mem").module_class()(2, 4)
     assert copy.deepcopy(hydra).rule is hydra.rule
+
+
+@pytest.mark.parametrize("backend", ["auto", "chunk"])
+def test_memory_layer_trains_under_autocast(backend):
+    """Mixed precision: under torch.autocast a bf16 matmul once fed the programs' fp32 in-place state updates
+    (RuntimeError, forward on both paths and the tile programs' backward). The rule now runs without autocast
+    in its inputs' dtype (the bf16 projections'), forward and backward."""
+    torch.manual_seed(0)
+    layer = MemoryLayer("rules/titans.mem", d_model=32, n_heads=2, chunk=8, backend=backend)
+    x = torch.randn(2, 24, 32)
+    want, _, _ = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _, _ = layer(x)
+        y.float().square().mean().backward()
+    assert y.dtype == torch.bfloat16
+    assert rel_rms(y.float(), want) < 5e-2
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
