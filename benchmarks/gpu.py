@@ -181,6 +181,32 @@ def twod_rows(deadline: float, B: int = 16) -> list[dict]:
     return rows
 
 
+def layer_rows(deadline: float, B: int = 8, T: int = 2048, d_model: int = 1024, heads: int = 16) -> list[dict]:
+    """MemoryLayer training steps (forward + backward, every parameter's gradient), the rule call through
+    the kernels (`auto`) and through the torch chunk program (what the layer ran before 99cb1ed), fp32 and
+    under bf16 autocast."""
+    from memdsl.nn import MemoryLayer
+    rows = []
+    for name, chunk in (("titans", 64), ("gated_deltanet", 64)):
+        layer = MemoryLayer(str(ROOT / "rules" / f"{name}.mem"), d_model=d_model, n_heads=heads, chunk=chunk).cuda()
+        x = torch.randn(B, T, d_model, device="cuda")
+        for backend, amp in (("auto", False), ("chunk", False), ("auto", True)):
+            label = f"MemoryLayer {name}" + (" (bf16 autocast)" if amp else "")
+            if time.time() > deadline:
+                rows.append({"rule": label, "shape": (B, T, d_model), "backend": backend,
+                             "error": "time budget spent"})
+                continue
+
+            def step(backend=backend, amp=amp, layer=layer, x=x):
+                layer.backend = backend
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    out, _, _ = layer(x)
+                out.float().square().mean().backward()
+                layer.zero_grad(set_to_none=True)
+            rows.append(timed_row(label, (B, T, d_model), backend, step, None))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "gpu.json"))
@@ -204,6 +230,7 @@ def main() -> None:
             rows += memdsl_rows(name, shape, chunk, peak, deadline)
         if time.time() < deadline:
             rows += peer_rows(shape)
+    rows += layer_rows(deadline)  # fwd_ms of these rows is a whole training step
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"bf16_peak_tflops": peak / 1e12, "rows": rows,
                                           "device": torch.cuda.get_device_name(),
