@@ -14,7 +14,7 @@ from torch import nn
 from . import ast as A
 from .api import CompiledRule, compile
 from .driver import load_ast
-from .padding import RightAligned, check_mask, conv_input
+from .padding import Aligned, check_mask, conv_input
 from .tnt import TNTSchedule, tnt_forward
 
 _ACTIVATIONS = {
@@ -131,19 +131,22 @@ class MemoryLayer(nn.Module):
                 past_key_values: dict | None = None, use_cache: bool = False, tnt_segments: bool = False, **kwargs):
         B, T, _ = hidden_states.shape
         H = self.n_heads
-        # padding: every row's tokens right-aligned, the rule fed packed sequences (memdsl/padding.py)
+        # padding (memdsl/padding.py): tokens first and one call, or tokens last and packed sequences when the
+        # cache (the state after each row's last token) is returned
         mask = None if attention_mask is None else check_mask(attention_mask, B, T)
-        aligned = None if mask is None or bool(mask.all()) else RightAligned(mask)
+        aligned = None if mask is None or bool(mask.all()) else Aligned(mask, tokens_first=not use_cache)
         if aligned is not None and self.tnt is not None:
             raise ValueError("attention_mask with padding: TNT layers take unpadded sequences only (their local "
                              "memories reset on absolute positions); pass each sequence unpadded")
         cache = (past_key_values or {}).get(self.layer_idx) if past_key_values is not None else None
-        x = hidden_states if aligned is None else aligned.align(hidden_states)
+        x = hidden_states
+        if aligned is not None:  # padding zeroed: whatever it holds, what the memory does after a row is bounded
+            x = aligned.align(torch.where(mask[..., None], hidden_states, 0))
         new_conv = {}
         proj = {"q": self.q_proj(x), "k": self.k_proj(x), "v": self.v_proj(x)}
+        lengths = None if aligned is None or aligned.tokens_first else aligned.lengths
         for n in ("q", "k", "v"):
-            proj[n], new_conv[n] = self.convs[n](proj[n], None if cache is None else cache["conv"][n],
-                                                 None if aligned is None else aligned.lengths)
+            proj[n], new_conv[n] = self.convs[n](proj[n], None if cache is None else cache["conv"][n], lengths)
         q = F.normalize(proj["q"].view(B, T, H, -1), dim=-1)
         k = F.normalize(proj["k"].view(B, T, H, -1), dim=-1)
         v = proj["v"].view(B, T, H, -1)
@@ -166,7 +169,7 @@ class MemoryLayer(nn.Module):
             y, state = tnt_forward(self.rule, [self.rule] * len(self.tnt.locals), q, k, v, gates, params, self.tnt,
                                    backend=self.backend, state=None if cache is None else cache["state"],
                                    return_state=True)
-        elif aligned is None:
+        elif aligned is None or aligned.tokens_first:
             state = None if cache is None else cache["state"]
             y, state = self.memories["main"](q, k, v, gates, state=state, chunk=self.chunk, backend=self.backend)
         else:  # one packed sequence per row, each from its own state; padding's outputs are zero
@@ -186,7 +189,7 @@ class MemoryLayer(nn.Module):
             y = y * torch.sigmoid(self.g_proj(x).view(B, T, H, -1))
         out = self.o_proj(y.reshape(B, T, -1))
         if aligned is not None:
-            out = aligned.restore(out * aligned.mask[..., None].to(out.dtype))
+            out = aligned.restore(torch.where(aligned.mask[..., None], out, 0))
         if use_cache:
             past_key_values = {} if past_key_values is None else past_key_values
             past_key_values[self.layer_idx] = {"conv": new_conv, "state": state}

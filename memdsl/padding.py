@@ -1,11 +1,17 @@
 """Padded batches for `MemoryLayer`: an attention mask (1 = token, 0 = padding, Hugging Face's convention)
-becomes packed sequences for the rule (`cu_seqlens`), so padding never reaches a memory.
+never lets padding reach what a row computes. Two layouts (`Aligned`):
 
-The layer works in a *right-aligned* layout: every row's tokens are moved, in order, to the end of the
-row and its padding to the front (`right_aligned`). There a row's short-conv cache sits right before its
-first token (`ShortConv`), the tokens of all rows pack into one sequence per row, and a row whose mask is
-all zeros (a finished row while others decode) leaves its cache untouched. A mask with holes is read like
-flash-linear-attention reads it: a row's tokens are its unmasked positions, taken as one sequence.
+* tokens first (`tokens_first=True`), when no cache is returned (training, scoring): every row's tokens move,
+  in order, to the start of the row, padding (zeroed) after them; the rule runs once over the whole batch.
+  Every rule is causal and a row's chunks start where its tokens start, so each token's output is the row's
+  own; what the padding does to the memory after the last token is never read.
+* tokens last, when the cache is returned (prompts before decoding): the state after each row's last token
+  is needed, so the rule gets packed sequences (`cu_seqlens`, one per row); a row's short-conv cache goes
+  right before its first token (`conv_input`), and a row whose mask is all zeros (a finished row while
+  others decode) leaves its cache untouched.
+
+A mask with holes is read like flash-linear-attention reads it: a row's tokens are its unmasked positions,
+taken as one sequence.
 """
 
 from __future__ import annotations
@@ -27,14 +33,16 @@ def check_mask(attention_mask: torch.Tensor, B: int, T: int) -> torch.Tensor:
     return mask
 
 
-class RightAligned:
-    """The permutation of each row that puts its tokens last (in order) and its padding first."""
+class Aligned:
+    """The permutation of each row that puts its tokens (in order) last, or first with `tokens_first`."""
 
-    def __init__(self, mask: torch.Tensor):
+    def __init__(self, mask: torch.Tensor, tokens_first: bool = False):
         self.B, self.T = mask.shape
-        flags, self.perm = torch.sort(mask.to(torch.int8), dim=1, stable=True)
+        self.tokens_first = tokens_first
+        key = (~mask if tokens_first else mask).to(torch.int8)  # stable sort: tokens keep their order
+        flags, self.perm = torch.sort(key, dim=1, stable=True)
         self.inv = torch.argsort(self.perm, dim=1)
-        self.mask = flags.bool()  # [B, T]: True on the last `lengths[b]` positions of row b
+        self.mask = ~flags.bool() if tokens_first else flags.bool()  # [B, T]: where the tokens are now
         self.lengths = self.mask.sum(1)
         self.rows, self.cols = self.mask.nonzero(as_tuple=True)  # row-major: row 0's tokens, then row 1's, ...
 
@@ -75,4 +83,4 @@ def conv_input(x: torch.Tensor, cache: torch.Tensor, lengths: torch.Tensor | Non
     return full.scatter(1, pos[..., None].expand(-1, -1, C), cache)
 
 
-__all__ = ["RightAligned", "check_mask", "conv_input"]
+__all__ = ["Aligned", "check_mask", "conv_input"]

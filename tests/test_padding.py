@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memdsl.nn import MemoryLayer
-from memdsl.padding import RightAligned, conv_input
+from memdsl.padding import Aligned, conv_input
 from memdsl.tnt import TNTSchedule
 
 # (rule, chunk): a dual-form rule (tile programs for CPU training), a WY rule and a windowed Muon rule
@@ -38,7 +38,10 @@ def _batch(lengths: list[int], T: int, side: str, dtype=torch.float64):
 def test_padded_batch_equals_rows_alone(name, chunk, side):
     layer = _layer(name, chunk)
     x, mask, alone = _batch([7, 3, 9, 0, 9, 7], 9, side)  # equal lengths run as one batch (run_packed)
-    out, _, _ = layer(x, attention_mask=mask)
+    out, _, _ = layer(x, attention_mask=mask)  # tokens first, one call
+    if layer.rule.spec["window"] == 1:  # (a window's cache needs rows of 3 tokens: the test below)
+        packed, _, _ = layer(x, attention_mask=mask, use_cache=True)  # tokens last, packed sequences
+        assert (out - packed).abs().max().item() < 1e-12
     for b, xb in enumerate(alone):
         got = out[b, mask[b].bool()]
         if xb.shape[1]:
@@ -128,7 +131,7 @@ def test_bad_masks_and_tnt_are_refused():
 
 def test_right_aligned_layout_and_conv_input():
     mask = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]]).bool()
-    ra = RightAligned(mask)
+    ra = Aligned(mask)
     x = torch.arange(12.).view(3, 4, 1)
     assert ra.align(x)[:, :, 0].tolist() == [[1, 0, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
     assert torch.equal(ra.restore(ra.align(x)), x)
@@ -158,3 +161,12 @@ def test_layer_trains_through_the_tile_programs_on_cpu():
     layer.backend = "chunk"
     y_ref, _, _ = layer(x)
     assert (y - y_ref).abs().max().item() < 1e-5
+
+
+def test_tokens_first_layout():
+    mask = torch.tensor([[0, 1, 0, 1], [1, 1, 0, 0]]).bool()
+    al = Aligned(mask, tokens_first=True)
+    x = torch.arange(8.).view(2, 4, 1)
+    assert al.align(x)[:, :, 0].tolist() == [[1, 3, 0, 2], [4, 5, 6, 7]]
+    assert al.mask.tolist() == [[True, True, False, False], [True, True, False, False]]
+    assert torch.equal(al.restore(al.align(x)), x)
