@@ -75,8 +75,9 @@ class MemoryLayer(nn.Module):
     the full-sequence result whenever the pieces end on chunk boundaries (and always at chunk 1).
     A TNT layer carries only its global memory in the cache, so it takes one only with `tnt_segments=True`,
     for segments that start on multiples of C_G and of every S_L (memdsl.distributed chains shards so).
-    `attention_mask` ([B, S ≥ T], 1 = token, 0 = padding; while decoding, past and new tokens): each row runs
-    as its own unpadded sequence (the rule gets packed sequences, memdsl/padding.py), so left-padded prompts,
+    `attention_mask` ([B, S ≥ T], 1 = token, 0 = padding; while decoding, past and new tokens): each row computes
+    what it computes unpadded (one call, or packed sequences when the cache is returned: memdsl/padding.py), so
+    left-padded prompts,
     right-padded batches and rows that stop while others decode give every row its unpadded result; the
     output is zero at padding. The rule call itself goes through the compiled rule's dispatch (Triton on
     CUDA, the tile programs for CPU training); `backend` (a plain attribute) fixes one, as in `rule(...)`.
