@@ -77,9 +77,8 @@ class MemoryLayer(nn.Module):
     for segments that start on multiples of C_G and of every S_L (memdsl.distributed chains shards so).
     `attention_mask` ([B, S ≥ T], 1 = token, 0 = padding; while decoding, past and new tokens): each row computes
     what it computes unpadded (one call, or packed sequences when the cache is returned: memdsl/padding.py), so
-    left-padded prompts,
-    right-padded batches and rows that stop while others decode give every row its unpadded result; the
-    output is zero at padding. The rule call itself goes through the compiled rule's dispatch (Triton on
+    left-padded prompts, right-padded batches and rows that stop while others decode give every row its
+    unpadded result; the output is zero at padding. The rule call itself goes through the compiled rule's dispatch (Triton on
     CUDA, the tile programs for CPU training); `backend` (a plain attribute) fixes one, as in `rule(...)`.
 
     `max_lr` caps the inner learning rate like titans-pytorch's `max_lr`: the rule's lr gate (`lr_gate`, by
