@@ -56,8 +56,8 @@ class ShortConv(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        # x: [B, T, C]; cache: [B, size - 1, C] (the inputs before x); lengths: x is right-aligned (padding.py),
-        # row b's tokens are its last lengths[b]
+        # x: [B, T, C]; cache: [B, size - 1, C] (the inputs before x); lengths: x holds each row's tokens last
+        # (padding.py), row b's are its last lengths[b]
         B, T, C = x.shape
         if cache is None:
             cache = x.new_zeros(B, self.size - 1, C)
@@ -78,8 +78,9 @@ class MemoryLayer(nn.Module):
     `attention_mask` ([B, S ≥ T], 1 = token, 0 = padding; while decoding, past and new tokens): each row computes
     what it computes unpadded (one call, or packed sequences when the cache is returned: memdsl/padding.py), so
     left-padded prompts, right-padded batches and rows that stop while others decode give every row its
-    unpadded result; the output is zero at padding. The rule call itself goes through the compiled rule's dispatch (Triton on
-    CUDA, the tile programs for CPU training); `backend` (a plain attribute) fixes one, as in `rule(...)`.
+    unpadded result; the output is zero at padding. The rule call itself goes through the compiled rule's
+    dispatch (Triton on CUDA, the tile programs for CPU training); `backend` (a plain attribute) fixes one, as
+    in `rule(...)`.
 
     `max_lr` caps the inner learning rate like titans-pytorch's `max_lr`: the rule's lr gate (`lr_gate`, by
     default the one gate in its `optim ...(lr = ...)`) is read as max_lr·sigmoid(x) instead of through its
@@ -180,7 +181,7 @@ class MemoryLayer(nn.Module):
                                              cu_seqlens=aligned.cu_seqlens())
             y = aligned.unpack(y)
             window = self.rule.spec["window"]
-            if use_cache and window > 1 and "hist.k" not in state:
+            if window > 1 and "hist.k" not in state:  # (this layout runs only when the cache is returned)
                 raise ValueError(f"attention_mask: rule {self.rule.name} carries the last {window - 1} tokens of each "
                                  f"row (its window) in the cache, and a row here has fewer so far "
                                  f"({aligned.lengths.tolist()} tokens in this call): decode such rows on their own")
