@@ -170,3 +170,17 @@ def test_tokens_first_layout():
     assert al.align(x)[:, :, 0].tolist() == [[1, 3, 0, 2], [4, 5, 6, 7]]
     assert al.mask.tolist() == [[True, True, False, False], [True, True, False, False]]
     assert torch.equal(al.restore(al.align(x)), x)
+
+
+def test_tiny_lm_batched_generation_equals_each_prompt_alone():
+    """Prompts of different lengths in one batch (left padding, the mask growing each step, every layer's
+    cache): each row's greedy continuation is the one it gets alone."""
+    from memdsl.models import TinyLM
+    torch.manual_seed(0)
+    model = TinyLM("rules/titans.mem", d_model=16, layers=2, heads=2, chunk=4).double()
+    prompts = [b"ROMEO: But soft", b"To be", b"O Romeo, Romeo! wherefore art thou"]
+    together = model.generate(prompts, 12)
+    assert [len(t) for t in together] == [12, 12, 12]
+    assert together == [model.generate([p], 12)[0] for p in prompts]
+    with pytest.raises(ValueError, match="at least one byte"):
+        model.generate([b"x", b""], 3)
