@@ -34,3 +34,15 @@ def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative RMS error of `a` against reference `b`."""
     a, b = a.double(), b.double()
     return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def autograd_node_names(t: torch.Tensor) -> set[str]:
+    """The class names of every node in t's autograd graph (which autograd.Function ran, e.g.
+    TritonChunkBackward for a kernel path)."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        f = todo.pop()
+        if f is not None and f not in seen:
+            seen.add(f)
+            todo += [g for g, _ in f.next_functions]
+    return {type(f).__name__ for f in seen}
