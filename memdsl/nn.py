@@ -94,6 +94,10 @@ class MemoryLayer(nn.Module):
                  max_lr: float | None = None, lr_gate: str | None = None, backend: str = "auto"):
         super().__init__()
         self.rule = rule if isinstance(rule, CompiledRule) else compile(rule)
+        if not isinstance(self.rule, CompiledRule):  # a 2-D rule: memdsl.compile gave a twod.Rule2D
+            raise ValueError(f"rule {self.rule.name} runs over time × variate grids ([B, T, V, H, D]); MemoryLayer "
+                             "mixes token sequences. Use the rule's module_class() (memdsl.twod.Memory2D) or "
+                             "benchmarks/timeseries/ltsf.py's RuleMixer")
         if lr_gate is not None and lr_gate not in self.rule.spec["gates"]:
             raise ValueError(f"lr_gate {lr_gate!r} is not a gate of rule {self.rule.name}: "
                              f"{sorted(self.rule.spec['gates'])}")

@@ -133,3 +133,8 @@ def test_memory_layer_trains_under_autocast(backend):
     assert y.dtype == torch.bfloat16
     assert rel_rms(y.float(), want) < 5e-2
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+def test_memory_layer_refuses_a_2d_rule():
+    with pytest.raises(ValueError, match="hydra runs over time × variate grids"):
+        MemoryLayer("rules/hydra.mem", d_model=16, n_heads=2)
