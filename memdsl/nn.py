@@ -134,8 +134,15 @@ class MemoryLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: dict | None = None, use_cache: bool = False, tnt_segments: bool = False, **kwargs):
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3 \
+                or hidden_states.shape[-1] != self.d_model or not hidden_states.is_floating_point():
+            got = (f"{hidden_states.dtype} {tuple(hidden_states.shape)}" if isinstance(hidden_states, torch.Tensor)
+                   else type(hidden_states).__name__)
+            raise ValueError(f"hidden_states: expected a floating [B, T, d_model={self.d_model}] tensor, got {got}")
         B, T, _ = hidden_states.shape
         H = self.n_heads
+        if T == 0:  # nothing to mix: the cache, if any, stays as it was
+            return self.o_proj.weight.new_zeros(B, 0, self.d_model).to(hidden_states.dtype), None, past_key_values
         # padding (memdsl/padding.py): tokens first and one call, or tokens last and packed sequences when the
         # cache (the state after each row's last token) is returned
         mask = None if attention_mask is None else check_mask(attention_mask, B, T)

@@ -138,3 +138,12 @@ def test_memory_layer_trains_under_autocast(backend):
 def test_memory_layer_refuses_a_2d_rule():
     with pytest.raises(ValueError, match="hydra runs over time × variate grids"):
         MemoryLayer("rules/hydra.mem", d_model=16, n_heads=2)
+
+
+def test_memory_layer_input_checks():
+    layer = MemoryLayer("rules/titans.mem", d_model=16, n_heads=2)
+    for bad in (torch.randn(5, 16), torch.randn(1, 5, 12), torch.zeros(1, 5, 16, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"hidden_states: expected a floating \[B, T, d_model=16\]"):
+            layer(bad)
+    out, _, cache = layer(torch.randn(2, 0, 16), past_key_values={"x": 1})
+    assert out.shape == (2, 0, 16) and cache == {"x": 1}
