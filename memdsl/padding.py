@@ -54,26 +54,26 @@ class Aligned:
         return x.gather(1, index.view(*index.shape, *(1,) * (x.dim() - 2)).expand_as(x))
 
     def align(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, ...] in the caller's layout -> right-aligned."""
+        """[B, T, ...] in the caller's layout -> aligned (each row's tokens last, or first)."""
         return self._take(x, self.perm.to(x.device))
 
     def restore(self, x: torch.Tensor) -> torch.Tensor:
-        """Right-aligned [B, T, ...] -> the caller's layout."""
+        """Aligned [B, T, ...] -> the caller's layout."""
         return self._take(x, self.inv.to(x.device))
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """Right-aligned [B, T, ...] -> [1, N, ...]: the tokens of every row, row after row."""
+        """Aligned [B, T, ...] -> [1, N, ...]: the tokens of every row, row after row."""
         return x[self.rows, self.cols].unsqueeze(0)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """[1, N, ...] -> right-aligned [B, T, ...], zero at padding."""
+        """[1, N, ...] -> aligned [B, T, ...], zero at padding."""
         out = x.new_zeros(self.B, self.T, *x.shape[2:])
         return out.index_put((self.rows, self.cols), x[0])
 
 
 def conv_input(x: torch.Tensor, cache: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     """The sequence a causal conv of width K reads: [B, K - 1 + T, C] from x [B, T, C] and the cache of the
-    K - 1 inputs before it. Right-aligned rows (`lengths` given): row b's cache goes right before its first
+    K - 1 inputs before it. Rows with their tokens last (`lengths` given): row b's cache goes right before its first
     token (position T - lengths[b] of the result), over padding, so no token ever reads padding."""
     full = torch.cat([torch.zeros_like(cache) if lengths is not None else cache, x], dim=1)
     if lengths is None or cache.shape[1] == 0:
