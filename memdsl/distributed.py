@@ -301,7 +301,7 @@ def context_parallel(rule_or_fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 def tnt_context_parallel(global_rule, local_rules, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          gates: dict, params: dict, schedule: TNTSchedule, state: Tree | None = None, group=None,
-                         backend: str = "chunk", method: str = "sequential") -> tuple[torch.Tensor, Tree | None]:
+                         backend: str = "auto", method: str = "sequential") -> tuple[torch.Tensor, Tree | None]:
     """`tnt_forward` on this rank's shard: the locals first (they need nothing from other ranks), then the
     global memory from the state of the previous rank (`method="sequential"`) or by the associative scan over
     ranks (`"scan"`, for a global rule with `affine_state`). Returns (y shard, final global state on the last

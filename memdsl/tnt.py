@@ -104,7 +104,7 @@ def qk_project_reference(q: torch.Tensor, k: torch.Tensor, reset: int) -> torch.
     return torch.stack(out, dim=1)
 
 
-def tnt_forward(global_rule, local_rules, q, k, v, gates, params, schedule: TNTSchedule, backend: str = "chunk",
+def tnt_forward(global_rule, local_rules, q, k, v, gates, params, schedule: TNTSchedule, backend: str = "auto",
                 state: dict | None = None, return_state: bool = False):
     """The TNT hierarchy on [B, T, H, D] inputs; returns y [B, T, H, Dv] (and the global memory's final state
     with `return_state`). `state` starts the global memory from a previous segment: a sequence split into
@@ -118,7 +118,7 @@ def tnt_forward(global_rule, local_rules, q, k, v, gates, params, schedule: TNTS
 
 
 def tnt_locals(local_rules, q, k, v, gates, params, schedule: TNTSchedule,
-               backend: str = "chunk") -> torch.Tensor | int:
+               backend: str = "auto") -> torch.Tensor | int:
     """The sum of the local memories' reads (0 without locals): independent of anything before the current
     S_L-token shard."""
     B, T = q.shape[:2]
