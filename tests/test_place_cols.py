@@ -58,13 +58,19 @@ def _features(rows: int, blocks: list[tuple[int, int, int]], width: int):
     """A concat as the kernels build it: block b (source width p, logical width n) at the running offset,
     the blocks summed, then a nonlinearity (so the adjoint has a chain to go through)."""
     g = TileGraph()
+    xs, total = _concat(g, rows, blocks, width)
+    return g, xs, g.ew(sp.tanh(X[0]) * X[0], total)
+
+
+def _concat(g: TileGraph, rows: int, blocks: list[tuple[int, int, int]], width: int):
+    """Inputs x<b> [rows, p] and the sum of their blocks placed side by side in `width` columns."""
     xs, total, off = [], None, 0
     for b, (p, n, src) in enumerate(blocks):
         xs.append(g.input(f"x{b}", (rows, p)))
         placed = g.place_cols(xs[-1], off, n, width, src=src)
         total = placed if total is None else g.add2(total, placed)
         off += n
-    return g, xs, g.ew(sp.tanh(X[0]) * X[0], total)
+    return xs, total
 
 
 CONCATS = [(4, [(1, 1, 0), (4, 3, 0), (16, 9, 0)], 16),   # 1 + 3 + 9 = 13 of 16: poly(x, 2) at d = 3
@@ -123,12 +129,7 @@ def test_triton_gather_forward_and_adjoint(rows, blocks, width, tmp_path):
     """The printed kernel (TRITON_INTERPRET=1 on a CPU, see conftest) places the blocks and reads a cotangent's
     blocks back; fp32 copies and sums of disjoint blocks with zeros, so both are exact."""
     g = TileGraph()
-    xs, feats, off = [], None, 0
-    for b, (p, n, src) in enumerate(blocks):
-        xs.append(g.input(f"x{b}", (rows, p)))
-        placed = g.place_cols(xs[-1], off, n, width, src=src)
-        feats = placed if feats is None else g.add2(feats, placed)
-        off += n
+    xs, feats = _concat(g, rows, blocks, width)
     cot = g.input("cot", (rows, width))
     adj = backward(g, [(feats, cot)], xs)
     stores = {"feats": feats, **{f"dx{b}": adj[x] for b, x in enumerate(xs)}}
