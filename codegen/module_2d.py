@@ -116,7 +116,7 @@ class Call2DTriton(Kernels2D):
             return f"a grid of {{T}} x {{V}} cells, smaller than the kernel tile {{entry['tile'][:2]}}"
         return None
 
-    def _run_kernels(self, args, tile):
+    def _run_kernels(self, args, tile, torch_backward=None):
         tok, kt, kv, lr, outers, sz, left, top = args
         if lr.shape[-1] != 1:
             raise ValueError("the carried 2-D kernels take a scalar learning rate, not a per-channel one")
@@ -136,7 +136,8 @@ class Call2DTriton(Kernels2D):
         def get_kernel(direction, rows):
             return _kernel(key, direction, rows)
 
-        y, *last = Tile2D.apply(get_kernel, (Tc, Vc, Tp), len(gates), len(outer_names), widths, save, *tensors)
+        y, *last = Tile2D.apply(get_kernel, (Tc, Vc, Tp), len(gates), len(outer_names), widths, save,
+                                torch_backward, *tensors)
         return y.to(kt.dtype), {{p: c.to(kt.dtype) for p, c in zip(self.spec2d["params"], last, strict=True)}}
 '''
 

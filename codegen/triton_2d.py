@@ -20,7 +20,7 @@ import torch
 
 from .chunk_tiles import Unsupported, tile_shape_of
 from .tile2d_tiles import tile_sizes
-from .triton_launch import import_kernel
+from .triton_launch import import_kernel, raised_by_triton
 
 _KERNELS: dict[str, object] = {}
 _PROGRAMS: dict[str, object] = {}
@@ -116,10 +116,12 @@ def reason(rule, sz: dict, T: int, V: int, tile: tuple[int, int], lr_width: int 
 
 class Tile2D(torch.autograd.Function):
     """Forward and backward of one direction: the generated kernels. Tensors are fp32 contiguous (layouts in
-    triton_2d_gen): q, k, v, gates, kt, kv, lr, outers, then (left, top) per param."""
+    triton_2d_gen): q, k, v, gates, kt, kv, lr, outers, then (left, top) per param. `torch_backward`, when
+    given, is `f(err, tensors, dy, dlast) -> the tensors' gradients`: what the backward runs instead when
+    Triton cannot compile or launch the backward kernel here (it is compiled at the first backward)."""
 
     @staticmethod
-    def forward(ctx, get_kernel, tiling, n_gates, n_outers, widths, save, *tensors):
+    def forward(ctx, get_kernel, tiling, n_gates, n_outers, widths, save, torch_backward, *tensors):
         Tc, Vc, Tp = tiling
         q, v = tensors[0], tensors[2]
         B, H, T, V = q.shape[:4]
@@ -135,14 +137,14 @@ class Tile2D(torch.autograd.Function):
         for c, s in zip(last, saved, strict=True):
             outs += [c, s]
         get_kernel("fwd", NVC > 1)[(B * H,)](*tensors, *outs, *rows, T, V, H, NT, NVC, TC=Tc, VC=Vc, SAVE=save)
-        ctx.meta = (get_kernel, tiling, n_gates, n_outers, widths)
+        ctx.meta = (get_kernel, tiling, n_gates, n_outers, widths, torch_backward)
         if save:
             ctx.save_for_backward(*tensors, *saved, *rows)
         return (y, *last)
 
     @staticmethod
     def backward(ctx, dy, *dlast):
-        get_kernel, (Tc, Vc, Tp), n_gates, n_outers, widths = ctx.meta
+        get_kernel, (Tc, Vc, Tp), n_gates, n_outers, widths, torch_backward = ctx.meta
         q, v = ctx.saved_tensors[0], ctx.saved_tensors[2]
         B, H, T, V = q.shape[:4]
         NT, NVC = -(-T // Tc), -(-V // Vc)
@@ -164,15 +166,21 @@ class Tile2D(torch.autograd.Function):
         for dleft, dtop in zip(dstates[0::2], dstates[1::2], strict=True):
             grads += [dleft, dtop]
         grads += douter
-        get_kernel("bwd", NVC > 1)[(B * H,)](*tensors, *saved, *rows, dy.contiguous(), *dc, *grads, *drows,
-                                             T, V, H, NT, NVC, TC=Tc, VC=Vc)
-        return (None, None, None, None, None, None, *dcell, *[d.sum(0) for d in douter], *dstates)
+        try:
+            get_kernel("bwd", NVC > 1)[(B * H,)](*tensors, *saved, *rows, dy.contiguous(), *dc, *grads, *drows,
+                                                 T, V, H, NT, NVC, TC=Tc, VC=Vc)
+        except Exception as err:
+            if torch_backward is None or not raised_by_triton(err):
+                raise
+            return (None,) * 7 + tuple(torch_backward(err, tensors, dy, dc))
+        return (None,) * 7 + (*dcell, *[d.sum(0) for d in douter], *dstates)
 
 
-def tiles(rule, tok, kt, kv, lr, outers, sz, left, top, tile):
+def tiles(rule, tok, kt, kv, lr, outers, sz, left, top, tile, torch_backward=None):
     """One direction on the kernels, with Runtime2D.tiles' calling convention: tok {name: [B, H, T, V, ...]},
     kt, kv [B, H, T, V], lr [B, H, T, V, 1], outers {o: [H, *shape]}, left {p: [B, H, V, *shape]},
-    top {p: [B, H, *shape]} -> y [B, H, T, V, dv], {p: the last time column [B, H, V, *shape]}."""
+    top {p: [B, H, *shape]} -> y [B, H, T, V, dv], {p: the last time column [B, H, V, *shape]}.
+    `torch_backward`: Tile2D's fallback for a backward kernel that fails (Kernels2D.torch_backward)."""
     T, V = kt.shape[2], kt.shape[3]
     why = reason(rule, sz, T, V, tile, lr.shape[-1])
     if why:
@@ -196,7 +204,8 @@ def tiles(rule, tok, kt, kv, lr, outers, sz, left, top, tile):
     def get_kernel(direction, rows):
         return kernel_for(rule, sz, (Tp, Vp), direction, rows)
 
-    y, *last = Tile2D.apply(get_kernel, (Tc, Vc, Tp), len(gates), len(outer_names), widths, save, *tensors)
+    y, *last = Tile2D.apply(get_kernel, (Tc, Vc, Tp), len(gates), len(outer_names), widths, save, torch_backward,
+                            *tensors)
     return y.to(work), {p: c.to(work) for p, c in zip(params, last, strict=True)}
 
 

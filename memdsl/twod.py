@@ -312,11 +312,12 @@ FNS = ("SPEC", "grads", "read", "hyper", "sizes", "shapes", "make_init")
 
 class Kernels2D(Call2D):
     """Call2D plus backend="triton": generated Triton kernels for the calls `_kernel_reason` accepts (None),
-    run by `_run_kernels(args, tile)` — both defined by a subclass (Rule2D; the standalone module's
-    Call2DTriton, which carries this class). `auto` takes the kernels for CUDA calls of a non-exact rule when
-    `auto_kernels` is true, and falls back to the torch tiles (one warning, remembered per sizes, tile and
-    dtype) when Triton cannot compile or launch them on the device; backend="triton" and any error that is not
-    Triton's raise."""
+    run by `_run_kernels(args, tile, torch_backward)` — both defined by a subclass (Rule2D; the standalone
+    module's Call2DTriton, which carries this class). `auto` takes the kernels for CUDA calls of a non-exact
+    rule when `auto_kernels` is true, and falls back to the torch tiles (one warning, remembered per sizes,
+    tile and dtype) when Triton cannot compile or launch them on the device — in the forward, or in a backward
+    kernel (compiled at the first backward, after its forward ran: the torch tiles then recompute that
+    backward from the same inputs); backend="triton" and any error that is not Triton's raise."""
 
     BACKENDS = (*Call2D.BACKENDS, "triton")
     AUTO = "triton (auto)"  # what `auto` picks: the kernels, with the torch tiles as the fallback
@@ -343,16 +344,45 @@ class Kernels2D(Call2D):
         failures = self.__dict__.setdefault("_kernel_failures", {})  # key -> the kernels' error
         if backend == self.AUTO and key in failures:
             return super()._run("tiles", args, tile)
-        try:
-            return self._run_kernels(args, tile)
-        except Exception as err:
-            if backend == "triton" or not raised_by_triton(err):
-                raise
+        def failed(err, stacklevel):
+            if key in failures:  # a second kernel of the same call (the backward variate pass's) failed too
+                return
             failures[key] = repr(err)
             warnings.warn(f"memdsl: the Triton kernels of rule {self.name} failed here ({type(err).__name__}: "
                           f"{err}); backend='auto' runs the torch tiles at these sizes from now on "
-                          "(backend='triton' raises the error)", RuntimeWarning, stacklevel=4)
+                          "(backend='triton' raises the error)", RuntimeWarning, stacklevel=stacklevel)
+        torch_backward = None if backend == "triton" else self.torch_backward(args, tile, failed)
+        try:
+            return self._run_kernels(args, tile, torch_backward)
+        except Exception as err:
+            if backend == "triton" or not raised_by_triton(err):
+                raise
+            failed(err, 5)
             return super()._run("tiles", args, tile)
+
+    def torch_backward(self, args, tile, failed):
+        """Tile2D's fallback for one call: f(err, tensors, dy, dlast) reports the failure, recomputes the call on
+        the torch tiles from the kernels' own fp32 inputs (tensors, in Tile2D's order) and returns their
+        gradients for the cotangents dy (of y) and dlast (of each param's last time column)."""
+        run_tiles, sz = super()._run, args[5]
+        gates, outers = list(self.spec1d["gates"]), list(self.spec1d["outers"])
+        params = list(self.spec2d["params"])
+
+        def backward(err, tensors, dy, dlast):
+            failed(err, 2)
+            n = 3 + len(gates)
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_() for t in tensors]
+                tok = dict(zip(("q", "k", "v", *gates), leaves[:n], strict=True))
+                states = leaves[n + 3 + len(outers):]
+                y, last = run_tiles("tiles", (tok, leaves[n], leaves[n + 1], leaves[n + 2][..., None],
+                                              dict(zip(outers, leaves[n + 3:n + 3 + len(outers)], strict=True)),
+                                              sz, dict(zip(params, states[0::2], strict=True)),
+                                              dict(zip(params, states[1::2], strict=True))), tile)
+                grads = torch.autograd.grad([y, *(last[p] for p in params)], leaves, [dy, *dlast],
+                                            allow_unused=True)
+            return [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads, strict=True)]
+        return backward
 
 
 class Rule2D(Kernels2D):
@@ -371,9 +401,9 @@ class Rule2D(Kernels2D):
     def auto_kernels(self) -> bool:  # the module switch, read at each call
         return AUTO_TRITON
 
-    def _run_kernels(self, args, tile):
+    def _run_kernels(self, args, tile, torch_backward=None):
         from codegen import triton_2d
-        return triton_2d.tiles(self, *args, tile)
+        return triton_2d.tiles(self, *args, tile, torch_backward)
 
     def triton_reason(self, sizes: dict, T: int, V: int, tile: tuple[int, int] | None = None) -> str | None:
         """None when the generated Triton kernels (codegen/triton_2d.py) cover a call over T x V cells at these

@@ -287,3 +287,53 @@ def test_auto_falls_back_to_the_torch_tiles_when_a_kernel_fails(monkeypatch):
     assert len(calls) == 1
     with pytest.raises(OutOfResources):
         _run(rule, inputs, torch.float32, backend="triton")
+
+
+@pytest.mark.parametrize("source, tile, T, V", [
+    ("hydra", (4, 2), 9, 5),    # several variate chunks: the kernels' row buffers
+    ("chimera", (4, 4), 9, 3),  # bidirectional: two backward kernels fail, one warning
+    (LN_RULE, (4, 4), 7, 3),    # outer constants: their gradients come back summed over the batch
+])
+def test_auto_falls_back_when_the_backward_kernel_fails(monkeypatch, source, tile, T, V):
+    """The backward kernels are compiled at the first backward, after the forward kernels ran. When Triton
+    cannot run one here (out of shared memory, say), `auto` warns once, recomputes that backward on the torch
+    tiles from the kernels' own inputs (the gradients equal the torch tiles') and runs the torch tiles at
+    these sizes from then on; backend="triton" raises. No GPU: auto's choice is replaced, the forward kernels
+    run in Triton's interpreter and the backward kernels fail as the device would."""
+    from triton.runtime.errors import OutOfResources
+
+    from codegen import triton_2d
+    from memdsl import twod
+    rule = compile_2d(str(ROOT / "rules" / f"{source}.mem") if source.isidentifier() else source)
+    monkeypatch.setattr(rule, "_kernel_failures", {}, raising=False)  # compiled rules are shared per process
+    inputs = _inputs(rule, 1, T, V, 2, 4)
+    want = _run(rule, inputs, torch.float32, backend="tiles", tile=tile)
+    kernel_for, built = triton_2d.kernel_for, []
+
+    class Failing:
+        def __getitem__(self, grid):
+            def run(*a, **kw):
+                raise OutOfResources(262144, 232448, "shared memory")
+            return run
+
+    def kernels(rule, sz, padded, direction, rows=False):
+        built.append(direction)
+        return Failing() if direction == "bwd" else kernel_for(rule, sz, padded, direction, rows)
+    monkeypatch.setattr(triton_2d, "kernel_for", kernels)
+    monkeypatch.setattr(twod.Rule2D, "_backend", lambda self, backend, *a: twod.Rule2D.AUTO if backend == "auto"
+                        else backend)
+    with pytest.warns(RuntimeWarning, match="failed here.*OutOfResources") as caught:
+        got = _run(rule, inputs, torch.float32, tile=tile)
+    assert len([w for w in caught if "failed here" in str(w.message)]) == 1
+    assert "fwd" in built and "bwd" in built
+    assert rel_rms(got[0], want[0]) <= TOL
+    for k in want[1]:
+        assert rel_rms(got[1][k], want[1][k]) <= TOL, k
+    for k in want[2]:
+        assert want[2][k].abs().max() > 0, k
+        assert rel_rms(got[2][k], want[2][k]) <= TOL, (k, rel_rms(got[2][k], want[2][k]))
+    n = len(built)
+    _run(rule, inputs, torch.float32, tile=tile)  # remembered: the torch tiles, no kernel built again
+    assert len(built) == n
+    with pytest.raises(OutOfResources):
+        _run(rule, inputs, torch.float32, backend="triton", tile=tile)
