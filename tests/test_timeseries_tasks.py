@@ -207,3 +207,31 @@ def test_cycle_phase_is_each_windows_row_in_the_whole_series(name):
     assert "train mse 0.0000" in logs[0]  # the training batch's windows got their phases too
     with pytest.raises(ValueError):
         model(x)  # a cycle without the rows is an error, not a silent phase 0
+
+
+def test_early_stopping_stops_after_patience_validations_without_a_better_one():
+    splits = synthetic_splits()
+    torch.manual_seed(0)
+    model = ltsf.build_model("embed_head", 16, 8, 3, d_model=8)
+    logs: list[str] = []
+    # lr 0.3 makes validation worse after the first checks: training stops 2 checks after its best
+    res = ltsf.train_and_test(model, splits, 16, 8, steps=200, batch=8, lr=0.3, val_every=5, patience=2,
+                              log=logs.append)
+    assert res["stopped_at"] == res["best_step"] + 2 * 5 < 200
+    assert any("early stop" in s for s in logs)
+    assert ltsf.evaluate(model, splits["val"], 16, 8)[0] == pytest.approx(res["val_mse"], rel=1e-5)
+
+
+def test_low_rank_head_and_mixer_learning_rate():
+    torch.manual_seed(0)
+    full = ltsf.build_model("chimera", 16, 8, 3, d_model=8, tile=(8, 8))
+    low = ltsf.build_model("chimera", 16, 8, 3, d_model=8, tile=(8, 8), head_rank=1)
+    assert full.head.in_features == 16 * 8 and low.head.in_features == 16 and low.head_proj.weight.shape == (1, 8)
+    x = torch.randn(2, 16, 3)
+    low(x).pow(2).mean().backward()
+    assert low.head_proj.weight.grad.abs().sum() > 0 and low.mixers[0].qkv.weight.grad.abs().sum() > 0
+    opt, _ = ltsf.cosine_adam(low, 1e-2, 10, mixer_lr=1e-3)
+    fast, slow = opt.param_groups
+    names = {id(p): n for n, p in low.named_parameters()}
+    assert sorted(names[id(p)] for p in fast["params"]) == ["linear.bias", "linear.weight"]
+    assert fast["lr"] == 1e-2 and slow["lr"] == 1e-3 and len(slow["params"]) == len(names) - 2

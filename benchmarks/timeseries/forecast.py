@@ -61,6 +61,12 @@ def main() -> int:
     ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (0: Adam)")
     ap.add_argument("--val-every", type=int, default=0, help="validate every N steps and test the best weights "
                     "(0: test the last weights)")
+    ap.add_argument("--patience", type=int, default=0, help="with --val-every: stop after this many validations "
+                    "without a better one (0: run every step)")
+    ap.add_argument("--mixer-lr", type=float, default=None, help="learning rate of everything but the linear path "
+                    "and the cycle (default: --lr)")
+    ap.add_argument("--head-rank", type=int, default=0, help="project each cell's features to this many before the "
+                    "head (0: the full head on all d_model features)")
     ap.add_argument("--layers", type=int, default=1, help="stacked blocks (rule mixer [+ per-cell MLP])")
     ap.add_argument("--mlp", type=int, default=0, help="per-cell MLP after each mixer, hidden = MLP * d_model "
                     "(0: none; the embed_head control keeps it)")
@@ -89,18 +95,22 @@ def main() -> int:
             gate_bias = {"dt": [float(x) for x in args.dt_bias.split(",")]} if args.dt_bias else None
             model = ltsf.build_model(name, 96, h, splits["train"].shape[1], d_model=args.d_model, tile=tile,
                                      dropout=args.dropout, layers=args.layers, mlp=args.mlp, gate_bias=gate_bias,
-                                     cycle=args.cycle)
+                                     cycle=args.cycle, head_rank=args.head_rank)
             steps = args.linear_steps if name == "linear" else args.steps
             print(f"{name} horizon {h}: {steps} steps, batch {args.batch}", flush=True)
             res = ltsf.train_and_test(model, splits, 96, h, steps, args.batch, lr=args.lr, seed=args.seed,
                                       log=lambda s: print(s, flush=True), val_every=args.val_every,
-                                      weight_decay=args.weight_decay, ema=args.ema)
+                                      weight_decay=args.weight_decay, ema=args.ema, patience=args.patience,
+                                      mixer_lr=args.mixer_lr)
             row = {"model": name, "horizon": h, "steps": steps, "batch": args.batch, "d_model": args.d_model,
                    "tile": args.tile, "threads": args.threads,
                    "seed": args.seed, "lr": args.lr, "dropout": args.dropout, "weight_decay": args.weight_decay,
                    **({"layers": args.layers} if args.layers != 1 else {}), **({"mlp": args.mlp} if args.mlp else {}),
                    **({"dt_bias": args.dt_bias} if args.dt_bias else {}),
                    **({"cycle": args.cycle} if args.cycle else {}),
+                   **({"patience": args.patience} if args.patience else {}),
+                   **({"mixer_lr": args.mixer_lr} if args.mixer_lr is not None else {}),
+                   **({"head_rank": args.head_rank} if args.head_rank else {}),
                    "params": sum(p.numel() for p in model.parameters()), **res,
                    "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                    "date": time.strftime("%Y-%m-%d %H:%M")}

@@ -148,7 +148,7 @@ class Forecaster(nn.Module):
     the normalisation. Q starts at zero, so the model starts as the one without the cycle."""
 
     def __init__(self, lookback: int, horizon: int, n_vars: int, d_model: int, mixers: list[nn.Module],
-                 dropout: float = 0.0, cycle: int = 0):
+                 dropout: float = 0.0, cycle: int = 0, head_rank: int = 0):
         super().__init__()
         self.cycle = nn.Parameter(torch.zeros(cycle, n_vars)) if cycle else None
         self.value = nn.Linear(1, d_model)
@@ -157,7 +157,11 @@ class Forecaster(nn.Module):
         self.var_emb = nn.Parameter(torch.randn(n_vars, d_model) * 0.02)
         self.time_emb = nn.Parameter(torch.randn(lookback, d_model) * 0.02)
         self.mixers = nn.ModuleList(mixers)
-        self.head = nn.Linear(lookback * d_model, horizon) if mixers else None
+        # head_rank r > 0: each cell's d features are first projected to r (a d x r map shared by all cells), so
+        # the head has L * r * horizon weights instead of L * d * horizon: the mixer's output becomes r learned
+        # series next to the input, read by a map as small as the linear path's (at 720: 553k -> 69k per r)
+        self.head_proj = nn.Linear(d_model, head_rank, bias=False) if mixers and head_rank else None
+        self.head = nn.Linear(lookback * (head_rank or d_model), horizon) if mixers else None
         self.linear = nn.Linear(lookback, horizon)
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -175,6 +179,8 @@ class Forecaster(nn.Module):
             h = self.value(xn.unsqueeze(-1)) + self.var_emb[None, None] + self.time_emb[None, :, None]
             for m in self.mixers:
                 h = m(h)
+            if self.head_proj is not None:
+                h = self.head_proj(h)
             B, L, V, d = h.shape
             out = out + self.head(self.drop(h.transpose(1, 2).reshape(B, V, L * d)))
         out = out.transpose(1, 2)
@@ -203,11 +209,12 @@ MODELS = {
 def build_model(name: str, lookback: int, horizon: int, n_vars: int, d_model: int = 16, n_heads: int = 2,
                 tile: tuple[int, int] | None = None, backend: str = "auto", dropout: float = 0.0, *,
                 layers: int = 1, mlp: int = 0, gate_bias: dict[str, list[float]] | None = None,
-                cycle: int = 0) -> Forecaster:
+                cycle: int = 0, head_rank: int = 0) -> Forecaster:
     """`layers` stacked blocks, each the rule mixer followed (with `mlp` > 0) by a per-cell MLP of hidden size
     mlp * d_model; `gate_bias` overrides entries of the model's per-head gate biases. The `embed_head` control
     keeps the per-cell MLPs and drops only the rule mixers, so it is the same model without them. `cycle` P > 0:
-    CycleNet's residual cycle forecasting with a learned cycle of P steps (Forecaster; any model)."""
+    CycleNet's residual cycle forecasting with a learned cycle of P steps (Forecaster; any model). `head_rank`
+    r > 0: a low-rank head (each cell's features projected to r before the map to the horizon)."""
     path, bias = MODELS[name]
     if gate_bias:
         bias = {**(bias or {}), **gate_bias}
@@ -218,14 +225,20 @@ def build_model(name: str, lookback: int, horizon: int, n_vars: int, d_model: in
                           else RuleMixer(str(ROOT / path), d_model, n_heads, tile, bias, backend))
             if mlp:
                 blocks.append(CellMLP(d_model, mlp))
-    return Forecaster(lookback, horizon, n_vars, d_model, blocks, dropout, cycle)
+    return Forecaster(lookback, horizon, n_vars, d_model, blocks, dropout, cycle, head_rank)
 
 
-def cosine_adam(model: nn.Module, lr: float, steps: int, weight_decay: float = 0.0):
+def cosine_adam(model: nn.Module, lr: float, steps: int, weight_decay: float = 0.0, mixer_lr: float | None = None):
     """Adam with a cosine decay to zero over `steps` (every training script here uses this schedule); with
-    `weight_decay`, AdamW's decoupled decay."""
-    opt = (torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay) if weight_decay
-           else torch.optim.Adam(model.parameters(), lr=lr))
+    `weight_decay`, AdamW's decoupled decay. With `mixer_lr`, a Forecaster's linear path and cycle train at `lr`
+    and everything else (embedding, mixers, head) at `mixer_lr`."""
+    params = model.parameters()
+    if mixer_lr is not None:
+        fast = {n for n, _ in model.named_parameters() if n.startswith(("linear.", "cycle"))}
+        params = [{"params": [p for n, p in model.named_parameters() if n in fast]},
+                  {"params": [p for n, p in model.named_parameters() if n not in fast], "lr": mixer_lr}]
+    opt = (torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if weight_decay
+           else torch.optim.Adam(params, lr=lr))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
     return opt, sched
 
@@ -239,25 +252,29 @@ def optimizer_step(opt, sched, loss: torch.Tensor) -> None:
 
 def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, steps: int, batch: int = 32,
                    lr: float = 1e-3, seed: int = 0, log=print, test_limit: int | None = None,
-                   val_every: int = 0, weight_decay: float = 0.0, ema: float = 0.0) -> dict[str, float]:
+                   val_every: int = 0, weight_decay: float = 0.0, ema: float = 0.0,
+                   patience: int = 0, mixer_lr: float | None = None) -> dict[str, float]:
     """A fixed budget of Adam steps on random training windows; MSE/MAE on every test window. With `val_every`,
     the validation MSE is measured every that many steps (and at the end) and the weights with the best one are
     tested (early stopping by model selection, as the published models do). With `ema` (a decay, e.g. 0.999)
     an exponential moving average of the weights is what is validated, selected and tested; the raw weights'
     best validation MSE is recorded beside it (`val_mse_raw`: the same training run without the average).
-    Each window's row in the whole series goes to the model (`rows`); `splits["starts"]` (load_splits) gives
-    each split's first row (0 where absent)."""
+    With `patience` (and `val_every`), training stops once that many validations in a row have not improved on
+    the best (early stopping, as CycleNet and the Time-Series-Library train: patience 5 epochs); the learning-rate
+    schedule still spans `steps`. Each window's row in the whole series goes to the model (`rows`);
+    `splits["starts"]` (load_splits) gives each split's first row (0 where absent)."""
     torch.manual_seed(seed)
     starts = splits.get("starts", {})
     xtr, ytr = windows(splits["train"], lookback, horizon)
     rtr = window_rows(splits["train"], lookback, horizon, starts.get("train", 0))
-    opt, sched = cosine_adam(model, lr, steps, weight_decay)
+    opt, sched = cosine_adam(model, lr, steps, weight_decay, mixer_lr)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     best = None
     # the average lives beside the model (the compiled rules do not deep-copy) and is swapped in to be judged
     shadow = {n: p.detach().clone() for n, p in model.named_parameters()} if ema else None
     best_raw = math.inf
+    extra_stop = None
     model.train()
     for step in range(steps):
         idx = torch.randint(len(xtr), (batch,), generator=gen)
@@ -282,6 +299,10 @@ def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, 
                     best = (val, step + 1, copy.deepcopy(model.state_dict()))
             model.train()
             log(f"  step {step + 1:5d}  validation mse {val:.4f}{raw}{'  (best)' if best[1] == step + 1 else ''}")
+            if patience and step + 1 - best[1] >= patience * val_every:
+                log(f"  early stop: no better validation in the last {patience}")
+                extra_stop = step + 1
+                break
     train_s = time.perf_counter() - t0
     extra = {}
     if shadow is not None:  # without validation: the average of the last steps is tested
@@ -292,6 +313,8 @@ def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, 
     if best is not None:
         model.load_state_dict(best[2])
         extra.update(val_mse=best[0], best_step=best[1], val_every=val_every)
+        if extra_stop is not None:
+            extra["stopped_at"] = extra_stop
         if shadow is not None:
             extra["val_mse_raw"] = best_raw
     mse, mae = evaluate(model, splits["test"], lookback, horizon, limit=test_limit, start=starts.get("test", 0))
