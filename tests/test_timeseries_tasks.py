@@ -235,3 +235,8 @@ def test_low_rank_head_and_mixer_learning_rate():
     names = {id(p): n for n, p in low.named_parameters()}
     assert sorted(names[id(p)] for p in fast["params"]) == ["linear.bias", "linear.weight"]
     assert fast["lr"] == 1e-2 and slow["lr"] == 1e-3 and len(slow["params"]) == len(names) - 2
+    zero = ltsf.build_model("chimera", 16, 8, 3, d_model=8, tile=(8, 8), head_rank=1, zero_head=True)
+    with torch.no_grad():  # a zero head: the model is its linear path alone
+        assert torch.equal(zero(x), zero.linear(((x - x.mean(1, keepdim=True)) / torch.sqrt(
+            x.var(1, keepdim=True, unbiased=False) + 1e-5)).transpose(1, 2)).transpose(1, 2)
+            * torch.sqrt(x.var(1, keepdim=True, unbiased=False) + 1e-5) + x.mean(1, keepdim=True))

@@ -67,6 +67,8 @@ def main() -> int:
                     "and the cycle (default: --lr)")
     ap.add_argument("--head-rank", type=int, default=0, help="project each cell's features to this many before the "
                     "head (0: the full head on all d_model features)")
+    ap.add_argument("--zero-head", action="store_true", help="the head starts at zero (the model starts as the "
+                    "linear path alone)")
     ap.add_argument("--layers", type=int, default=1, help="stacked blocks (rule mixer [+ per-cell MLP])")
     ap.add_argument("--mlp", type=int, default=0, help="per-cell MLP after each mixer, hidden = MLP * d_model "
                     "(0: none; the embed_head control keeps it)")
@@ -95,7 +97,7 @@ def main() -> int:
             gate_bias = {"dt": [float(x) for x in args.dt_bias.split(",")]} if args.dt_bias else None
             model = ltsf.build_model(name, 96, h, splits["train"].shape[1], d_model=args.d_model, tile=tile,
                                      dropout=args.dropout, layers=args.layers, mlp=args.mlp, gate_bias=gate_bias,
-                                     cycle=args.cycle, head_rank=args.head_rank)
+                                     cycle=args.cycle, head_rank=args.head_rank, zero_head=args.zero_head)
             steps = args.linear_steps if name == "linear" else args.steps
             print(f"{name} horizon {h}: {steps} steps, batch {args.batch}", flush=True)
             res = ltsf.train_and_test(model, splits, 96, h, steps, args.batch, lr=args.lr, seed=args.seed,
@@ -111,6 +113,7 @@ def main() -> int:
                    **({"patience": args.patience} if args.patience else {}),
                    **({"mixer_lr": args.mixer_lr} if args.mixer_lr is not None else {}),
                    **({"head_rank": args.head_rank} if args.head_rank else {}),
+                   **({"zero_head": True} if args.zero_head else {}),
                    "params": sum(p.numel() for p in model.parameters()), **res,
                    "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                    "date": time.strftime("%Y-%m-%d %H:%M")}

@@ -148,7 +148,7 @@ class Forecaster(nn.Module):
     the normalisation. Q starts at zero, so the model starts as the one without the cycle."""
 
     def __init__(self, lookback: int, horizon: int, n_vars: int, d_model: int, mixers: list[nn.Module],
-                 dropout: float = 0.0, cycle: int = 0, head_rank: int = 0):
+                 dropout: float = 0.0, cycle: int = 0, head_rank: int = 0, zero_head: bool = False):
         super().__init__()
         self.cycle = nn.Parameter(torch.zeros(cycle, n_vars)) if cycle else None
         self.value = nn.Linear(1, d_model)
@@ -162,6 +162,9 @@ class Forecaster(nn.Module):
         # series next to the input, read by a map as small as the linear path's (at 720: 553k -> 69k per r)
         self.head_proj = nn.Linear(d_model, head_rank, bias=False) if mixers and head_rank else None
         self.head = nn.Linear(lookback * (head_rank or d_model), horizon) if mixers else None
+        if self.head is not None and zero_head:  # the model starts as the linear path alone (a zero residual
+            nn.init.zeros_(self.head.weight)     # branch, as ReZero / zero-init of a ResNet block's last layer)
+            nn.init.zeros_(self.head.bias)
         self.linear = nn.Linear(lookback, horizon)
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -209,12 +212,13 @@ MODELS = {
 def build_model(name: str, lookback: int, horizon: int, n_vars: int, d_model: int = 16, n_heads: int = 2,
                 tile: tuple[int, int] | None = None, backend: str = "auto", dropout: float = 0.0, *,
                 layers: int = 1, mlp: int = 0, gate_bias: dict[str, list[float]] | None = None,
-                cycle: int = 0, head_rank: int = 0) -> Forecaster:
+                cycle: int = 0, head_rank: int = 0, zero_head: bool = False) -> Forecaster:
     """`layers` stacked blocks, each the rule mixer followed (with `mlp` > 0) by a per-cell MLP of hidden size
     mlp * d_model; `gate_bias` overrides entries of the model's per-head gate biases. The `embed_head` control
     keeps the per-cell MLPs and drops only the rule mixers, so it is the same model without them. `cycle` P > 0:
     CycleNet's residual cycle forecasting with a learned cycle of P steps (Forecaster; any model). `head_rank`
-    r > 0: a low-rank head (each cell's features projected to r before the map to the horizon)."""
+    r > 0: a low-rank head (each cell's features projected to r before the map to the horizon); `zero_head`: the
+    head starts at zero."""
     path, bias = MODELS[name]
     if gate_bias:
         bias = {**(bias or {}), **gate_bias}
@@ -225,7 +229,7 @@ def build_model(name: str, lookback: int, horizon: int, n_vars: int, d_model: in
                           else RuleMixer(str(ROOT / path), d_model, n_heads, tile, bias, backend))
             if mlp:
                 blocks.append(CellMLP(d_model, mlp))
-    return Forecaster(lookback, horizon, n_vars, d_model, blocks, dropout, cycle, head_rank)
+    return Forecaster(lookback, horizon, n_vars, d_model, blocks, dropout, cycle, head_rank, zero_head)
 
 
 def cosine_adam(model: nn.Module, lr: float, steps: int, weight_decay: float = 0.0, mixer_lr: float | None = None):
