@@ -240,3 +240,31 @@ def test_low_rank_head_and_mixer_learning_rate():
         assert torch.equal(zero(x), zero.linear(((x - x.mean(1, keepdim=True)) / torch.sqrt(
             x.var(1, keepdim=True, unbiased=False) + 1e-5)).transpose(1, 2)).transpose(1, 2)
             * torch.sqrt(x.var(1, keepdim=True, unbiased=False) + 1e-5) + x.mean(1, keepdim=True))
+
+
+def test_two_stage_training_keeps_the_linear_path_of_stage_one():
+    splits = synthetic_splits()
+    torch.manual_seed(0)
+    model = ltsf.build_model("chimera", 16, 8, 3, d_model=8, tile=(8, 8), head_rank=1, zero_head=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    logs: list[str] = []
+    res = ltsf.train_two_stage(model, splits, 16, 8, steps=20, batch=8, lr=3e-2, mixer_lr=3e-3, log=logs.append,
+                               val_every=5)
+    # stage 1 trained only the linear path (the head stayed zero, so the mixers had no effect and no gradient)
+    assert res["stage1"]["val_mse"] >= res["val_mse"]  # stage 2 starts at stage 1's model, a candidate
+    assert "step     0  validation mse" in "\n".join(logs)
+    after = dict(model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert {"linear.weight", "linear.bias"} <= changed
+    if res["best_step"] > 0:  # stage 2's weights were chosen: the head moved, the linear path is stage 1's
+        assert "head.weight" in changed
+    assert all(p.requires_grad for p in model.parameters())  # the freezing is undone
+    torch.manual_seed(0)  # stage 1 alone, on a twin: the same linear path as the two-stage model's
+    twin = ltsf.build_model("chimera", 16, 8, 3, d_model=8, tile=(8, 8), head_rank=1, zero_head=True)
+    twin.skip_mixers = True
+    ltsf.train_and_test(twin, splits, 16, 8, steps=20, batch=8, lr=3e-2, log=logs.append, val_every=5,
+                        trainable=ltsf.is_linear_path)
+    assert torch.equal(twin.linear.weight, model.linear.weight)
+    assert ltsf.evaluate(model, splits["val"], 16, 8)[0] == pytest.approx(res["val_mse"], rel=1e-5)
+    with pytest.raises(ValueError, match="zero head"):
+        ltsf.train_two_stage(model, splits, 16, 8, steps=2, batch=8, lr=1e-2, mixer_lr=1e-3, log=logs.append)

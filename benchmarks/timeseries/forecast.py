@@ -69,6 +69,8 @@ def main() -> int:
                     "head (0: the full head on all d_model features)")
     ap.add_argument("--zero-head", action="store_true", help="the head starts at zero (the model starts as the "
                     "linear path alone)")
+    ap.add_argument("--two-stage", action="store_true", help="train the linear path and cycle first, then (those "
+                    "frozen, from a zero head) the mixers and head at --mixer-lr (ltsf.train_two_stage)")
     ap.add_argument("--layers", type=int, default=1, help="stacked blocks (rule mixer [+ per-cell MLP])")
     ap.add_argument("--mlp", type=int, default=0, help="per-cell MLP after each mixer, hidden = MLP * d_model "
                     "(0: none; the embed_head control keeps it)")
@@ -97,13 +99,18 @@ def main() -> int:
             gate_bias = {"dt": [float(x) for x in args.dt_bias.split(",")]} if args.dt_bias else None
             model = ltsf.build_model(name, 96, h, splits["train"].shape[1], d_model=args.d_model, tile=tile,
                                      dropout=args.dropout, layers=args.layers, mlp=args.mlp, gate_bias=gate_bias,
-                                     cycle=args.cycle, head_rank=args.head_rank, zero_head=args.zero_head)
+                                     cycle=args.cycle, head_rank=args.head_rank,
+                                     zero_head=args.zero_head or args.two_stage)
             steps = args.linear_steps if name == "linear" else args.steps
             print(f"{name} horizon {h}: {steps} steps, batch {args.batch}", flush=True)
-            res = ltsf.train_and_test(model, splits, 96, h, steps, args.batch, lr=args.lr, seed=args.seed,
-                                      log=lambda s: print(s, flush=True), val_every=args.val_every,
-                                      weight_decay=args.weight_decay, ema=args.ema, patience=args.patience,
-                                      mixer_lr=args.mixer_lr)
+            common = dict(seed=args.seed, log=lambda s: print(s, flush=True), val_every=args.val_every,
+                          weight_decay=args.weight_decay, ema=args.ema, patience=args.patience)
+            if args.two_stage:
+                res = ltsf.train_two_stage(model, splits, 96, h, steps, args.batch, args.lr,
+                                           args.mixer_lr or args.lr, **common)
+            else:
+                res = ltsf.train_and_test(model, splits, 96, h, steps, args.batch, lr=args.lr,
+                                          mixer_lr=args.mixer_lr, **common)
             row = {"model": name, "horizon": h, "steps": steps, "batch": args.batch, "d_model": args.d_model,
                    "tile": args.tile, "threads": args.threads,
                    "seed": args.seed, "lr": args.lr, "dropout": args.dropout, "weight_decay": args.weight_decay,
@@ -114,6 +121,7 @@ def main() -> int:
                    **({"mixer_lr": args.mixer_lr} if args.mixer_lr is not None else {}),
                    **({"head_rank": args.head_rank} if args.head_rank else {}),
                    **({"zero_head": True} if args.zero_head else {}),
+                   **({"two_stage": True} if args.two_stage else {}),
                    "params": sum(p.numel() for p in model.parameters()), **res,
                    "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                    "date": time.strftime("%Y-%m-%d %H:%M")}

@@ -157,6 +157,7 @@ class Forecaster(nn.Module):
         self.var_emb = nn.Parameter(torch.randn(n_vars, d_model) * 0.02)
         self.time_emb = nn.Parameter(torch.randn(lookback, d_model) * 0.02)
         self.mixers = nn.ModuleList(mixers)
+        self.skip_mixers = False  # the linear path (and cycle) alone: train_two_stage's first stage
         # head_rank r > 0: each cell's d features are first projected to r (a d x r map shared by all cells), so
         # the head has L * r * horizon weights instead of L * d * horizon: the mixer's output becomes r learned
         # series next to the input, read by a map as small as the linear path's (at 720: 553k -> 69k per r)
@@ -178,7 +179,7 @@ class Forecaster(nn.Module):
                 raise ValueError("a forecaster with a cycle needs each window's row index (rows)")
             xn = xn - self._cycle(rows, 0, x.shape[1])
         out = self.linear(xn.transpose(1, 2))
-        if self.mixers:
+        if self.mixers and not self.skip_mixers:
             h = self.value(xn.unsqueeze(-1)) + self.var_emb[None, None] + self.time_emb[None, :, None]
             for m in self.mixers:
                 h = m(h)
@@ -232,15 +233,20 @@ def build_model(name: str, lookback: int, horizon: int, n_vars: int, d_model: in
     return Forecaster(lookback, horizon, n_vars, d_model, blocks, dropout, cycle, head_rank, zero_head)
 
 
+def is_linear_path(name: str) -> bool:
+    """A Forecaster parameter of the linear path or the cycle (CycleNet/Linear's part of the model)."""
+    return name.startswith(("linear.", "cycle"))
+
+
 def cosine_adam(model: nn.Module, lr: float, steps: int, weight_decay: float = 0.0, mixer_lr: float | None = None):
     """Adam with a cosine decay to zero over `steps` (every training script here uses this schedule); with
     `weight_decay`, AdamW's decoupled decay. With `mixer_lr`, a Forecaster's linear path and cycle train at `lr`
     and everything else (embedding, mixers, head) at `mixer_lr`."""
-    params = model.parameters()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if mixer_lr is not None:
-        fast = {n for n, _ in model.named_parameters() if n.startswith(("linear.", "cycle"))}
-        params = [{"params": [p for n, p in model.named_parameters() if n in fast]},
-                  {"params": [p for n, p in model.named_parameters() if n not in fast], "lr": mixer_lr}]
+        params = [{"params": [p for n, p in named if is_linear_path(n)]},
+                  {"params": [p for n, p in named if not is_linear_path(n)], "lr": mixer_lr}]
     opt = (torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if weight_decay
            else torch.optim.Adam(params, lr=lr))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
@@ -257,7 +263,8 @@ def optimizer_step(opt, sched, loss: torch.Tensor) -> None:
 def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, steps: int, batch: int = 32,
                    lr: float = 1e-3, seed: int = 0, log=print, test_limit: int | None = None,
                    val_every: int = 0, weight_decay: float = 0.0, ema: float = 0.0,
-                   patience: int = 0, mixer_lr: float | None = None) -> dict[str, float]:
+                   patience: int = 0, mixer_lr: float | None = None, trainable=None,
+                   validate_first: bool = False) -> dict[str, float]:
     """A fixed budget of Adam steps on random training windows; MSE/MAE on every test window. With `val_every`,
     the validation MSE is measured every that many steps (and at the end) and the weights with the best one are
     tested (early stopping by model selection, as the published models do). With `ema` (a decay, e.g. 0.999)
@@ -265,8 +272,21 @@ def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, 
     best validation MSE is recorded beside it (`val_mse_raw`: the same training run without the average).
     With `patience` (and `val_every`), training stops once that many validations in a row have not improved on
     the best (early stopping, as CycleNet and the Time-Series-Library train: patience 5 epochs); the learning-rate
-    schedule still spans `steps`. Each window's row in the whole series goes to the model (`rows`);
-    `splits["starts"]` (load_splits) gives each split's first row (0 where absent)."""
+    schedule still spans `steps`. `trainable(name)`: only those parameters train (the rest are frozen for the
+    run); `validate_first`: the starting weights are validated too, and stay a candidate (best_step 0). Each
+    window's row in the whole series goes to the model (`rows`); `splits["starts"]` (load_splits) gives each
+    split's first row (0 where absent)."""
+    if trainable is not None:
+        frozen = [p for n, p in model.named_parameters() if p.requires_grad and not trainable(n)]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            return train_and_test(model, splits, lookback, horizon, steps, batch, lr=lr, seed=seed, log=log,
+                                  test_limit=test_limit, val_every=val_every, weight_decay=weight_decay, ema=ema,
+                                  patience=patience, mixer_lr=mixer_lr, validate_first=validate_first)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
     torch.manual_seed(seed)
     starts = splits.get("starts", {})
     xtr, ytr = windows(splits["train"], lookback, horizon)
@@ -279,6 +299,10 @@ def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, 
     shadow = {n: p.detach().clone() for n, p in model.named_parameters()} if ema else None
     best_raw = math.inf
     extra_stop = None
+    if val_every and validate_first:
+        val = evaluate(model, splits["val"], lookback, horizon, start=starts.get("val", 0))[0]
+        best = (val, 0, copy.deepcopy(model.state_dict()))
+        log(f"  step     0  validation mse {val:.4f}")
     model.train()
     for step in range(steps):
         idx = torch.randint(len(xtr), (batch,), generator=gen)
@@ -359,3 +383,27 @@ def evaluate(model: nn.Module, series: np.ndarray, lookback: int, horizon: int, 
         ae += (p - y[i:i + batch]).abs().sum().item()
     n = y.numel()
     return se / n, ae / n
+
+
+def train_two_stage(model: Forecaster, splits: dict, lookback: int, horizon: int, steps: int, batch: int,
+                    lr: float, mixer_lr: float, log=print, **kw) -> dict:
+    """Stage 1: the linear path and the cycle alone (CycleNet/Linear; the mixers are skipped), `lr`. Stage 2:
+    those frozen, the embedding, mixers and head learn the residual at `mixer_lr`, from a zero head, so stage 2
+    starts at stage 1's model; it is validated first and stays a candidate. Each stage early-stops on
+    validation (kw: val_every, patience, seed, ...). Why: trained jointly, the mixer overfits long horizons
+    within a few hundred steps and early stopping then cuts the linear path's training short (it still
+    improves at step 1000 alone)."""
+    if model.head is None or any(p.detach().abs().sum() > 0 for p in model.head.parameters()):
+        raise ValueError("two-stage training needs a forecaster with mixers and a zero head (zero_head=True)")
+    log("  stage 1: the linear path and cycle")
+    model.skip_mixers = True
+    try:
+        first = train_and_test(model, splits, lookback, horizon, steps, batch, lr, log=log,
+                               trainable=is_linear_path, **kw)
+    finally:
+        model.skip_mixers = False
+    log("  stage 2: the mixers and head on the residual")
+    second = train_and_test(model, splits, lookback, horizon, steps, batch, mixer_lr, log=log,
+                            trainable=lambda n: not is_linear_path(n), validate_first=True, **kw)
+    stage1 = {k: first[k] for k in ("mse", "mae", "val_mse", "best_step", "stopped_at", "train_s") if k in first}
+    return {**second, "train_s": first["train_s"] + second["train_s"], "stage1": stage1}
