@@ -344,6 +344,7 @@ class Kernels2D(Call2D):
         failures = self.__dict__.setdefault("_kernel_failures", {})  # key -> the kernels' error
         if backend == self.AUTO and key in failures:
             return super()._run("tiles", args, tile)
+
         def failed(err, stacklevel):
             if key in failures:  # a second kernel of the same call (the backward variate pass's) failed too
                 return

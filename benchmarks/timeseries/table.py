@@ -20,15 +20,15 @@ PUBLISHED = {  # ETTh1, lookback 96: MSE / MAE at horizons 96, 192, 336, 720 (..
 HORIZONS = (96, 192, 336, 720)
 
 
-DESIGN = ("d_model", "layers", "mlp", "dt_bias", "cycle", "ema", "dropout", "weight_decay")  # what --chosen keeps apart
+DEFAULT = {"d_model": 8, "layers": 1, "mlp": 0, "dt_bias": None, "cycle": 0, "ema": 0.0, "dropout": 0.0,
+           "weight_decay": 0.0, "batch": 16, "patience": 0, "mixer_lr": None, "head_rank": 0, "zero_head": False,
+           "two_stage": False}  # forecast.py's defaults of what --chosen keeps apart (the design)
 
 
 def design(r: dict) -> str:
-    """The model-design options of a row that differ from forecast.py's defaults (lr and steps are not design:
-    --chosen picks them per horizon)."""
-    default = {"d_model": 8, "layers": 1, "mlp": 0, "dt_bias": None, "cycle": 0, "ema": 0.0, "dropout": 0.0,
-               "weight_decay": 0.0}
-    return ", ".join(f"{k} {r[k]}" for k in DESIGN if r.get(k, default[k]) != default[k])
+    """The model-design and training-regime options of a row that differ from forecast.py's defaults (lr and
+    steps are not design: --chosen picks them per horizon)."""
+    return ", ".join(f"{k} {r[k]}" for k in DEFAULT if r.get(k, DEFAULT[k]) != DEFAULT[k])
 
 
 def chosen(path: str) -> None:
