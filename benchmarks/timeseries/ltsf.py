@@ -298,7 +298,7 @@ def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, 
     # the average lives beside the model (the compiled rules do not deep-copy) and is swapped in to be judged
     shadow = {n: p.detach().clone() for n, p in model.named_parameters()} if ema else None
     best_raw = math.inf
-    extra_stop = None
+    stopped_at = None
     if val_every and validate_first:
         val = evaluate(model, splits["val"], lookback, horizon, start=starts.get("val", 0))[0]
         best = (val, 0, copy.deepcopy(model.state_dict()))
@@ -329,7 +329,7 @@ def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, 
             log(f"  step {step + 1:5d}  validation mse {val:.4f}{raw}{'  (best)' if best[1] == step + 1 else ''}")
             if patience and step + 1 - best[1] >= patience * val_every:
                 log(f"  early stop: no better validation in the last {patience}")
-                extra_stop = step + 1
+                stopped_at = step + 1
                 break
     train_s = time.perf_counter() - t0
     extra = {}
@@ -341,8 +341,8 @@ def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, 
     if best is not None:
         model.load_state_dict(best[2])
         extra.update(val_mse=best[0], best_step=best[1], val_every=val_every)
-        if extra_stop is not None:
-            extra["stopped_at"] = extra_stop
+        if stopped_at is not None:
+            extra["stopped_at"] = stopped_at
         if shadow is not None:
             extra["val_mse_raw"] = best_raw
     mse, mae = evaluate(model, splits["test"], lookback, horizon, limit=test_limit, start=starts.get("test", 0))
