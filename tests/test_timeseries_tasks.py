@@ -262,8 +262,8 @@ def test_two_stage_training_keeps_the_linear_path_of_stage_one():
     torch.manual_seed(0)  # stage 1 alone, on a twin: the same linear path as the two-stage model's
     twin = ltsf.build_model("chimera", 16, 8, 3, d_model=8, tile=(8, 8), head_rank=1, zero_head=True)
     twin.skip_mixers = True
-    ltsf.train_and_test(twin, splits, 16, 8, steps=20, batch=8, lr=3e-2, log=logs.append, val_every=5,
-                        trainable=ltsf.is_linear_path)
+    with ltsf.only_training(twin, ltsf.is_linear_path):
+        ltsf.train_and_test(twin, splits, 16, 8, steps=20, batch=8, lr=3e-2, log=logs.append, val_every=5)
     assert torch.equal(twin.linear.weight, model.linear.weight)
     assert ltsf.evaluate(model, splits["val"], 16, 8)[0] == pytest.approx(res["val_mse"], rel=1e-5)
     with pytest.raises(ValueError, match="zero head"):

@@ -263,7 +263,7 @@ def optimizer_step(opt, sched, loss: torch.Tensor) -> None:
 def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, steps: int, batch: int = 32,
                    lr: float = 1e-3, seed: int = 0, log=print, test_limit: int | None = None,
                    val_every: int = 0, weight_decay: float = 0.0, ema: float = 0.0,
-                   patience: int = 0, mixer_lr: float | None = None, trainable=None,
+                   patience: int = 0, mixer_lr: float | None = None,
                    validate_first: bool = False) -> dict[str, float]:
     """A fixed budget of Adam steps on random training windows; MSE/MAE on every test window. With `val_every`,
     the validation MSE is measured every that many steps (and at the end) and the weights with the best one are
@@ -272,21 +272,10 @@ def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, 
     best validation MSE is recorded beside it (`val_mse_raw`: the same training run without the average).
     With `patience` (and `val_every`), training stops once that many validations in a row have not improved on
     the best (early stopping, as CycleNet and the Time-Series-Library train: patience 5 epochs); the learning-rate
-    schedule still spans `steps`. `trainable(name)`: only those parameters train (the rest are frozen for the
-    run); `validate_first`: the starting weights are validated too, and stay a candidate (best_step 0). Each
-    window's row in the whole series goes to the model (`rows`); `splits["starts"]` (load_splits) gives each
-    split's first row (0 where absent)."""
-    if trainable is not None:
-        frozen = [p for n, p in model.named_parameters() if p.requires_grad and not trainable(n)]
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            return train_and_test(model, splits, lookback, horizon, steps, batch, lr=lr, seed=seed, log=log,
-                                  test_limit=test_limit, val_every=val_every, weight_decay=weight_decay, ema=ema,
-                                  patience=patience, mixer_lr=mixer_lr, validate_first=validate_first)
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
+    schedule still spans `steps`. Only parameters that require grad train (`only_training`). `validate_first`:
+    the starting weights are validated too, and stay a candidate (best_step 0). Each window's row in the whole
+    series goes to the model (`rows`); `splits["starts"]` (load_splits) gives each split's first row (0 where
+    absent)."""
     torch.manual_seed(seed)
     starts = splits.get("starts", {})
     xtr, ytr = windows(splits["train"], lookback, horizon)
@@ -350,6 +339,20 @@ def train_and_test(model: nn.Module, splits: dict, lookback: int, horizon: int, 
 
 
 @contextlib.contextmanager
+def only_training(model: nn.Module, trainable):
+    """Within the block only the parameters with `trainable(name)` require grad (cosine_adam takes only those);
+    the others are frozen and come back after it."""
+    frozen = [p for n, p in model.named_parameters() if p.requires_grad and not trainable(n)]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+@contextlib.contextmanager
 def _swapped(model: nn.Module, params: dict[str, torch.Tensor] | None):
     """Within the block the model holds `params` (None: unchanged); its own weights come back after it."""
     if params is None:
@@ -398,12 +401,13 @@ def train_two_stage(model: Forecaster, splits: dict, lookback: int, horizon: int
     log("  stage 1: the linear path and cycle")
     model.skip_mixers = True
     try:
-        first = train_and_test(model, splits, lookback, horizon, steps, batch, lr, log=log,
-                               trainable=is_linear_path, **kw)
+        with only_training(model, is_linear_path):
+            first = train_and_test(model, splits, lookback, horizon, steps, batch, lr, log=log, **kw)
     finally:
         model.skip_mixers = False
     log("  stage 2: the mixers and head on the residual")
-    second = train_and_test(model, splits, lookback, horizon, steps, batch, mixer_lr, log=log,
-                            trainable=lambda n: not is_linear_path(n), validate_first=True, **kw)
+    with only_training(model, lambda n: not is_linear_path(n)):
+        second = train_and_test(model, splits, lookback, horizon, steps, batch, mixer_lr, log=log,
+                                validate_first=True, **kw)
     stage1 = {k: first[k] for k in ("mse", "mae", "val_mse", "best_step", "stopped_at", "train_s") if k in first}
     return {**second, "train_s": first["train_s"] + second["train_s"], "stage1": stage1}
